@@ -1,0 +1,234 @@
+"""The provider adapter contract.
+
+A provider is a module in this folder (or in `[server] plugins_dir`) whose name is its entry
+name. Kleis imports it, checks it against this contract at start-up and refuses to start when
+something is missing. Adapters describe and transform; the core (`kleis.py`) owns routing,
+API keys, account choice, refresh locking, failover, usage and error rendering.
+
+An adapter module declares:
+
+    CONTRACT = 1                      # the version of this file it was written for
+    NAME = "codex"                    # human name, also the default entry name
+    CATALOGUE = "openai"              # models.dev provider id whose models it serves
+    PREFIXES = ("openai/", "codex/")  # model prefixes stripped before forwarding
+    BASE_PATH = "/openai/v1"          # where its routes live
+    ROUTES = {"/openai/v1/responses": "responses"}   # route path -> endpoint id
+    NPM = {"responses": "@ai-sdk/openai"}            # endpoint id -> AI SDK package (discovery)
+    ERROR_STYLE = "openai"            # envelope of Kleis-made errors: "openai" | "anthropic"
+    OPTIONS = {"api_url": "...", ...} # defaults of its [providers.<name>] table; URLs end in _url
+
+and these functions (all `ctx` arguments are a `Context`):
+
+    async start_login(ctx, state, options: dict) -> Login
+    async finish_login(ctx, state, data: dict, code: str) -> Tokens          # method "code"
+    async poll_login(ctx, data: dict) -> Tokens                               # method "device";
+                                                                              # raise LoginPending
+    async refresh(ctx, account: Account) -> Tokens        # raise ReauthRequired on invalid_grant
+    def import_auth(ctx, content: dict | str) -> list[Tokens]  # an official client's auth file
+    def session_key(request: ProxyRequest) -> str | None  # stickiness key, or None
+    def prepare(ctx, account: Account, request: ProxyRequest) -> Upstream
+    def transformer(ctx, request: ProxyRequest, status: int, headers: Mapping) -> Transformer
+
+Optional:
+
+    MODEL_KEY_PREFIX = "anthropic/"   # key of its models in the `kleis` discovery provider
+                                      # (default f"{CATALOGUE}/"; Codex uses "")
+    def catalogue_model(options, model_id: str, model: dict) -> dict | None
+                                      # discovery: drop (None) or adjust one catalogue model
+    def retry_after(status, headers: Mapping, body: bytes) -> Cooldown | None  # provider reset hints
+    async quota(ctx, account: Account) -> dict                              # admin quota view
+
+Adapters never import `kleis` or Sanic, never touch the database and never log a token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+API = 1
+
+REQUIRED_FUNCTIONS = (
+    "start_login",
+    "finish_login",
+    "poll_login",
+    "refresh",
+    "import_auth",
+    "session_key",
+    "prepare",
+    "transformer",
+)
+REQUIRED_CONSTANTS = (
+    "CONTRACT",
+    "NAME",
+    "CATALOGUE",
+    "PREFIXES",
+    "BASE_PATH",
+    "ROUTES",
+    "NPM",
+    "ERROR_STYLE",
+    "OPTIONS",
+)
+
+
+# ── Errors ───────────────────────────────────────────────────────────────────
+
+
+class ProviderError(Exception):
+    """The provider's OAuth or API answered something unusable. The message is shown to the
+    admin or client as is, so it must never contain a token."""
+
+    status = 502
+
+
+class ReauthRequired(ProviderError):
+    """The refresh token was rejected (invalid_grant, refresh_token_reused, revoked).
+
+    The core re-reads the account once (another instance may have rotated it) and then marks
+    it `needs_reauth`."""
+
+    status = 401
+
+
+class LoginFailed(ProviderError):
+    """The user-facing part of a login went wrong: bad or expired code, state mismatch,
+    device flow denied or expired."""
+
+    status = 400
+
+
+class LoginPending(Exception):
+    """poll_login: the user has not finished yet; poll again after `interval` seconds."""
+
+    def __init__(self, interval: float | None = None, data: dict | None = None):
+        super().__init__("login pending")
+        self.interval = interval  # new interval (slow_down), or None to keep the current one
+        self.data = data  # replacement for the stored login data, or None
+
+
+# ── Data passed in and out ───────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything an adapter may use. Built by the core once per provider."""
+
+    http: Any  # aiohttp.ClientSession shared by the whole app
+    options: Mapping[str, Any]  # this provider's table, OPTIONS defaults filled in
+    now: Callable[[], int]  # epoch milliseconds; injectable for tests
+    log: logging.Logger
+
+
+@dataclass
+class Tokens:
+    """A login, refresh or import result. `expires_at` is epoch ms."""
+
+    access_token: str
+    refresh_token: str
+    expires_at: int
+    account_id: str | None = None  # provider-side identity used to de-duplicate accounts
+    label: str | None = None  # suggested label (email, login); the admin's label wins
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # tokens never reach a log through repr
+        return f"Tokens(account_id={self.account_id!r}, label={self.label!r}, expires_at={self.expires_at})"
+
+
+@dataclass(frozen=True)
+class Account:
+    """An account as the core hands it to an adapter (tokens decrypted)."""
+
+    id: str
+    label: str
+    account_id: str | None
+    access_token: str
+    refresh_token: str
+    expires_at: int
+    metadata: Mapping[str, Any]
+
+    def __repr__(self) -> str:
+        return f"Account(id={self.id!r}, label={self.label!r})"
+
+
+@dataclass
+class Login:
+    """What start_login returns. `data` stays on the server (encrypted) with the state."""
+
+    url: str  # where the user goes to approve
+    method: str  # "code": the user pastes a code or callback URL; "device": Kleis polls
+    instructions: str
+    data: dict[str, Any] = field(default_factory=dict)  # PKCE verifier, device code, host, ...
+    user_code: str | None = None  # device flows: the code the user types
+    interval: float = 5.0  # device flows: seconds between polls
+    expires_in: int = 900  # seconds the state stays valid
+
+
+@dataclass
+class ProxyRequest:
+    """A client request after auth and model-prefix stripping; no Sanic types."""
+
+    endpoint: str  # the ROUTES value, e.g. "responses", "messages", "chat_completions"
+    headers: dict[str, str]  # lower-case names; hop-by-hop, host and client credentials removed
+    query: str  # raw query string without "?"
+    body: dict[str, Any]  # the parsed JSON object; body["model"] already unprefixed
+    api_key_id: str  # the Kleis key's id (for session-affinity derivation)
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+
+@dataclass
+class Upstream:
+    """What prepare returns: the exact upstream request."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Usage:
+    """Token counts; input excludes cache reads."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+@dataclass
+class Cooldown:
+    """How long an account should rest after a 429/5xx, and whether a usage window (not a
+    transient limit) is exhausted."""
+
+    seconds: float
+    window_exhausted: bool = False
+
+
+class Transformer(Protocol):
+    """Turns upstream response bytes into client bytes, watching usage and the end of stream.
+
+    `feed` returns what to send now (maybe b"" while an event is incomplete); `close` returns
+    whatever is left at upstream EOF. `at_boundary` is true when everything returned so far
+    ends on an SSE event boundary (the core only injects keepalives there). `terminal` is true
+    once the protocol's terminal event was seen; `error_event` renders a well-formed error
+    event the core sends when the upstream stream breaks off."""
+
+    usage: Usage
+    terminal: bool
+    at_boundary: bool
+    is_sse: bool
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+    def error_event(self, message: str) -> bytes: ...
+
+
+def option_urls(options: Mapping[str, Any]) -> dict[str, str]:
+    """The upstream URLs among an options table (every key ending in `_url`)."""
+    return {k: v for k, v in options.items() if k.endswith("_url") and isinstance(v, str)}

@@ -1,0 +1,138 @@
+"""OpenAI-protocol response handling shared by Codex and Copilot.
+
+Streams pass through byte for byte; on the side the transformer frames events just enough to
+spot usage and the terminal event. Only the few events that can carry usage are parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+from . import Usage
+from ._sse import EventSplitter, event_json, is_sse, sse_frame, to_int
+
+# Responses API: events that end a response (and carry its usage).
+RESPONSES_TERMINAL = re.compile(
+    rb'"type":\s*"(response\.(?:completed|done|failed|incomplete)|error)"'
+)
+CHAT_USAGE = re.compile(rb'"usage":\s*\{')
+CHAT_FINISH = re.compile(rb'"finish_reason":\s*"')
+MAX_JSON_BODY = 64 * 1024 * 1024
+
+
+def responses_usage(usage: Mapping | None) -> Usage | None:
+    """Usage from a Responses `usage` object (input excludes cached tokens)."""
+    if not isinstance(usage, Mapping):
+        return None
+    details = usage.get("input_tokens_details") or {}
+    cached = to_int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    total_in = to_int(usage.get("input_tokens"))
+    return Usage(
+        input_tokens=max(total_in - cached, 0),
+        output_tokens=to_int(usage.get("output_tokens")),
+        cache_read_tokens=cached,
+    )
+
+
+def chat_usage(usage: Mapping | None) -> Usage | None:
+    """Usage from a Chat Completions `usage` object (input excludes cached tokens)."""
+    if not isinstance(usage, Mapping):
+        return None
+    details = usage.get("prompt_tokens_details") or {}
+    cached = to_int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    total_in = to_int(usage.get("prompt_tokens"))
+    return Usage(
+        input_tokens=max(total_in - cached, 0),
+        output_tokens=to_int(usage.get("completion_tokens")),
+        cache_read_tokens=cached,
+    )
+
+
+class OpenAIStream:
+    """Pass-through transformer for `responses` and `chat_completions` endpoints."""
+
+    def __init__(self, endpoint: str, sse: bool):
+        self.endpoint = endpoint
+        self.is_sse = sse
+        self.usage = Usage()
+        self.terminal = False
+        self.at_boundary = True
+        self._splitter = EventSplitter()
+        self._json = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.is_sse:
+            if len(self._json) < MAX_JSON_BODY:
+                self._json += chunk
+            return chunk
+        # Only whole events go out: a keepalive or a closing error event can then never land
+        # inside an event, and a cut stream never leaves half a JSON line at the client.
+        events = list(self._splitter.feed(chunk))
+        for event in events:
+            self._inspect(event)
+        self.at_boundary = True
+        if len(events) == 1:
+            return events[0]
+        return b"".join(events)
+
+    def close(self) -> bytes:
+        if not self.is_sse:
+            self._read_json(bytes(self._json))
+            return b""
+        tail = self._splitter.rest()
+        if tail.strip():
+            self._inspect(tail)
+        return tail
+
+    def _inspect(self, event: bytes) -> None:
+        if self.endpoint == "responses":
+            if not RESPONSES_TERMINAL.search(event):
+                return
+            payload = event_json(event)
+            if payload is None:
+                return
+            self.terminal = True
+            response = payload.get("response")
+            if isinstance(response, Mapping):
+                self.usage = responses_usage(response.get("usage")) or self.usage
+            return
+        # chat completions
+        if b"[DONE]" in event and event_json(event) is None:
+            self.terminal = True
+            return
+        if CHAT_FINISH.search(event):
+            self.terminal = True
+        if CHAT_USAGE.search(event):
+            payload = event_json(event)
+            if payload is not None:
+                self.usage = chat_usage(payload.get("usage")) or self.usage
+
+    def _read_json(self, body: bytes) -> None:
+        self.terminal = True
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return
+        if not isinstance(payload, Mapping):
+            return
+        read = responses_usage if self.endpoint == "responses" else chat_usage
+        self.usage = read(payload.get("usage")) or self.usage
+
+    def error_event(self, message: str) -> bytes:
+        if self.endpoint == "responses":
+            payload = {"type": "error", "code": "stream_interrupted", "message": message, "param": None}
+            return sse_frame(payload, event="error")
+        payload = {"error": {"message": message, "type": "server_error", "code": "stream_interrupted"}}
+        return sse_frame(payload)
+
+
+def openai_transformer(endpoint: str, request_stream: bool, headers: Mapping[str, str]) -> OpenAIStream:
+    """The transformer for an OpenAI-protocol response with these headers."""
+    content_type = None
+    for name, value in headers.items():
+        if name.lower() == "content-type":
+            content_type = value
+            break
+    return OpenAIStream(endpoint, is_sse(content_type, request_stream))

@@ -1,0 +1,559 @@
+"""Codex: ChatGPT-plan accounts serving the OpenAI Responses API at /openai/v1/responses.
+
+Logins use OpenAI's OAuth (browser PKCE with a pasted callback, or the device-code flow).
+Requests go to the ChatGPT Codex backend, which wants `instructions`, `store: false` and a
+list `input`, and rejects output-token caps; `prepare` reshapes client bodies to fit.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from . import (
+    Account,
+    Context,
+    Cooldown,
+    Login,
+    LoginFailed,
+    LoginPending,
+    ProviderError,
+    ProxyRequest,
+    Tokens,
+    Upstream,
+)
+from ._oauth import (
+    expires_at_from,
+    jwt_claims,
+    normalise_epoch_ms,
+    oauth_error_code,
+    parse_pasted_code,
+    pkce_pair,
+    token_request,
+)
+from ._openai import OpenAIStream, openai_transformer
+
+CONTRACT = 1
+NAME = "codex"
+CATALOGUE = "openai"
+PREFIXES = ("openai/", "codex/")
+BASE_PATH = "/openai/v1"
+ROUTES = {"/openai/v1/responses": "responses"}
+NPM = {"responses": "@ai-sdk/openai"}
+ERROR_STYLE = "openai"
+MODEL_KEY_PREFIX = ""  # @ai-sdk/openai only treats ids starting with "gpt-5" as reasoning models
+
+# GPT-5.5 and the 5.6 variants accept less than models.dev says; their real window is this.
+_CODEX_LIMIT = {"context": 400000, "input": 272000, "output": 128000}
+
+OPTIONS = {
+    "api_url": "https://chatgpt.com/backend-api/codex",
+    "auth_url": "https://auth.openai.com",
+    "usage_url": "https://chatgpt.com/backend-api",
+    "client_id": "app_EMoamEEZ73f0CkXaXp7hrann",
+    "instructions_file": "",  # "" = providers/codex_instructions.md
+    "originator": "opencode",
+    "model_allow": ["gpt-5.3-codex-spark", "gpt-5.4", "gpt-5.4-mini", "gpt-5.5"],
+    "model_deny": ["gpt-5.5-pro", "gpt-5.6"],
+    "model_min_version": "5.4",  # gpt-X.Y ids newer than this are allowed too
+    "model_limits": {
+        model: dict(_CODEX_LIMIT) for model in ("gpt-5.5", "gpt-5.6-luna", "gpt-5.6-sol", "gpt-5.6-terra")
+    },
+}
+
+BROWSER_REDIRECT = "http://localhost:1455/auth/callback"  # registered for the client id
+SCOPE = "openid profile email offline_access"
+AUTH_CLAIM = "https://api.openai.com/auth"
+PROFILE_CLAIM = "https://api.openai.com/profile"
+
+# Client headers that carry the client's own session identity or framing; replaced or dropped.
+SESSION_HEADERS = ("session_id", "session-id", "x-session-affinity", "x-session-id")
+DROPPED_HEADERS = frozenset((*SESSION_HEADERS, "x-client-request-id", "accept-encoding", "content-length"))
+DROPPED_FIELDS = ("max_output_tokens", "max_completion_tokens")  # the backend rejects both
+PROMOTABLE_ROLES = ("developer", "system")
+TEXT_PART_TYPES = ("input_text", "text")
+MODEL_VERSION = re.compile(r"^gpt-(\d+)\.(\d+)")
+BUNDLED_INSTRUCTIONS = Path(__file__).with_name("codex_instructions.md")
+
+
+# ── Login ────────────────────────────────────────────────────────────────────
+
+
+async def start_login(ctx: Context, state: str, options: dict) -> Login:
+    """Browser PKCE login by default; `{"mode": "headless"}` starts the device-code flow."""
+    mode = options.get("mode") if isinstance(options, Mapping) else None
+    if mode == "headless":
+        return await _start_device_login(ctx)
+    verifier, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": ctx.options["client_id"],
+        "redirect_uri": BROWSER_REDIRECT,
+        "scope": SCOPE,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "id_token_add_organizations": "true",
+        "codex_cli_simplified_flow": "true",
+        "state": state,
+        "originator": ctx.options["originator"],
+    }
+    return Login(
+        url=f"{_auth_url(ctx)}/oauth/authorize?{urlencode(params)}",
+        method="code",
+        instructions=(
+            "Sign in, then copy the address of the page that fails to load "
+            f"({BROWSER_REDIRECT}?code=…) and paste it here; the code alone works too."
+        ),
+        data={"mode": "browser", "verifier": verifier, "redirect_uri": BROWSER_REDIRECT},
+    )
+
+
+async def _start_device_login(ctx: Context) -> Login:
+    body = await token_request(ctx, f"{_auth_url(ctx)}/api/accounts/deviceauth/usercode",
+                               json_body={"client_id": ctx.options["client_id"]}, what="Codex device code")
+    device_auth_id = body.get("device_auth_id")
+    user_code = body.get("user_code") or body.get("usercode")
+    if not isinstance(device_auth_id, str) or not isinstance(user_code, str):
+        raise ProviderError("Codex device code response lacks device_auth_id or user_code")
+    interval = _seconds(body.get("interval"), default=5.0)
+    url = f"{_auth_url(ctx)}/codex/device"
+    return Login(
+        url=url,
+        method="device",
+        instructions=f"Open {url} and enter the code {user_code}",
+        user_code=user_code,
+        interval=interval,
+        data={"mode": "headless", "device_auth_id": device_auth_id, "user_code": user_code,
+              "interval": interval},
+    )
+
+
+async def finish_login(ctx: Context, state: str, data: dict, code: str) -> Tokens:
+    """Exchange what the user pasted (callback URL, `code#state` or a bare code)."""
+    if data.get("mode") != "browser":
+        raise LoginFailed("this login uses a device code; it completes once the code is approved")
+    auth_code, _ = parse_pasted_code(code, state)
+    return await _exchange_code(ctx, auth_code, data["verifier"], data["redirect_uri"])
+
+
+async def poll_login(ctx: Context, data: dict) -> Tokens:
+    """One poll of the device flow; LoginPending until the user approves the code."""
+    status, body = await _call_json(
+        ctx, "POST", f"{_auth_url(ctx)}/api/accounts/deviceauth/token",
+        json_body={"device_auth_id": data["device_auth_id"], "user_code": data["user_code"]},
+        what="Codex device login",
+    )
+    error = oauth_error_code(body)
+    if 200 <= status < 300 and not error:
+        auth_code = body.get("authorization_code")
+        verifier = body.get("code_verifier")
+        if not isinstance(auth_code, str) or not isinstance(verifier, str):
+            raise ProviderError("Codex device login response lacks authorization_code or code_verifier")
+        return await _exchange_code(ctx, auth_code, verifier, f"{_auth_url(ctx)}/deviceauth/callback")
+    if error == "slow_down":
+        interval = _seconds(data.get("interval"), default=5.0) + 5
+        raise LoginPending(interval=interval, data={**data, "interval": interval})
+    # The endpoint answers 403/404 while the code is simply not approved yet.
+    if error == "deviceauth_authorization_pending" or status in (403, 404):
+        raise LoginPending()
+    if status >= 500:
+        raise ProviderError(f"Codex device login failed with HTTP {status}")
+    raise LoginFailed(f"Codex device login failed ({error or f'HTTP {status}'}); start again")
+
+
+async def _exchange_code(ctx: Context, code: str, verifier: str, redirect_uri: str) -> Tokens:
+    body = await token_request(ctx, f"{_auth_url(ctx)}/oauth/token", form={
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "client_id": ctx.options["client_id"],
+        "code_verifier": verifier,
+    }, what="Codex login")
+    return _tokens_from_response(ctx, body)
+
+
+async def refresh(ctx: Context, account: Account) -> Tokens:
+    """Rotate the token pair; a dead refresh token raises ReauthRequired (via token_request)."""
+    body = await token_request(ctx, f"{_auth_url(ctx)}/oauth/token", form={
+        "grant_type": "refresh_token",
+        "refresh_token": account.refresh_token,
+        "client_id": ctx.options["client_id"],
+    }, refreshing=True, what="Codex token refresh")
+    return _tokens_from_response(ctx, body, previous=account)
+
+
+def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
+    """Accounts from a Codex CLI `~/.codex/auth.json` or an OpenCode `auth.json`."""
+    if isinstance(content, str):
+        try:
+            content = json.loads(content)
+        except ValueError:
+            raise LoginFailed("the auth file is not JSON; expected ~/.codex/auth.json or OpenCode's auth.json") from None
+    if not isinstance(content, Mapping):
+        raise LoginFailed("expected ~/.codex/auth.json or OpenCode's auth.json (a JSON object)")
+    found: list[Tokens] = []
+    codex_cli = content.get("tokens")
+    if isinstance(codex_cli, Mapping):
+        access, refresh_token = codex_cli.get("access_token"), codex_cli.get("refresh_token")
+        if _nonblank(access) and _nonblank(refresh_token):
+            found.append(_build_tokens(
+                ctx, access, refresh_token, _jwt_expiry(ctx, access),
+                id_token=codex_cli.get("id_token"), known_account_id=codex_cli.get("account_id"),
+            ))
+    for key in ("openai", "codex"):
+        entry = content.get(key)
+        if not isinstance(entry, Mapping) or entry.get("type") != "oauth":
+            continue
+        access, refresh_token = entry.get("access"), entry.get("refresh")
+        if _nonblank(access) and _nonblank(refresh_token):
+            expires_at = normalise_epoch_ms(entry.get("expires")) or _jwt_expiry(ctx, access)
+            found.append(_build_tokens(ctx, access, refresh_token, expires_at,
+                                       known_account_id=entry.get("accountId")))
+    if found:
+        return found
+    if content.get("OPENAI_API_KEY") or (isinstance(content.get("openai"), Mapping)
+                                         and content["openai"].get("type") == "api"):
+        raise LoginFailed("this auth file holds an OpenAI API key, not a ChatGPT login; "
+                          "log in to Codex with ChatGPT first")
+    raise LoginFailed("no ChatGPT login found; expected ~/.codex/auth.json (with \"tokens\") "
+                      "or OpenCode's auth.json (with an \"openai\" oauth entry)")
+
+
+# ── Tokens and identity ──────────────────────────────────────────────────────
+
+
+def _tokens_from_response(ctx: Context, body: Mapping, previous: Account | None = None) -> Tokens:
+    access = body.get("access_token")
+    refresh_token = body.get("refresh_token") or (previous.refresh_token if previous else None)
+    if not _nonblank(access) or not _nonblank(refresh_token):
+        raise ProviderError("Codex token response is missing the access or refresh token")
+    return _build_tokens(ctx, access, refresh_token, expires_at_from(ctx, body),
+                         id_token=body.get("id_token"), previous=previous)
+
+
+def _build_tokens(ctx: Context, access: str, refresh_token: str, expires_at: int, *,
+                  id_token: Any = None, known_account_id: Any = None,
+                  previous: Account | None = None) -> Tokens:
+    """Tokens with the identity read from the id token (else the access token), falling back
+    to what was known before; the id token itself is never kept."""
+    claims = jwt_claims(id_token if isinstance(id_token, str) else None) or jwt_claims(access)
+    auth = claims.get(AUTH_CLAIM) if isinstance(claims.get(AUTH_CLAIM), Mapping) else {}
+    profile = claims.get(PROFILE_CLAIM) if isinstance(claims.get(PROFILE_CLAIM), Mapping) else {}
+    organizations = auth.get("organizations") or claims.get("organizations") or []
+    org_ids = [org["id"] for org in organizations
+               if isinstance(org, Mapping) and isinstance(org.get("id"), str)]
+    before = previous.metadata if previous else {}
+
+    account_id = _first_text(
+        claims.get("chatgpt_account_id"), auth.get("chatgpt_account_id"),
+        known_account_id, org_ids[0] if org_ids else None,
+        previous.account_id if previous else None, before.get("chatgptAccountId"),
+    )
+    email = _first_text(claims.get("email"), profile.get("email"), before.get("email"))
+    return Tokens(
+        access_token=access,
+        refresh_token=refresh_token,
+        expires_at=expires_at,
+        account_id=account_id,
+        label=email or (f"chatgpt:{account_id}" if account_id else "codex-account"),
+        metadata={
+            "chatgptAccountId": account_id,
+            "email": email,
+            "organizationIds": org_ids or list(before.get("organizationIds") or []),
+        },
+    )
+
+
+def _jwt_expiry(ctx: Context, access: str) -> int:
+    exp = jwt_claims(access).get("exp")
+    return normalise_epoch_ms(exp) or ctx.now() + 3600 * 1000
+
+
+# ── Proxying ─────────────────────────────────────────────────────────────────
+
+
+def session_key(request: ProxyRequest) -> str | None:
+    """The client's conversation id: body `prompt_cache_key`, else a session header."""
+    candidates = [request.body.get("prompt_cache_key")]
+    candidates += [request.headers.get(name) for name in SESSION_HEADERS]
+    for value in candidates:
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
+    """The backend request: our credentials and identity headers, a reshaped copy of the body."""
+    headers = {name: value for name, value in request.headers.items() if name not in DROPPED_HEADERS}
+    headers["authorization"] = f"Bearer {account.access_token}"
+    headers["content-type"] = "application/json"
+    # One consistent first-party identity: the backend serves first-party clients, and a
+    # client's own user agent (an SDK's, say) next to originator=opencode would contradict it.
+    headers["user-agent"] = ctx.options["originator"]
+    headers.setdefault("originator", ctx.options["originator"])
+    if request.stream:
+        headers["accept"] = "text/event-stream"
+    chatgpt_account = account.metadata.get("chatgptAccountId") or account.account_id
+    if chatgpt_account:
+        headers["chatgpt-account-id"] = chatgpt_account
+
+    body = dict(request.body)  # shallow: only top-level keys and the input list are replaced
+    for field in DROPPED_FIELDS:
+        body.pop(field, None)
+    body["store"] = False  # the backend refuses to store ChatGPT-plan responses
+    body["input"] = _input_items(body.get("input"))
+    body["instructions"] = _instructions(ctx, body)
+
+    session = session_key(request)
+    if session:
+        # Scoped to key and account so two keys reusing one client session id never share a
+        # cache entry, and the client's own id never reaches the provider.
+        seed = f"{request.api_key_id}:{account.id}:{session}".encode()
+        upstream_session = "kleis_" + hashlib.sha256(seed).hexdigest()[:48]
+        for name in ("session-id", "x-session-affinity", "x-session-id"):
+            headers[name] = upstream_session
+        body["prompt_cache_key"] = upstream_session
+    else:
+        body.pop("prompt_cache_key", None)  # blank or not a string: only an upstream 400
+
+    return Upstream(url=f"{ctx.options['api_url'].rstrip('/')}/responses", headers=headers,
+                    body=_compact_json(body))
+
+
+def _input_items(value: Any) -> Any:
+    """A list copy of `input`; a plain string (what the openai SDK sends) becomes one user
+    message, which is what the Responses API means by it and the only form the backend takes."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": [{"type": "input_text", "text": value}]}]
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+def _instructions(ctx: Context, body: dict) -> str:
+    """The client's instructions; else a leading developer/system item, which is then removed
+    from `input` (OpenCode sends its prompt that way); else our default text."""
+    given = body.get("instructions")
+    if isinstance(given, str) and given.strip():
+        return given
+    items = body.get("input")
+    if isinstance(items, list) and items and isinstance(items[0], Mapping):
+        first = items[0]
+        if first.get("role") in PROMOTABLE_ROLES and first.get("type", "message") == "message":
+            text = _message_text(first.get("content"))
+            if text and text.strip():
+                del items[0]  # our own copy of the list
+                return text
+    return _default_instructions(ctx.options.get("instructions_file") or "")
+
+
+def _message_text(content: Any) -> str | None:
+    """Message content as one string, or None when it holds anything but text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        return None
+    texts = []
+    for part in content:
+        if not isinstance(part, Mapping) or part.get("type") not in TEXT_PART_TYPES:
+            return None
+        if not isinstance(part.get("text"), str):
+            return None
+        texts.append(part["text"])
+    return "\n\n".join(texts)
+
+
+@functools.lru_cache(maxsize=4)
+def _default_instructions(path: str) -> str:
+    file = Path(path).expanduser() if path else BUNDLED_INSTRUCTIONS
+    try:
+        return file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ProviderError(f"codex instructions_file {str(file)!r} cannot be read: {exc.strerror}") from None
+
+
+def _compact_json(body: dict) -> bytes:
+    try:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate escape from the client: keep it escaped
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mapping) -> OpenAIStream:
+    """Pass-through with usage; the backend sometimes omits Content-Type on streams."""
+    return openai_transformer("responses", request.stream, headers)
+
+
+def retry_after(status: int, headers: Mapping, body: bytes) -> Cooldown | None:
+    """A usage-window reset from a `usage_limit_reached` body or the x-codex-* window headers."""
+    error = _error_object(body)
+    if error.get("type") == "usage_limit_reached" or error.get("code") == "usage_limit_reached":
+        seconds = _reset_seconds(error.get("resets_in_seconds"), error.get("resets_at"))
+        if seconds is not None:
+            return Cooldown(seconds, window_exhausted=True)
+    if status != 429:
+        return None
+    lowered = {str(name).lower(): value for name, value in headers.items()}
+    resets = []
+    for window in ("primary", "secondary"):
+        used = _number(lowered.get(f"x-codex-{window}-used-percent"))
+        if used is None or used < 100:
+            continue
+        seconds = _reset_seconds(lowered.get(f"x-codex-{window}-reset-after-seconds"),
+                                 lowered.get(f"x-codex-{window}-reset-at"))
+        if seconds is not None:
+            resets.append(seconds)
+    return Cooldown(max(resets), window_exhausted=True) if resets else None
+
+
+def _error_object(body: bytes) -> Mapping:
+    if not body or len(body) > 65536:
+        return {}
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    error = payload.get("error") if isinstance(payload, Mapping) else None
+    return error if isinstance(error, Mapping) else {}
+
+
+def _reset_seconds(after: Any, at: Any) -> float | None:
+    """Seconds until a reset given as a delay, else as an epoch (seconds or ms)."""
+    delay = _number(after)
+    if delay is not None:
+        return max(delay, 0.0)
+    when = normalise_epoch_ms(_number(at))
+    if when is not None:
+        return max(when / 1000 - time.time(), 0.0)  # retry_after gets no ctx clock
+    return None
+
+
+# ── Discovery and quota ──────────────────────────────────────────────────────
+
+
+def catalogue_model(options: Mapping, model_id: str, model: dict) -> dict | None:
+    """Only models the ChatGPT backend serves, with their real limits."""
+    wanted = model_id.lower()
+    allow = {m.lower() for m in options.get("model_allow") or ()}
+    deny = {m.lower() for m in options.get("model_deny") or ()}
+    if wanted in deny:
+        return None
+    if wanted not in allow and not _newer_than_minimum(wanted, options.get("model_min_version")):
+        return None
+    copied = copy.deepcopy(model)
+    limits = {key.lower(): value for key, value in (options.get("model_limits") or {}).items()}
+    if isinstance(limits.get(wanted), Mapping):
+        copied["limit"] = dict(limits[wanted])
+    return copied
+
+
+def _newer_than_minimum(model_id: str, minimum: Any) -> bool:
+    match = MODEL_VERSION.match(model_id)
+    floor = re.fullmatch(r"(\d+)\.(\d+)", str(minimum or "").strip())
+    if not match or not floor:
+        return False
+    return (int(match[1]), int(match[2])) > (int(floor[1]), int(floor[2]))
+
+
+async def quota(ctx: Context, account: Account) -> dict:
+    """Plan and usage windows from the ChatGPT usage endpoint."""
+    headers = {
+        "authorization": f"Bearer {account.access_token}",
+        "accept": "application/json",
+        "user-agent": "codex-cli",
+    }
+    chatgpt_account = account.metadata.get("chatgptAccountId") or account.account_id
+    if chatgpt_account:
+        headers["chatgpt-account-id"] = chatgpt_account
+    status, body = await _call_json(ctx, "GET", f"{ctx.options['usage_url'].rstrip('/')}/wham/usage",
+                                    headers=headers, timeout=10, what="Codex usage")
+    if status != 200:
+        raise ProviderError(f"Codex usage request failed (HTTP {status})")
+    limits = body.get("rate_limit") if isinstance(body.get("rate_limit"), Mapping) else body
+    credits = body.get("credits")
+    return {
+        "planType": body.get("plan_type"),
+        "allowed": limits.get("allowed"),
+        "limitReached": limits.get("limit_reached"),
+        "primaryWindow": _usage_window(limits.get("primary_window")),
+        "secondaryWindow": _usage_window(limits.get("secondary_window")),
+        "credits": {
+            "hasCredits": credits.get("has_credits"),
+            "unlimited": credits.get("unlimited"),
+            "balance": credits.get("balance"),
+        } if isinstance(credits, Mapping) else None,
+    }
+
+
+def _usage_window(window: Any) -> dict | None:
+    if not isinstance(window, Mapping):
+        return None
+    return {
+        "usedPercent": window.get("used_percent"),
+        "windowSeconds": window.get("limit_window_seconds"),
+        "resetAfterSeconds": window.get("reset_after_seconds"),
+        "resetAt": window.get("reset_at"),
+    }
+
+
+# ── Small helpers ────────────────────────────────────────────────────────────
+
+
+async def _call_json(ctx: Context, method: str, url: str, *, json_body: Mapping | None = None,
+                     headers: Mapping | None = None, timeout: float = 30,
+                     what: str) -> tuple[int, dict]:
+    """(status, JSON object or {}) for calls whose error statuses mean something to us."""
+    import aiohttp
+
+    try:
+        async with ctx.http.request(method, url, json=json_body,
+                                    headers={"accept": "application/json", **(headers or {})},
+                                    timeout=aiohttp.ClientTimeout(total=timeout, connect=10)) as resp:
+            text = await resp.text()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ProviderError(f"{what} request failed: {type(exc).__name__}") from None
+    try:
+        body = json.loads(text) if text else {}
+    except ValueError:
+        body = {}
+    return status, body if isinstance(body, dict) else {}
+
+
+def _auth_url(ctx: Context) -> str:
+    return ctx.options["auth_url"].rstrip("/")
+
+
+def _seconds(value: Any, default: float) -> float:
+    number = _number(value)
+    return number if number is not None and number > 0 else default
+
+
+def _number(value: Any) -> float | None:
+    """A float from a number or a numeric string (headers, `interval`); None otherwise."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number == number and abs(number) != float("inf") else None
+
+
+def _nonblank(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _first_text(*values: Any) -> str | None:
+    for value in values:
+        if _nonblank(value):
+            return value
+    return None

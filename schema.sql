@@ -1,0 +1,111 @@
+-- Kleis schema: the only table definitions. Applied at every start-up (idempotent).
+-- Portable subset of SQLite and PostgreSQL: text ids made in Python, BIGINT epoch-ms times,
+-- INTEGER 0/1 booleans, JSON as TEXT, no triggers (the file is split on semicolons).
+-- Later changes go into migrations/NNN_name.sql and this file stays the full current schema.
+
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version TEXT PRIMARY KEY,
+    applied_at BIGINT NOT NULL
+);
+
+-- OAuth accounts. Tokens are encrypted with [security] secret_key.
+CREATE TABLE IF NOT EXISTS provider_accounts (
+    id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    account_id TEXT,
+    is_primary INTEGER NOT NULL DEFAULT 0 CHECK (is_primary IN (0, 1)),
+    enabled INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+    priority INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'ok',
+    access_token_enc TEXT NOT NULL,
+    refresh_token_enc TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    metadata_json TEXT NOT NULL DEFAULT '{}',
+    cooldown_until BIGINT,
+    cooldown_kind TEXT,
+    last_error TEXT,
+    last_refresh_at BIGINT,
+    last_refresh_status TEXT,
+    refresh_lock_token TEXT,
+    refresh_lock_expires_at BIGINT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS provider_accounts_provider_idx ON provider_accounts (provider);
+CREATE UNIQUE INDEX IF NOT EXISTS provider_accounts_primary_unique
+    ON provider_accounts (provider) WHERE is_primary = 1;
+CREATE UNIQUE INDEX IF NOT EXISTS provider_accounts_identity_unique
+    ON provider_accounts (provider, account_id) WHERE account_id IS NOT NULL;
+
+-- Kleis API keys: only the SHA-256 of the key is stored; key_prefix is for display.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL,
+    key_prefix TEXT NOT NULL,
+    models_discovery_token TEXT NOT NULL,
+    label TEXT,
+    provider_scope_json TEXT,
+    model_scope_json TEXT,
+    account_scope_json TEXT,
+    expires_at BIGINT,
+    revoked_at BIGINT,
+    created_at BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_key_hash_unique ON api_keys (key_hash);
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_discovery_unique ON api_keys (models_discovery_token);
+
+-- Logins in progress. data_enc holds the PKCE verifier or device code, encrypted.
+CREATE TABLE IF NOT EXISTS oauth_states (
+    state TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    method TEXT NOT NULL,
+    data_enc TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    result_account_id TEXT,
+    message TEXT,
+    interval_ms BIGINT NOT NULL DEFAULT 5000,
+    expires_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS oauth_states_expires_idx ON oauth_states (expires_at);
+
+-- Usage per minute x key x account x provider x endpoint x model; writes are additive upserts.
+CREATE TABLE IF NOT EXISTS request_usage_buckets (
+    bucket_start BIGINT NOT NULL,
+    api_key_id TEXT NOT NULL,
+    provider_account_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL DEFAULT '',
+    request_count INTEGER NOT NULL DEFAULT 0,
+    success_count INTEGER NOT NULL DEFAULT 0,
+    client_error_count INTEGER NOT NULL DEFAULT 0,
+    server_error_count INTEGER NOT NULL DEFAULT 0,
+    auth_error_count INTEGER NOT NULL DEFAULT 0,
+    rate_limit_count INTEGER NOT NULL DEFAULT 0,
+    proxy_error_count INTEGER NOT NULL DEFAULT 0,
+    upstream_error_count INTEGER NOT NULL DEFAULT 0,
+    incomplete_count INTEGER NOT NULL DEFAULT 0,
+    cancelled_count INTEGER NOT NULL DEFAULT 0,
+    total_latency_ms BIGINT NOT NULL DEFAULT 0,
+    max_latency_ms BIGINT NOT NULL DEFAULT 0,
+    total_duration_ms BIGINT NOT NULL DEFAULT 0,
+    input_tokens BIGINT NOT NULL DEFAULT 0,
+    output_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_read_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+    last_request_at BIGINT NOT NULL,
+    PRIMARY KEY (bucket_start, api_key_id, provider_account_id, provider, endpoint, model)
+);
+CREATE INDEX IF NOT EXISTS request_usage_buckets_key_bucket_idx
+    ON request_usage_buckets (api_key_id, bucket_start);
+CREATE INDEX IF NOT EXISTS request_usage_buckets_account_bucket_idx
+    ON request_usage_buckets (provider_account_id, bucket_start);
+CREATE INDEX IF NOT EXISTS request_usage_buckets_bucket_idx ON request_usage_buckets (bucket_start);
+
+-- Cache generations: an admin change bumps a row; every instance polls and reloads (S14).
+CREATE TABLE IF NOT EXISTS cache_versions (
+    name TEXT PRIMARY KEY,
+    version BIGINT NOT NULL
+);
