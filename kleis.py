@@ -57,6 +57,8 @@ from providers import (
 
 VERSION = "0.1.0"
 HERE = Path(__file__).resolve().parent
+SCHEMA_FILE = HERE / "schema.sql"
+MIGRATIONS_DIR = HERE / "migrations"
 log = logging.getLogger("kleis")
 
 
@@ -590,10 +592,10 @@ async def apply_schema(db: peewee_async.AioDatabase) -> None:
     if is_sqlite(db):
         await db.aio_execute_sql("PRAGMA journal_mode=WAL")
     async with db.aio_connection():
-        for statement in schema_statements((HERE / "schema.sql").read_text()):
+        for statement in schema_statements(SCHEMA_FILE.read_text()):
             await db.aio_execute_sql(statement)
         done = {r.version for r in await SchemaMigrationRow.select().aio_execute()}
-        for path in sorted((HERE / "migrations").glob("[0-9][0-9][0-9]_*.sql")):
+        for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9]_*.sql")):
             if path.stem in done:
                 continue
             if not fresh:

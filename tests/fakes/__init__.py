@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ class Recorded:
     query: dict[str, str]
     headers: dict[str, str]  # lower-case names
     body: bytes
+    at: float = field(default_factory=time.monotonic)  # when it arrived (monotonic clock)
 
     @property
     def json(self) -> Any:

@@ -116,7 +116,8 @@ class FakeCopilot(FakeServer):
         self.users: dict[str, dict] = {}  # live GitHub token -> {"id", "login", "email"}
         self.devices: dict[str, dict] = {}  # device code -> {"status", "user"}
         self.user_status: int | None = None  # force GET /user to answer this status
-        self._slow_down: list[int] = []
+        self.device_interval: float = 5  # seconds the device-code answer asks clients to wait between polls
+        self._slow_down: list[float] = []
         self._counter = itertools.count(1)
         self.app.add_routes([
             web.post("/login/device/code", self._device_code),
@@ -151,7 +152,7 @@ class FakeCopilot(FakeServer):
     def expire_device(self, device_code: str | None = None) -> None:
         self._device(device_code)["status"] = "expired"
 
-    def slow_down(self, interval: int = 10) -> None:
+    def slow_down(self, interval: float = 10) -> None:
         """Answer the next token poll with `slow_down` and this new interval."""
         self._slow_down.append(interval)
 
@@ -175,7 +176,7 @@ class FakeCopilot(FakeServer):
         self.devices[device_code] = {"status": "pending", "user": None}
         return web.json_response({
             "device_code": device_code, "user_code": f"ABCD-{n:04d}",
-            "verification_uri": f"{self.url}/login/device", "expires_in": 900, "interval": 5,
+            "verification_uri": f"{self.url}/login/device", "expires_in": 900, "interval": self.device_interval,
         })
 
     async def _access_token(self, request: web.Request) -> web.Response:
