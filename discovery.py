@@ -391,6 +391,8 @@ class Catalogue:
         self.fetched_at: float | None = None  # epoch s of the last successful fetch in this process
         self._inflight: asyncio.Task | None = None
         self._data: dict = {}
+        self._registries: dict[tuple, list] = {}  # see _registry_entry
+        self._registry_of: dict | None = None
         self.origin = "none"  # where current() came from: cache / snapshot / fetched / none
         if self.cache_path is not None and self.cache_path.exists():
             data = self._load(self.cache_path, "cache")
@@ -415,6 +417,35 @@ class Catalogue:
     def current(self) -> dict:
         """The catalogue to build registries from; never blocks. Read-only."""
         return self._data
+
+    registry_cache_size = 16  # built registries kept (~0.2 MB each with the snapshot)
+
+    def registry(self, routes: list[Route], base_url: str, scopes: Scopes | None = None) -> dict:
+        """`build_registry` on `current()`, memoised; the result is shared and read-only."""
+        return self._registry_entry(routes, base_url, scopes)[0]
+
+    def registry_json(self, routes: list[Route], base_url: str, scopes: Scopes | None = None) -> bytes:
+        """The same registry serialised as UTF-8 JSON, memoised with it."""
+        entry = self._registry_entry(routes, base_url, scopes)
+        if entry[1] is None:
+            entry[1] = json.dumps(entry[0], separators=(",", ":"), ensure_ascii=False).encode()
+        return entry[1]
+
+    def _registry_entry(self, routes: list[Route], base_url: str, scopes: Scopes | None) -> list:
+        # The key holds everything build_registry reads except the catalogue, which is never
+        # mutated but replaced on fetch (so identity says "same data"), and each route's
+        # contents, fixed per name for the life of a process (adapters load once at start-up).
+        data = self._data
+        if self._registry_of is not data:
+            self._registries, self._registry_of = {}, data
+        key = (tuple(r.name for r in routes), base_url, scopes)
+        entry = self._registries.get(key)
+        if entry is None:
+            entry = [build_registry(data, routes, base_url, scopes), None]
+            if len(self._registries) >= self.registry_cache_size:  # Host and scopes vary: bounded
+                del self._registries[next(iter(self._registries))]
+            self._registries[key] = entry
+        return entry
 
     def due(self) -> bool:
         """Whether the background refresh should fetch now."""
@@ -505,15 +536,27 @@ class Catalogue:
             tmp.unlink(missing_ok=True)
 
     async def run(self, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
-        """Background refresh: fetch whenever due until `stop` is set."""
-        while not stop.is_set():
-            await self.fetch(http)
-            wait = self._seconds_until_due()
-            if wait is None:
-                await stop.wait()
-                return
-            # capped so a suspended machine or a clock jump is noticed within the hour
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=min(max(wait, 1.0), 3600.0))
-            except TimeoutError:
-                pass
+        """Background refresh: fetch whenever due until `stop` is set.
+
+        `stop` also abandons a fetch in flight, so shutting down never waits for a slow or
+        black-holed catalogue server (up to `timeout` seconds otherwise).
+        """
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                fetch = asyncio.ensure_future(self.fetch(http))
+                await asyncio.wait((fetch, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    if self._inflight is not None:
+                        self._inflight.cancel()
+                    return
+                await fetch  # re-raises what fetch raised
+                wait = self._seconds_until_due()
+                if wait is None:
+                    await stopping
+                    return
+                # capped so a suspended machine or a clock jump is noticed within the hour
+                await asyncio.wait((stopping,), timeout=min(max(wait, 1.0), 3600.0))
+        finally:
+            stopping.cancel()

@@ -4,17 +4,17 @@ Run:    python kleis.py                 (same as `serve`; creates config.toml on
 Other:  python kleis.py init | check | keys create|list|revoke | accounts list|login|import|
         refresh|primary|remove | usage | rotate-secret | systemd-unit   (--help on each)
 
-This file is the composition root. It reads top to bottom: settings, errors, secrets, store,
-providers, keys, accounts, usage, proxy, discovery, admin API, app, CLI. Each section only uses
-what comes before it. Provider adapters live in providers/ and meet providers/__init__.py.
+This file is the composition root. It reads top to bottom: errors, store, providers, keys,
+accounts, usage, proxy, discovery, admin API, app, CLI. Each section only uses what comes before
+it. Settings and secrets (pure, tested on their own) are in settings.py; model-registry
+composition is in discovery.py; provider adapters live in providers/ and meet
+providers/__init__.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import dataclasses
 import hashlib
 import hmac
 import importlib.util
@@ -25,7 +25,6 @@ import re
 import secrets
 import sys
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import peewee
 import peewee_async
-from cryptography.fernet import Fernet, InvalidToken
 from sanic import Request, Sanic
 from sanic import response as sanic_response
 from sanic.exceptions import SanicException
@@ -54,6 +52,19 @@ from providers import (
     ReauthRequired,
     Tokens,
 )
+from settings import (
+    ConfigError,
+    ServerSettings,
+    Settings,
+    Vault,
+    check_value,
+    hash_key,
+    load_settings,
+    new_api_key,
+    new_id,
+    setup_logging,
+    write_new_config,
+)
 
 VERSION = "0.1.0"
 HERE = Path(__file__).resolve().parent
@@ -64,231 +75,6 @@ log = logging.getLogger("kleis")
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-# ══ Settings ════════════════════════════════════════════════════════════════
-# TOML -> frozen dataclasses, validated once. Unknown keys and wrong types stop start-up with
-# `kleis: [section] key: problem` (exit 2). Secrets may come from the environment instead.
-
-
-class ConfigError(Exception):
-    """A problem in the configuration; main() prints it as one line and exits 2."""
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8787
-    public_url: str = ""
-    trust_forwarded: bool = False
-    response_timeout: float = 900.0
-    first_byte_timeout: float = 300.0
-    idle_timeout: float = 300.0
-    connect_timeout: float = 10.0
-    keepalive_interval: float = 25.0
-    max_body_mb: int = 32
-    metrics_token: str = ""
-    plugins_dir: str = ""
-    log_level: str = "info"
-
-
-@dataclass(frozen=True)
-class AdminSettings:
-    token: str = ""
-
-
-@dataclass(frozen=True)
-class SecuritySettings:
-    secret_key: str = ""
-    admin_max_failures: int = 10
-    admin_lockout_seconds: int = 300
-    key_max_failures: int = 100
-    key_lockout_seconds: int = 60
-
-
-@dataclass(frozen=True)
-class DatabaseSettings:
-    url: str = "sqlite:///kleis.db"
-
-
-@dataclass(frozen=True)
-class UsageSettings:
-    flush_interval: float = 1.0
-    retention_days: int = 90
-
-
-@dataclass(frozen=True)
-class ModelsSettings:
-    source_url: str = "https://models.dev/api.json"
-    refresh_hours: float = 6.0
-
-
-@dataclass(frozen=True)
-class ProviderSettings:
-    enabled: bool = True
-    entry: str = ""
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AccountImport:
-    provider: str = ""
-    label: str = ""
-    auth_file: str = ""
-    access_token: str = ""
-    refresh_token: str = ""
-    expires_at: int = 0
-    account_id: str = ""
-    priority: int = 0
-
-
-@dataclass(frozen=True)
-class Settings:
-    server: ServerSettings = ServerSettings()
-    admin: AdminSettings = AdminSettings()
-    security: SecuritySettings = SecuritySettings()
-    database: DatabaseSettings = DatabaseSettings()
-    usage: UsageSettings = UsageSettings()
-    models: ModelsSettings = ModelsSettings()
-    providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
-    accounts: tuple[AccountImport, ...] = ()
-    base_dir: Path = Path(".")
-
-    def resolve(self, path: str) -> Path:
-        """A path from the config, relative to the config file's folder, ~ expanded."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else self.base_dir / p
-
-
-BUILTIN_PROVIDERS = ("codex", "claude", "copilot")
-SECTIONS = {
-    "server": ServerSettings,
-    "admin": AdminSettings,
-    "security": SecuritySettings,
-    "database": DatabaseSettings,
-    "usage": UsageSettings,
-    "models": ModelsSettings,
-}
-ENV_SECRETS = {
-    ("admin", "token"): "KLEIS_ADMIN_TOKEN",
-    ("security", "secret_key"): "KLEIS_SECRET_KEY",
-    ("database", "url"): "KLEIS_DATABASE_URL",
-}
-
-
-def check_value(where: str, key: str, value: Any, default: Any) -> Any:
-    """Type-check one option against its default; ints are accepted for floats."""
-    want = type(default)
-    if want is float and type(value) is int:
-        return float(value)
-    if type(value) is not want:
-        raise ConfigError(f"[{where}] {key}: must be {want.__name__}, got {type(value).__name__} {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        raise ConfigError(f"[{where}] {key}: must not be negative")
-    return value
-
-
-def build_table(cls: type, raw: Any, where: str) -> Any:
-    """Build settings dataclass `cls` from one TOML table."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"[{where}]: must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(f"[{where}] {key}: unknown key (known: {', '.join(fields)})")
-        values[key] = check_value(where, key, value, fields[key].default)
-    return cls(**values)
-
-
-def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate the TOML config at `path` (provider options are checked later,
-    against each adapter's OPTIONS, by load_providers)."""
-    import tomllib
-
-    env = os.environ if env is None else env
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file (run `python kleis.py init`)") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    known = {*SECTIONS, "providers", "accounts"}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"[{key}]: unknown section (known: {', '.join(sorted(known))})")
-    tables = {}
-    for name, cls in SECTIONS.items():
-        table = dict(raw.get(name, {})) if isinstance(raw.get(name, {}), dict) else raw[name]
-        for (section, key), var in ENV_SECRETS.items():
-            if section == name and env.get(var):
-                table[key] = env[var]
-        tables[name] = build_table(cls, table, name)
-    raw_providers = raw.get("providers", {})
-    if not isinstance(raw_providers, dict):
-        raise ConfigError("[providers]: must be a table of [providers.<name>] tables")
-    provider_tables = {}
-    for name in dict.fromkeys([*BUILTIN_PROVIDERS, *raw_providers]):
-        table = raw_providers.get(name, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"[providers.{name}]: must be a table")
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-            raise ConfigError(f"[providers.{name}]: names are lower-case letters, digits and _")
-        enabled = check_value(f"providers.{name}", "enabled", table.get("enabled", True), True)
-        entry = check_value(f"providers.{name}", "entry", table.get("entry", name), "")
-        options = {k: v for k, v in table.items() if k not in ("enabled", "entry")}
-        provider_tables[name] = ProviderSettings(enabled=enabled, entry=entry or name, options=options)
-    raw_accounts = raw.get("accounts", [])
-    if not isinstance(raw_accounts, list):
-        raise ConfigError("[[accounts]]: must be an array of tables")
-    accounts = tuple(build_table(AccountImport, a, f"accounts.{i}") for i, a in enumerate(raw_accounts))
-    for i, account in enumerate(accounts):
-        if not account.provider:
-            raise ConfigError(f"[accounts.{i}] provider: required")
-        if not account.auth_file and not account.refresh_token:
-            raise ConfigError(f"[accounts.{i}]: give auth_file, or access_token + refresh_token")
-    settings = Settings(**tables, providers=provider_tables, accounts=accounts, base_dir=path.parent.resolve())
-    validate_settings(settings)
-    return settings
-
-
-def validate_settings(s: Settings) -> None:
-    if not (0 < s.server.port < 65536):
-        raise ConfigError("[server] port: must be 1-65535")
-    if s.server.public_url and not s.server.public_url.startswith(("http://", "https://")):
-        raise ConfigError("[server] public_url: must start with http:// or https://")
-    if not s.security.secret_key:
-        raise ConfigError("[security] secret_key: required (or set KLEIS_SECRET_KEY); `python kleis.py init` makes one")
-    if len(s.security.secret_key) < 16:
-        raise ConfigError("[security] secret_key: too short; use at least 16 random characters")
-    if not s.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-        raise ConfigError("[database] url: must start with sqlite:/// or postgresql://")
-    if s.usage.flush_interval <= 0:
-        raise ConfigError("[usage] flush_interval: must be greater than 0")
-    if s.server.log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError("[server] log_level: one of debug, info, warning, error")
-
-
-def write_new_config(path: Path) -> str:
-    """Create a config file with a random admin token and secret key (mode 0600); returns the
-    admin token so the caller can print it once. Never overwrites an existing file."""
-    import tomli_w
-
-    token = "kla_" + secrets.token_hex(24)
-    body = {
-        "admin": {"token": token},
-        "security": {"secret_key": secrets.token_urlsafe(32)},
-        "database": {"url": "sqlite:///kleis.db"},
-    }
-    header = (
-        "# Kleis configuration, generated on first start. Every option, with its default and a\n"
-        "# comment, is in config.example.toml; copy the ones you want to change into this file.\n"
-        "# Kleis never rewrites this file.\n\n"
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(header + tomli_w.dumps(body))
-    return token
 
 
 # ══ Errors ══════════════════════════════════════════════════════════════════
@@ -341,87 +127,6 @@ def error_body(style: str, exc: KleisError) -> dict:
             kind = "invalid_request_error"
         return {"error": {"message": exc.message, "type": kind, "code": exc.code}}
     return {"error": exc.code, "message": exc.message}
-
-
-# ══ Secrets ═════════════════════════════════════════════════════════════════
-# OAuth tokens are encrypted at rest; API keys are only ever stored as SHA-256; nothing secret
-# reaches a log line.
-
-SECRET_PATTERNS = [
-    re.compile(r"kleis_[0-9a-f]{8,}"),
-    re.compile(r"kla_[0-9a-f]{8,}"),
-    re.compile(r"kmd_[0-9a-f]{8,}"),
-    re.compile(r"(?i)(bearer\s+)[^\s\"']+"),
-    re.compile(r"(?i)(\"?(?:access|refresh|id)_?token\"?\s*[:=]\s*\"?)[^\s\"',]+"),
-    re.compile(r"\bgh[opsu]_[A-Za-z0-9]{8,}"),
-    re.compile(r"\bsk-ant-[A-Za-z0-9_-]{8,}"),
-]
-
-
-def mask_secrets(text: str) -> str:
-    for pattern in SECRET_PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
-    return text
-
-
-class MaskingFilter(logging.Filter):
-    """Masks keys and tokens in every record, whatever logged it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask_secrets(message)
-        if masked != message or record.exc_info:
-            record.msg, record.args = masked, None
-            if record.exc_info:
-                import traceback
-
-                record.msg += "\n" + mask_secrets("".join(traceback.format_exception(*record.exc_info)))
-                record.exc_info = None
-        return True
-
-
-def setup_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(MaskingFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in ("sanic.root", "sanic.error", "sanic.access", "sanic.server"):
-        sanic_logger = logging.getLogger(name)
-        sanic_logger.handlers[:] = []
-        sanic_logger.propagate = True
-
-
-class Vault:
-    """Encrypts OAuth tokens with a key derived from [security] secret_key (Fernet: AES-128-CBC
-    + HMAC-SHA256)."""
-
-    def __init__(self, secret: str):
-        key = base64.urlsafe_b64encode(hashlib.sha256(("kleis-vault:" + secret).encode()).digest())
-        self._fernet = Fernet(key)
-
-    def seal(self, text: str) -> str:
-        return self._fernet.encrypt(text.encode()).decode()
-
-    def open(self, sealed: str) -> str:
-        try:
-            return self._fernet.decrypt(sealed.encode()).decode()
-        except InvalidToken:
-            raise ConfigError("stored tokens cannot be decrypted: [security] secret_key changed "
-                              "(use `python kleis.py rotate-secret` to change it)") from None
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_api_key() -> str:
-    return "kleis_" + secrets.token_hex(16)
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 # ══ Store ═══════════════════════════════════════════════════════════════════
@@ -1329,6 +1034,67 @@ def classify(outcome: Outcome) -> dict[str, int]:
     return counts
 
 
+class Metrics:
+    """In-process counters and histograms for /metrics (Prometheus text format)."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.ttfb: dict[str, list[float]] = {}
+        self.duration: dict[str, list[float]] = {}
+
+    def observe(self, outcome: Outcome) -> None:
+        klass = "cancelled" if outcome.cancelled else "incomplete" if outcome.incomplete else f"{outcome.status // 100}xx"
+        key = (outcome.provider, outcome.endpoint, klass)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self._add(self.ttfb, outcome.provider, outcome.ttfb_ms / 1000)
+        self._add(self.duration, outcome.provider, outcome.duration_ms / 1000)
+
+    def _add(self, table: dict[str, list[float]], provider: str, seconds: float) -> None:
+        row = table.get(provider)
+        if row is None:
+            row = table[provider] = [0.0] * (len(self.BUCKETS) + 2)  # buckets, +Inf, sum
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                row[i] += 1
+        row[-2] += 1
+        row[-1] += seconds
+
+    def render(self, services: Services) -> str:
+        lines = ["# TYPE kleis_requests_total counter"]
+        for (provider, endpoint, klass), count in sorted(self.requests.items()):
+            lines.append(f'kleis_requests_total{{provider="{provider}",endpoint="{endpoint}",status="{klass}"}} {count}')
+        for name, table in (("kleis_ttfb_seconds", self.ttfb), ("kleis_duration_seconds", self.duration)):
+            lines.append(f"# TYPE {name} histogram")
+            for provider, row in sorted(table.items()):
+                for bound, count in zip((*self.BUCKETS, "+Inf"), row[:-1], strict=True):
+                    lines.append(f'{name}_bucket{{provider="{provider}",le="{bound}"}} {int(count)}')
+                lines.append(f'{name}_sum{{provider="{provider}"}} {row[-1]:.6f}')
+                lines.append(f'{name}_count{{provider="{provider}"}} {int(row[-2])}')
+        lines.append("# TYPE kleis_open_streams gauge")
+        lines.append(f"kleis_open_streams {services.proxy.open_streams if services.proxy else 0}")
+        lines.append("# TYPE kleis_refresh_total counter")
+        for outcome, count in sorted(services.pool.refresh_outcomes.items()):
+            lines.append(f'kleis_refresh_total{{outcome="{outcome}"}} {count}')
+        usage = services.usage
+        lines += ["# TYPE kleis_usage_queue_depth gauge", f"kleis_usage_queue_depth {usage.depth}",
+                  "# TYPE kleis_usage_dropped_total counter", f"kleis_usage_dropped_total {usage.dropped}",
+                  "# TYPE kleis_usage_flush_failures_total counter",
+                  f"kleis_usage_flush_failures_total {usage.flush_failures}",
+                  "# TYPE kleis_usage_flush_lag_seconds gauge",
+                  f"kleis_usage_flush_lag_seconds {max(0, services.now() - usage.last_flush_ms) / 1000:.3f}"]
+        accounts = services.pool.accounts.values()
+        lines.append("# TYPE kleis_accounts gauge")
+        counts: dict[tuple[str, str], int] = {}
+        for account in accounts:
+            key = (account.provider, account.view_status(services.now()))
+            counts[key] = counts.get(key, 0) + 1
+        for (provider, status), count in sorted(counts.items()):
+            lines.append(f'kleis_accounts{{provider="{provider}",status="{status}"}} {count}')
+        return "\n".join(lines) + "\n"
+
+
 class UsageQueue:
     """Adds up outcomes per (minute, key, account, provider, endpoint, model) in memory."""
 
@@ -1607,6 +1373,7 @@ class Proxy:
             if not outcome.ttfb_ms:
                 outcome.ttfb_ms = outcome.duration_ms
             s.usage.record(outcome)
+            s.metrics.observe(outcome)
 
     async def _forward(self, request: Request, provider: Provider, preq: ProxyRequest, key: KeyRecord,
                        outcome: Outcome, started: float):
@@ -1763,7 +1530,7 @@ class Proxy:
         finally:
             self.open_streams -= 1
             resp.close()  # closes the upstream connection at once if the body was not finished
-        return out
+        return None  # already sent via request.respond(); returning it makes Sanic log an error
 
 
 # ══ Discovery ═══════════════════════════════════════════════════════════════
@@ -1803,8 +1570,14 @@ def discovery_routes(services: Services) -> list[discovery.Route]:
 
 def registry(services: Services, request: Request, key: KeyRecord | None) -> dict:
     base = external_base(request, services.settings.server)
-    return discovery.build_registry(services.catalogue.current(), discovery_routes(services), base,
-                                    key_scopes(key, services.pool))
+    return services.catalogue.registry(discovery_routes(services), base, key_scopes(key, services.pool))
+
+
+def registry_response(services: Services, request: Request, key: KeyRecord | None):
+    """api.json from the memoised JSON (a rebuild + dump costs ~2 ms of CPU on a public route)."""
+    base = external_base(request, services.settings.server)
+    body = services.catalogue.registry_json(discovery_routes(services), base, key_scopes(key, services.pool))
+    return sanic_response.raw(body, content_type="application/json", headers={"cache-control": "no-store"})
 
 
 # ══ Admin API ═══════════════════════════════════════════════════════════════
@@ -2324,6 +2097,8 @@ class Services:
     versions: dict[str, int] = field(default_factory=dict)
     tasks: dict[str, asyncio.Task] = field(default_factory=dict)
     quotas: dict[str, tuple[int, dict]] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    proxy: Proxy | None = None
     opened: bool = False
 
     @classmethod
@@ -2491,8 +2266,7 @@ def create_app(settings: Settings, services: Services | None = None, name: str =
     owned = services is None
     services = services or Services.build(settings)
     app.ctx.kleis = services
-    proxy = Proxy(services)
-    app.ctx.proxy = proxy
+    proxy = services.proxy = app.ctx.proxy = Proxy(services)
 
     if owned:
         @app.before_server_start
@@ -2538,6 +2312,15 @@ def create_app(settings: Settings, services: Services | None = None, name: str =
     async def healthz(request):
         return sanic_response.json({"ok": True})
 
+    @app.get("/metrics")
+    async def metrics(request):
+        token = settings.server.metrics_token
+        match = BEARER.match(request.headers.get("authorization", ""))
+        given = match.group(1).encode() if match else b""
+        if not (token and hmac.compare_digest(given, token.encode())):
+            require_admin(services, request)
+        return sanic_response.text(services.metrics.render(services), content_type="text/plain; version=0.0.4")
+
     @app.get("/readyz")
     async def readyz(request):
         try:
@@ -2551,7 +2334,7 @@ def create_app(settings: Settings, services: Services | None = None, name: str =
     async def api_json(request):
         if request.args.get("refresh") in ("1", "true"):
             await services.catalogue.fetch(services.http, force=True)
-        return sanic_response.json(registry(services, request, None), headers={"cache-control": "no-store"})
+        return registry_response(services, request, None)
 
     @app.get("/api/<token>/api.json")
     async def scoped_api_json(request, token: str):
@@ -2560,7 +2343,7 @@ def create_app(settings: Settings, services: Services | None = None, name: str =
             raise not_found("scoped models URL was not found")
         if request.args.get("refresh") in ("1", "true"):
             await services.catalogue.fetch(services.http, force=True)
-        return sanic_response.json(registry(services, request, record), headers={"cache-control": "no-store"})
+        return registry_response(services, request, record)
 
     for pname, provider in services.providers.items():
         for path, endpoint in provider.module.ROUTES.items():
@@ -2814,44 +2597,45 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console(stderr=False)
+    # --json and --config are accepted before or after any (sub)command.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     parser = argparse.ArgumentParser(prog="kleis", description="Kleis OAuth account proxy")
     parser.add_argument("--config", help="config file (default: $KLEIS_CONFIG or ./config.toml)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command")
-    serve = sub.add_parser("serve", help="run the server (default)")
+    serve = sub.add_parser("serve", parents=[common], help="run the server (default)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    sub.add_parser("init", help="create the config file if missing")
-    sub.add_parser("check", help="validate the config and providers, then exit")
-    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    create = keys.add_parser("create", help="create a key (shown once)")
+    sub.add_parser("init", parents=[common], help="create the config file if missing")
+    sub.add_parser("check", parents=[common], help="validate the config and providers, then exit")
+    keys = sub.add_parser("keys", parents=[common], help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", parents=[common], help="create a key (shown once)")
     create.add_argument("--label")
     create.add_argument("--provider", action="append", help="limit to a provider (repeatable)")
     create.add_argument("--model", action="append", help="limit to a model (repeatable)")
     create.add_argument("--account", action="append", help="limit to an account id (repeatable)")
     create.add_argument("--expires-days", type=float)
-    keys.add_parser("list", help="list keys")
-    revoke = keys.add_parser("revoke", help="revoke a key by id or prefix")
+    keys.add_parser("list", parents=[common], help="list keys")
+    revoke = keys.add_parser("revoke", parents=[common], help="revoke a key by id or prefix")
     revoke.add_argument("id")
-    accounts = sub.add_parser("accounts", help="provider accounts").add_subparsers(dest="accounts_command", required=True)
-    accounts.add_parser("list")
-    login = accounts.add_parser("login", help="log in to a provider (browser code or device flow)")
+    accounts = sub.add_parser("accounts", parents=[common], help="provider accounts").add_subparsers(dest="accounts_command", required=True)
+    accounts.add_parser("list", parents=[common])
+    login = accounts.add_parser("login", parents=[common], help="log in to a provider (browser code or device flow)")
     login.add_argument("provider")
     login.add_argument("--mode", help="codex: browser|headless; claude: max|console")
     login.add_argument("--enterprise-domain", help="copilot: GitHub Enterprise host")
-    imp = accounts.add_parser("import", help="import an official client's auth file")
+    imp = accounts.add_parser("import", parents=[common], help="import an official client's auth file")
     imp.add_argument("provider")
     imp.add_argument("file")
     imp.add_argument("--label")
     for name in ("refresh", "primary", "remove"):
-        accounts.add_parser(name).add_argument("id", help="account id or label")
-    usage = sub.add_parser("usage", help="usage per key")
+        accounts.add_parser(name, parents=[common]).add_argument("id", help="account id or label")
+    usage = sub.add_parser("usage", parents=[common], help="usage per key")
     usage.add_argument("--hours", type=float, default=24)
-    sub.add_parser("rotate-secret", help="re-encrypt tokens with a new secret key")
-    sub.add_parser("systemd-unit", help="print a systemd unit for this install")
-    for p in sub.choices.values():
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub.add_parser("rotate-secret", parents=[common], help="re-encrypt tokens with a new secret key")
+    sub.add_parser("systemd-unit", parents=[common], help="print a systemd unit for this install")
     args = parser.parse_args(argv)
     command = args.command or "serve"
     path = config_path(args.config)

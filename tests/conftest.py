@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,9 @@ async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake):
         token = write_config(path, db_url or f"sqlite:///{tmp_path}/kleis.db", fakes, extra)
         settings = kleis.load_settings(path)
         app = kleis.create_app(settings, name=f"kleis_{uuid.uuid4().hex[:10]}")
-        server = await app.create_server(host="127.0.0.1", port=0, return_asyncio_server=True, access_log=False)
+        sock = socket.socket()  # a free port of our own: Sanic reads port=0 as "use 8000"
+        sock.bind(("127.0.0.1", 0))
+        server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
         await server.startup()
         await server.before_start()
         await server.after_start()

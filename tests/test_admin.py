@@ -194,3 +194,23 @@ async def test_account_admin_routes(start_kleis, codex_fake):
     status, body = await k.admin("POST", "/admin/accounts/codex/import", {"accessToken": "a", "refreshToken": "r",
                                                                         "expiresAt": 5})
     assert status == 400 and body["message"] == "expiresAt must be in the future"
+
+
+async def test_metrics_needs_a_token_and_counts_requests(start_kleis, http, codex_fake):
+    k = await start_kleis(server={"metrics_token": "scrape-me"})
+    await k.import_account("codex", codex_fake.grant())
+    key, _ = await k.create_key()
+    async with http.get(k.url + "/metrics") as resp:
+        assert resp.status == 401
+    body = {"model": "gpt-5.5", "input": "hi", "stream": True}
+    async with http.post(k.url + "/openai/v1/responses", json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200
+        await resp.read()
+    for token in ("scrape-me", k.admin_token):
+        async with http.get(k.url + "/metrics", headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert 'kleis_requests_total{provider="codex",endpoint="responses",status="2xx"} 1' in text
+        assert 'kleis_ttfb_seconds_count{provider="codex"} 1' in text
+        assert 'kleis_accounts{provider="codex",status="ok"} 1' in text
+        assert "kleis_usage_queue_depth 1" in text and "kleis_open_streams 0" in text

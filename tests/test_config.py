@@ -1,5 +1,6 @@
 """Configuration: TOML -> validated settings, one-line errors, generated config, provider loading."""
 
+import dataclasses
 import os
 import stat
 import textwrap
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import kleis
+import settings as config
 
 ROOT = Path(kleis.__file__).parent
 SECRET = "s" * 32
@@ -23,19 +25,19 @@ def write(tmp_path, text: str) -> Path:
 def test_example_config_is_valid_and_documents_every_option(tmp_path):
     example = (ROOT / "config.example.toml").read_text()
     path = write(tmp_path, example.replace('secret_key = ""', f'secret_key = "{SECRET}"'))
-    settings = kleis.load_settings(path, env={})
+    settings = config.load_settings(path, env={})
     loaded = kleis.load_providers(settings)
     assert sorted(loaded) == ["claude", "codex", "copilot"]
     raw = tomllib.loads(example)
     for name, provider in loaded.items():
         missing = set(provider.module.OPTIONS) - set(raw["providers"][name])
         assert not missing, f"config.example.toml lacks [providers.{name}] {missing}"
-    for section, cls in kleis.SECTIONS.items():
+    for section, cls in config.SECTIONS.items():
         documented = set(raw.get(section, {}))
-        assert documented == {f.name for f in kleis.dataclasses.fields(cls)}, section
+        assert documented == {f.name for f in dataclasses.fields(cls)}, section
     # The example's values are the defaults.
-    assert settings.server == kleis.ServerSettings()
-    assert settings.usage == kleis.UsageSettings()
+    assert settings.server == config.ServerSettings()
+    assert settings.usage == config.UsageSettings()
     for name, provider in loaded.items():
         assert provider.options == provider.module.OPTIONS, name
 
@@ -75,7 +77,7 @@ def test_missing_secret_and_not_toml(tmp_path, capsys):
 def test_env_overrides_secrets(tmp_path):
     path = write(tmp_path, '[admin]\ntoken = "file"\n')
     env = {"KLEIS_ADMIN_TOKEN": "from-env", "KLEIS_SECRET_KEY": SECRET, "KLEIS_DATABASE_URL": "sqlite:///other.db"}
-    settings = kleis.load_settings(path, env=env)
+    settings = config.load_settings(path, env=env)
     assert settings.admin.token == "from-env"
     assert settings.security.secret_key == SECRET
     assert settings.database.url == "sqlite:///other.db"
@@ -100,7 +102,7 @@ def test_init_creates_private_config_once(tmp_path, capsys):
 
 def test_sqlite_path_is_relative_to_the_config(tmp_path):
     path = write(tmp_path, f'[security]\nsecret_key = "{SECRET}"\n')
-    settings = kleis.load_settings(path, env={})
+    settings = config.load_settings(path, env={})
     assert settings.resolve("kleis.db") == tmp_path / "kleis.db"
 
 
@@ -121,7 +123,7 @@ def test_provider_from_plugins_dir_and_broken_contract(tmp_path, capsys):
         [providers.mine]
         entry = "mine"
     """)
-    loaded = kleis.load_providers(kleis.load_settings(path, env={}))
+    loaded = kleis.load_providers(config.load_settings(path, env={}))
     assert "mine" in loaded and loaded["mine"].module.ROUTES == {"/mine/v1/responses": "responses"}
     path.write_text(path.read_text() + '[providers.bad]\nentry = "broken"\n')
     assert kleis.main(["--config", str(path), "check"]) == 2
@@ -136,14 +138,14 @@ def test_duplicate_route_is_refused(tmp_path):
         [providers.codex2]
         entry = "codex"
     """)
-    with pytest.raises(kleis.ConfigError, match=r"route /openai/v1/responses is already served by codex"):
-        kleis.load_providers(kleis.load_settings(path, env={}))
+    with pytest.raises(config.ConfigError, match=r"route /openai/v1/responses is already served by codex"):
+        kleis.load_providers(config.load_settings(path, env={}))
 
 
 def test_secrets_are_masked_in_logs():
     line = ('refresh with {"refresh_token": "rt-abc.def", "access_token":"at-123"} key kleis_'
             + "a" * 32 + " Authorization: Bearer sk-ant-oat01-xyzxyzxyz gho_ABCDEFGHIJKLMN")
-    masked = kleis.mask_secrets(line)
+    masked = config.mask_secrets(line)
     for secret in ("rt-abc.def", "at-123", "a" * 32, "sk-ant-oat01", "gho_ABCDEFGHIJKLMN"):
         assert secret not in masked
     assert "***" in masked

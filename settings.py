@@ -1,0 +1,331 @@
+"""Kleis settings and secrets: the TOML config as validated frozen dataclasses, the generated
+first config, token encryption and log masking.
+
+A sibling of kleis.py rather than a section of it because it is pure (no I/O beyond reading
+and creating the config file, no Sanic, no database), it is tested on its own
+(tests/test_config.py), and it keeps kleis.py within its size budget. kleis.py re-exports
+every name used elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import secrets
+import sys
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken
+
+# ══ Settings ════════════════════════════════════════════════════════════════
+# TOML -> frozen dataclasses, validated once. Unknown keys and wrong types stop start-up with
+# `kleis: [section] key: problem` (exit 2). Secrets may come from the environment instead.
+
+
+class ConfigError(Exception):
+    """A problem in the configuration; main() prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8787
+    public_url: str = ""
+    trust_forwarded: bool = False
+    response_timeout: float = 900.0
+    first_byte_timeout: float = 300.0
+    idle_timeout: float = 300.0
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 25.0
+    max_body_mb: int = 32
+    metrics_token: str = ""
+    plugins_dir: str = ""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    secret_key: str = ""
+    admin_max_failures: int = 10
+    admin_lockout_seconds: int = 300
+    key_max_failures: int = 100
+    key_lockout_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///kleis.db"
+
+
+@dataclass(frozen=True)
+class UsageSettings:
+    flush_interval: float = 1.0
+    retention_days: int = 90
+
+
+@dataclass(frozen=True)
+class ModelsSettings:
+    source_url: str = "https://models.dev/api.json"
+    refresh_hours: float = 6.0
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    enabled: bool = True
+    entry: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AccountImport:
+    provider: str = ""
+    label: str = ""
+    auth_file: str = ""
+    access_token: str = ""
+    refresh_token: str = ""
+    expires_at: int = 0
+    account_id: str = ""
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    admin: AdminSettings = AdminSettings()
+    security: SecuritySettings = SecuritySettings()
+    database: DatabaseSettings = DatabaseSettings()
+    usage: UsageSettings = UsageSettings()
+    models: ModelsSettings = ModelsSettings()
+    providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
+    accounts: tuple[AccountImport, ...] = ()
+    base_dir: Path = Path(".")
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file's folder, ~ expanded."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+BUILTIN_PROVIDERS = ("codex", "claude", "copilot")
+SECTIONS = {
+    "server": ServerSettings,
+    "admin": AdminSettings,
+    "security": SecuritySettings,
+    "database": DatabaseSettings,
+    "usage": UsageSettings,
+    "models": ModelsSettings,
+}
+ENV_SECRETS = {
+    ("admin", "token"): "KLEIS_ADMIN_TOKEN",
+    ("security", "secret_key"): "KLEIS_SECRET_KEY",
+    ("database", "url"): "KLEIS_DATABASE_URL",
+}
+
+
+def check_value(where: str, key: str, value: Any, default: Any) -> Any:
+    """Type-check one option against its default; ints are accepted for floats."""
+    want = type(default)
+    if want is float and type(value) is int:
+        return float(value)
+    if type(value) is not want:
+        raise ConfigError(f"[{where}] {key}: must be {want.__name__}, got {type(value).__name__} {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise ConfigError(f"[{where}] {key}: must not be negative")
+    return value
+
+
+def build_table(cls: type, raw: Any, where: str) -> Any:
+    """Build settings dataclass `cls` from one TOML table."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{where}]: must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"[{where}] {key}: unknown key (known: {', '.join(fields)})")
+        values[key] = check_value(where, key, value, fields[key].default)
+    return cls(**values)
+
+
+def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the TOML config at `path` (provider options are checked later,
+    against each adapter's OPTIONS, by load_providers)."""
+    import tomllib
+
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (run `python kleis.py init`)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    known = {*SECTIONS, "providers", "accounts"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"[{key}]: unknown section (known: {', '.join(sorted(known))})")
+    tables = {}
+    for name, cls in SECTIONS.items():
+        table = dict(raw.get(name, {})) if isinstance(raw.get(name, {}), dict) else raw[name]
+        for (section, key), var in ENV_SECRETS.items():
+            if section == name and env.get(var):
+                table[key] = env[var]
+        tables[name] = build_table(cls, table, name)
+    raw_providers = raw.get("providers", {})
+    if not isinstance(raw_providers, dict):
+        raise ConfigError("[providers]: must be a table of [providers.<name>] tables")
+    provider_tables = {}
+    for name in dict.fromkeys([*BUILTIN_PROVIDERS, *raw_providers]):
+        table = raw_providers.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[providers.{name}]: must be a table")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ConfigError(f"[providers.{name}]: names are lower-case letters, digits and _")
+        enabled = check_value(f"providers.{name}", "enabled", table.get("enabled", True), True)
+        entry = check_value(f"providers.{name}", "entry", table.get("entry", name), "")
+        options = {k: v for k, v in table.items() if k not in ("enabled", "entry")}
+        provider_tables[name] = ProviderSettings(enabled=enabled, entry=entry or name, options=options)
+    raw_accounts = raw.get("accounts", [])
+    if not isinstance(raw_accounts, list):
+        raise ConfigError("[[accounts]]: must be an array of tables")
+    accounts = tuple(build_table(AccountImport, a, f"accounts.{i}") for i, a in enumerate(raw_accounts))
+    for i, account in enumerate(accounts):
+        if not account.provider:
+            raise ConfigError(f"[accounts.{i}] provider: required")
+        if not account.auth_file and not account.refresh_token:
+            raise ConfigError(f"[accounts.{i}]: give auth_file, or access_token + refresh_token")
+    settings = Settings(**tables, providers=provider_tables, accounts=accounts, base_dir=path.parent.resolve())
+    validate_settings(settings)
+    return settings
+
+
+def validate_settings(s: Settings) -> None:
+    if not (0 < s.server.port < 65536):
+        raise ConfigError("[server] port: must be 1-65535")
+    if s.server.public_url and not s.server.public_url.startswith(("http://", "https://")):
+        raise ConfigError("[server] public_url: must start with http:// or https://")
+    if not s.security.secret_key:
+        raise ConfigError("[security] secret_key: required (or set KLEIS_SECRET_KEY); `python kleis.py init` makes one")
+    if len(s.security.secret_key) < 16:
+        raise ConfigError("[security] secret_key: too short; use at least 16 random characters")
+    if not s.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError("[database] url: must start with sqlite:/// or postgresql://")
+    if s.usage.flush_interval <= 0:
+        raise ConfigError("[usage] flush_interval: must be greater than 0")
+    if s.server.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("[server] log_level: one of debug, info, warning, error")
+
+
+def write_new_config(path: Path) -> str:
+    """Create a config file with a random admin token and secret key (mode 0600); returns the
+    admin token so the caller can print it once. Never overwrites an existing file."""
+    import tomli_w
+
+    token = "kla_" + secrets.token_hex(24)
+    body = {
+        "admin": {"token": token},
+        "security": {"secret_key": secrets.token_urlsafe(32)},
+        "database": {"url": "sqlite:///kleis.db"},
+    }
+    header = (
+        "# Kleis configuration, generated on first start. Every option, with its default and a\n"
+        "# comment, is in config.example.toml; copy the ones you want to change into this file.\n"
+        "# Kleis never rewrites this file.\n\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(header + tomli_w.dumps(body))
+    return token
+
+
+# ══ Secrets ═════════════════════════════════════════════════════════════════
+# OAuth tokens are encrypted at rest; API keys are only ever stored as SHA-256; nothing secret
+# reaches a log line.
+
+SECRET_PATTERNS = [
+    re.compile(r"kleis_[0-9a-f]{8,}"),
+    re.compile(r"kla_[0-9a-f]{8,}"),
+    re.compile(r"kmd_[0-9a-f]{8,}"),
+    re.compile(r"(?i)(bearer\s+)[^\s\"']+"),
+    re.compile(r"(?i)(\"?(?:access|refresh|id)_?token\"?\s*[:=]\s*\"?)[^\s\"',]+"),
+    re.compile(r"\bgh[opsu]_[A-Za-z0-9]{8,}"),
+    re.compile(r"\bsk-ant-[A-Za-z0-9_-]{8,}"),
+]
+
+
+def mask_secrets(text: str) -> str:
+    for pattern in SECRET_PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
+    return text
+
+
+class MaskingFilter(logging.Filter):
+    """Masks keys and tokens in every record, whatever logged it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message)
+        if masked != message or record.exc_info:
+            record.msg, record.args = masked, None
+            if record.exc_info:
+                import traceback
+
+                record.msg += "\n" + mask_secrets("".join(traceback.format_exception(*record.exc_info)))
+                record.exc_info = None
+        return True
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(MaskingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("sanic.root", "sanic.error", "sanic.access", "sanic.server"):
+        sanic_logger = logging.getLogger(name)
+        sanic_logger.handlers[:] = []
+        sanic_logger.propagate = True
+
+
+class Vault:
+    """Encrypts OAuth tokens with a key derived from [security] secret_key (Fernet: AES-128-CBC
+    + HMAC-SHA256)."""
+
+    def __init__(self, secret: str):
+        key = base64.urlsafe_b64encode(hashlib.sha256(("kleis-vault:" + secret).encode()).digest())
+        self._fernet = Fernet(key)
+
+    def seal(self, text: str) -> str:
+        return self._fernet.encrypt(text.encode()).decode()
+
+    def open(self, sealed: str) -> str:
+        try:
+            return self._fernet.decrypt(sealed.encode()).decode()
+        except InvalidToken:
+            raise ConfigError("stored tokens cannot be decrypted: [security] secret_key changed "
+                              "(use `python kleis.py rotate-secret` to change it)") from None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    return "kleis_" + secrets.token_hex(16)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())

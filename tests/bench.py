@@ -1,0 +1,923 @@
+"""`make bench`: Kleis against the floor a Python proxy can reach (SPEC S15).
+
+Run:  .venv/bin/python tests/bench.py [--quick] [--duration S] [--no-slow]
+
+One run starts, each as its own process on 127.0.0.1 (random free ports):
+  * upstream: a fake Codex/Anthropic backend (raw asyncio protocol on uvloop, pre-rendered
+    bytes, so it is never the bottleneck); `x-bench-delay-ms: N` spaces the events N ms apart;
+  * bare:     the thinnest reasonable Sanic + aiohttp pass-through (one ClientSession, chunks
+    streamed through, no auth, no DB, no parsing);
+  * kleis:    `python kleis.py serve --config <tmp>/config.toml`, fresh SQLite DB, a Codex and
+    a Claude account imported and an API key created through the admin API.
+Each cell (workload x concurrency) is driven with wrk (apt-get install wrk) against direct
+upstream, bare and Kleis for the same fixed time after a warm-up; CPU per request comes from
+/proc/<pid>/stat (utime+stime) deltas of the proxy process. Then: Kleis start-up time, idle
+RSS, time to first byte at concurrency 1 (aiohttp client, direct/bare/Kleis interleaved),
+1,000 concurrent slow streams through Kleis (peak RSS, none dropped) and the usage counters in
+Kleis's SQLite DB against the requests the upstream received from Kleis.
+The table is printed and written to bench-results/latest.txt. Not collected by pytest.
+
+Internal entry points (used by the orchestrator): `bench.py _upstream PORT` and
+`bench.py _bare PORT UPSTREAM_URL`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+# ══ Payloads (shared by the fake upstream and the clients) ══════════════════
+
+WORDS = ("the quick brown fox jumps over a lazy dog while the proxy streams every token back "
+         "to its client without buffering anything it does not have to").split()
+
+
+def sse(kind: str, payload: dict) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload}, separators=(',', ':'))}\n\n".encode()
+
+
+def codex_events(model: str = "gpt-5.5") -> list[bytes]:
+    """A Responses stream of 50 events ending in response.completed with usage."""
+    rid, iid = "resp_bench0001", "msg_bench0001"
+    shell = {"id": rid, "object": "response", "created_at": 1767225600, "status": "in_progress",
+             "model": model, "output": [], "usage": None}
+    text = ""
+    out = [sse("response.created", {"sequence_number": 0, "response": shell}),
+           sse("response.in_progress", {"sequence_number": 1, "response": shell}),
+           sse("response.output_item.added", {"sequence_number": 2, "output_index": 0, "item": {
+               "id": iid, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
+           sse("response.content_part.added", {"sequence_number": 3, "item_id": iid, "output_index": 0,
+                                               "content_index": 0, "part": {"type": "output_text", "text": "",
+                                                                            "annotations": []}})]
+    for i in range(42):
+        delta = " " + WORDS[i % len(WORDS)]
+        text += delta
+        out.append(sse("response.output_text.delta", {"sequence_number": 4 + i, "item_id": iid, "output_index": 0,
+                                                      "content_index": 0, "delta": delta, "logprobs": []}))
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": iid, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    usage = {"input_tokens": 1200, "input_tokens_details": {"cached_tokens": 200}, "output_tokens": 42,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 1242}
+    out += [sse("response.output_text.done", {"sequence_number": 46, "item_id": iid, "output_index": 0,
+                                              "content_index": 0, "text": text, "logprobs": []}),
+            sse("response.content_part.done", {"sequence_number": 47, "item_id": iid, "output_index": 0,
+                                               "content_index": 0, "part": part}),
+            sse("response.output_item.done", {"sequence_number": 48, "output_index": 0, "item": item}),
+            sse("response.completed", {"sequence_number": 49, "response": {
+                **shell, "status": "completed", "output": [item], "usage": usage}})]
+    return out
+
+
+def codex_json(model: str = "gpt-5.5") -> bytes:
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(42))
+    return json.dumps({"id": "resp_bench0002", "object": "response", "created_at": 1767225600,
+                       "status": "completed", "model": model,
+                       "output": [{"id": "msg_bench0002", "type": "message", "status": "completed",
+                                   "role": "assistant",
+                                   "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                       "usage": {"input_tokens": 1200, "input_tokens_details": {"cached_tokens": 200},
+                                 "output_tokens": 42, "output_tokens_details": {"reasoning_tokens": 0},
+                                 "total_tokens": 1242}}, separators=(",", ":")).encode()
+
+
+def claude_events(model: str = "claude-sonnet-4-5") -> list[bytes]:
+    """A Messages stream of 50 events: text, a tool_use block named mcp_Shell, usage, stop."""
+    out = [sse("message_start", {"message": {
+        "id": "msg_bench0001", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 1200, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 200,
+                  "output_tokens": 1}}}),
+        sse("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        sse("ping", {})]
+    for i in range(39):
+        out.append(sse("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
+                                                                     "text": " " + WORDS[i % len(WORDS)]}}))
+    out += [sse("content_block_stop", {"index": 0}),
+            sse("content_block_start", {"index": 1, "content_block": {
+                "type": "tool_use", "id": "toolu_bench0001", "name": "mcp_Shell", "input": {}}})]
+    for piece in ('{"command":', ' "ls -la', ' /tmp"}'):
+        out.append(sse("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta",
+                                                                     "partial_json": piece}}))
+    out += [sse("content_block_stop", {"index": 1}),
+            sse("message_delta", {"delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                                  "usage": {"output_tokens": 57}}),
+            sse("message_stop", {})]
+    return out
+
+
+def claude_json(model: str = "claude-sonnet-4-5") -> bytes:
+    return json.dumps({"id": "msg_bench0002", "type": "message", "role": "assistant", "model": model,
+                       "content": [{"type": "text", "text": "ok"},
+                                   {"type": "tool_use", "id": "toolu_bench0002", "name": "mcp_Shell",
+                                    "input": {"command": "ls"}}],
+                       "stop_reason": "tool_use", "stop_sequence": None,
+                       "usage": {"input_tokens": 1200, "cache_read_input_tokens": 200, "output_tokens": 57}},
+                      separators=(",", ":")).encode()
+
+
+INSTRUCTIONS = ("You are a coding agent running in a terminal. " * 40).strip()
+
+
+def client_body(provider: str, stream: bool) -> bytes:
+    """A moderate (~4 KB) agent request, compact JSON."""
+    if provider == "codex":
+        body = {"model": "gpt-5.5", "instructions": INSTRUCTIONS, "stream": stream, "store": False,
+                "prompt_cache_key": "bench-session-1",
+                "input": [{"role": "user", "content": [{"type": "input_text", "text": "List the files in /tmp."}]},
+                          {"role": "assistant", "content": [{"type": "output_text", "text": "Sure. " * 50}]},
+                          {"role": "user", "content": [{"type": "input_text", "text": "And now in /var."}]}],
+                "tools": [{"type": "function", "name": "shell", "description": "Run a shell command",
+                           "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
+                                          "required": ["command"]}}],
+                "reasoning": {"effort": "medium"}, "include": ["reasoning.encrypted_content"]}
+    else:
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": stream,
+                "system": [{"type": "text", "text": INSTRUCTIONS}],
+                "metadata": {"user_id": "user_abc_account_def_session_bench-session-1"},
+                "messages": [{"role": "user", "content": "List the files in /tmp."},
+                             {"role": "assistant", "content": "Sure. " * 50},
+                             {"role": "user", "content": "And now in /var."}],
+                "tools": [{"name": "Shell", "description": "Run a shell command",
+                           "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
+                                            "required": ["command"]}}]}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+# ══ Fake upstream (its own process) ═════════════════════════════════════════
+# A minimal HTTP/1.1 server: Content-Length request bodies, keep-alive, pipelining-safe.
+# Counts requests per `x-bench-tag` (GET /_stats) so usage can be checked exactly.
+
+STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
+
+
+def _json_reply(body: bytes, status: str = "200 OK") -> bytes:
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+            .encode() + body)
+
+
+class Replies:
+    def __init__(self) -> None:
+        self.events = {"codex": codex_events(), "claude": claude_events()}
+        # Fast mode: headers and the whole stream (in 5 HTTP chunks of 10 events) in one write.
+        self.fast = {name: SSE_HEAD + b"".join(_chunk(b"".join(ev[i:i + 10])) for i in range(0, len(ev), 10))
+                     + b"0\r\n\r\n" for name, ev in self.events.items()}
+        self.json = {"codex": _json_reply(codex_json()), "claude": _json_reply(claude_json())}
+        self.chunks = {name: [_chunk(e) for e in ev] for name, ev in self.events.items()}
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    replies: Replies
+    stats: dict
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.busy = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.process()
+
+    def process(self) -> None:
+        while not self.busy and self.transport is not None:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            lines = bytes(self.buf[:end]).split(b"\r\n")
+            try:
+                method, target, _ = lines[0].split(b" ", 2)
+            except ValueError:
+                self.transport.close()
+                return
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            if b"chunked" in headers.get(b"transfer-encoding", b""):
+                self.transport.write(_json_reply(b'{"error":"chunked request bodies unsupported"}', "400 Bad Request"))
+                self.transport.close()
+                return
+            length = int(headers.get(b"content-length", b"0") or 0)
+            if len(self.buf) < end + 4 + length:
+                return
+            body = bytes(self.buf[end + 4:end + 4 + length])
+            del self.buf[:end + 4 + length]
+            self.handle(method, target.split(b"?", 1)[0], headers, body)
+
+    def handle(self, method: bytes, path: bytes, headers: dict, body: bytes) -> None:
+        t = self.transport
+        if method == b"GET" and path == b"/_stats":
+            t.write(_json_reply(json.dumps(self.stats).encode()))
+            return
+        if method == b"GET" and path == b"/healthz":
+            t.write(_json_reply(b'{"ok":true}'))
+            return
+        if method != b"POST" or path not in (b"/responses", b"/v1/messages"):
+            t.write(_json_reply(b'{"error":"not found"}', "404 Not Found"))
+            return
+        provider = "codex" if path == b"/responses" else "claude"
+        tag = headers.get(b"x-bench-tag", b"untagged").decode()
+        key = f"{tag}:{provider}"
+        self.stats[key] = self.stats.get(key, 0) + 1
+        if not STREAM_TRUE.search(body):
+            t.write(self.replies.json[provider])
+            return
+        delay = int(headers.get(b"x-bench-delay-ms", b"0") or 0)
+        if delay <= 0:
+            t.write(self.replies.fast[provider])
+            return
+        self.busy = True
+        asyncio.get_running_loop().create_task(self.slow(provider, delay / 1000))
+
+    async def slow(self, provider: str, delay: float) -> None:
+        t = self.transport
+        t.write(SSE_HEAD)
+        for chunk in self.replies.chunks[provider]:
+            await asyncio.sleep(delay)
+            if t.is_closing():
+                return
+            t.write(chunk)
+        t.write(b"0\r\n\r\n")
+        self.busy = False
+        self.process()
+
+
+def run_upstream(port: int) -> None:
+    import uvloop
+
+    UpstreamProtocol.replies = Replies()
+    UpstreamProtocol.stats = {}
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(UpstreamProtocol, "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(main())
+
+
+# ══ Bare pass-through (its own process) ═════════════════════════════════════
+
+HOP_BY_HOP = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                        "upgrade", "accept-encoding", "authorization", "x-api-key", "expect"})
+
+
+def run_bare(port: int, upstream: str) -> None:
+    import aiohttp
+    from sanic import Sanic
+
+    app = Sanic("bare_passthrough", configure_logging=False)
+    app.config.ACCESS_LOG = False
+    app.config.AUTO_EXTEND = False
+    app.config.KEEP_ALIVE_TIMEOUT = 75
+    targets = {"/openai/v1/responses": upstream + "/responses",
+               "/anthropic/v1/messages": upstream + "/v1/messages?beta=true"}
+
+    @app.before_server_start
+    async def start(app, _loop=None):
+        app.ctx.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+
+    @app.after_server_stop
+    async def stop(app, _loop=None):
+        await app.ctx.http.close()
+
+    async def passthrough(request):
+        headers = {k: v for k, v in request.headers.items() if k not in HOP_BY_HOP}
+        headers["authorization"] = "Bearer upstream-token"
+        resp = await app.ctx.http.post(targets[request.path], data=request.body, headers=headers)
+        try:
+            out = await request.respond(status=resp.status, headers={
+                "content-type": resp.headers.get("content-type", "application/octet-stream")})
+            async for chunk in resp.content.iter_any():
+                await out.send(chunk)
+            await out.eof()
+        finally:
+            resp.release()
+        return None  # Sanic 25 logs an error when a handler returns a response it already sent
+
+    for path in targets:
+        app.add_route(passthrough, path, methods=["POST"], name=path.strip("/").replace("/", "_"))
+    app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
+
+
+# ══ Orchestration helpers ═══════════════════════════════════════════════════
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the bench process dies (even on SIGKILL)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Procs:
+    """Every child we start; stopped in reverse order, always."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], log: Path, **kw) -> subprocess.Popen:
+        out = open(log, "wb")
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent, start_new_session=True, **kw)
+        out.close()
+        self.items.append((name, proc))
+        return proc
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.items):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 8
+        for _, proc in reversed(self.items):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        self.items.clear()
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows: connections dropped because an accept queue was full."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for head, vals in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            return int(dict(zip(head.split(), vals.split(), strict=False)).get("ListenOverflows", 0))
+    return 0
+
+
+def rss_kb(pid: int, field_name: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> float:
+    """Seconds until `url` answers 200; fails with the log tail if the process exits."""
+    start = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            status, _ = http_get(url, timeout=0.5)
+            if status == 200:
+                return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"{url}: not up after {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.005)
+
+
+# ══ Load: wrk ═══════════════════════════════════════════════════════════════
+
+
+@dataclass
+class Target:
+    name: str  # direct | bare | kleis
+    base: str
+    pid: int | None  # the process whose CPU is charged (None: direct)
+    auth: str = ""
+
+    def path(self, provider: str) -> str:
+        if self.name == "direct":
+            return "/responses" if provider == "codex" else "/v1/messages"
+        return "/openai/v1/responses" if provider == "codex" else "/anthropic/v1/messages"
+
+
+@dataclass
+class Cell:
+    name: str
+    provider: str
+    stream: bool
+    delay_ms: int = 0
+    targets: tuple[str, ...] = ("direct", "bare", "kleis")
+
+
+@dataclass
+class Result:
+    cell: str
+    conc: int
+    target: str
+    requests: int = 0
+    rps: float = 0.0
+    p50: float = 0.0  # ms
+    p99: float = 0.0
+    non2xx: int = 0
+    errors: int = 0
+    cpu_ms_per_req: float | None = None
+    proxy_cpu_pct: float | None = None
+    upstream_cpu_pct: float = 0.0
+    wrk_cpu_pct: float = 0.0
+    machine_pct: float = 0.0  # whole machine busy, 100 = every core
+    overflows: int = 0
+
+
+UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def parse_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    return float(m.group(1)) * UNIT_MS[m.group(2)] if m else float("nan")
+
+
+class Wrk:
+    def __init__(self, tmp: Path, upstream_pid: int) -> None:
+        self.tmp = tmp
+        self.upstream_pid = upstream_pid
+        self.binary = shutil.which("wrk")
+        if not self.binary:
+            raise SystemExit("wrk not found: apt-get install -y wrk")
+        self.scripts: dict[tuple, Path] = {}
+
+    def script(self, target: Target, cell: Cell) -> Path:
+        key = (target.name, cell.name)
+        if key not in self.scripts:
+            body = self.tmp / f"body-{cell.provider}-{int(cell.stream)}.json"
+            body.write_bytes(client_body(cell.provider, cell.stream))
+            headers = {"Content-Type": "application/json", "x-bench-tag": target.name}
+            if target.auth:
+                headers["Authorization"] = f"Bearer {target.auth}"
+            if cell.provider == "claude":
+                headers["anthropic-version"] = "2023-06-01"
+            if cell.delay_ms:
+                headers["x-bench-delay-ms"] = str(cell.delay_ms)
+            lua = [f'local f = io.open("{body}", "rb")', "wrk.body = f:read(\"*a\")", "f:close()",
+                   'wrk.method = "POST"']
+            lua += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+            path = self.tmp / f"wrk-{target.name}-{cell.name}.lua"
+            path.write_text("\n".join(lua) + "\n")
+            self.scripts[key] = path
+        return self.scripts[key]
+
+    def run(self, target: Target, cell: Cell, conc: int, seconds: float) -> Result:
+        url = target.base + target.path(cell.provider)
+        argv = [self.binary, "-t", "1", "-c", str(conc), "-d", f"{int(seconds)}s", "--timeout", "30s", "--latency",
+                "-s", str(self.script(target, cell)), url]
+        t_proxy = cpu_ticks(target.pid) if target.pid else 0
+        t_up = cpu_ticks(self.upstream_pid)
+        m_busy, m_total = machine_ticks()
+        ovf = listen_overflows()
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        try:
+            output = proc.stdout.read().decode(errors="replace")
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.monotonic() - start
+        res = Result(cell.name, conc, target.name)
+        busy, total = machine_ticks()
+        res.machine_pct = 100 * (busy - m_busy) / max(total - m_total, 1)
+        res.overflows = listen_overflows() - ovf
+        if proc.returncode != 0 or "requests in" not in output:
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {' '.join(argv)}\n{output}")
+        m = re.search(r"(\d+) requests in ([\d.]+)(\w+)", output)
+        res.requests = int(m.group(1))
+        m = re.search(r"Requests/sec:\s+([\d.]+)", output)
+        res.rps = float(m.group(1))
+        for pct, attr in (("50", "p50"), ("99", "p99")):
+            m = re.search(rf"^\s+{pct}%\s+(\S+)", output, re.M)
+            setattr(res, attr, parse_ms(m.group(1)) if m else float("nan"))
+        m = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+        res.non2xx = int(m.group(1)) if m else 0
+        m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+        res.errors = sum(int(g) for g in m.groups()) if m else 0
+        if target.pid:
+            ticks = cpu_ticks(target.pid) - t_proxy
+            res.cpu_ms_per_req = ticks * 1000 / CLK_TCK / max(res.requests, 1)
+            res.proxy_cpu_pct = 100 * ticks / CLK_TCK / wall
+        res.upstream_cpu_pct = 100 * (cpu_ticks(self.upstream_pid) - t_up) / CLK_TCK / wall
+        res.wrk_cpu_pct = 100 * (usage.ru_utime + usage.ru_stime) / wall
+        return res
+
+
+# ══ Async phases (aiohttp client in this process) ═══════════════════════════
+
+
+async def kleis_setup(base: str, admin: str) -> str:
+    import aiohttp
+
+    hdr = {"Authorization": f"Bearer {admin}"}
+    expires = int(time.time() * 1000) + 7 * 86_400_000
+    async with aiohttp.ClientSession() as http:
+        for provider, account in (("codex", "acct_bench"), ("claude", None)):
+            payload = {"accessToken": f"{provider}-access-{secrets.token_hex(8)}",
+                       "refreshToken": f"{provider}-refresh-{secrets.token_hex(8)}",
+                       "expiresAt": expires, "accountId": account, "label": f"bench-{provider}"}
+            async with http.post(f"{base}/admin/accounts/{provider}/import", json=payload, headers=hdr) as r:
+                if r.status != 201:
+                    raise RuntimeError(f"account import {provider}: {r.status} {await r.text()}")
+        async with http.post(f"{base}/admin/keys", json={"label": "bench"}, headers=hdr) as r:
+            if r.status != 201:
+                raise RuntimeError(f"key create: {r.status} {await r.text()}")
+            return (await r.json())["key"]["key"]
+
+
+def request_headers(target: Target, provider: str, delay_ms: int = 0) -> dict:
+    headers = {"Content-Type": "application/json", "x-bench-tag": target.name}
+    if target.auth:
+        headers["Authorization"] = f"Bearer {target.auth}"
+    if provider == "claude":
+        headers["anthropic-version"] = "2023-06-01"
+    if delay_ms:
+        headers["x-bench-delay-ms"] = str(delay_ms)
+    return headers
+
+
+async def smoke(targets: list[Target]) -> list[str]:
+    """One request per target and workload: status 200, terminal event, tool name restored."""
+    import aiohttp
+
+    problems = []
+    async with aiohttp.ClientSession() as http:
+        for t in targets:
+            for provider, stream in (("codex", True), ("claude", True), ("codex", False)):
+                async with http.post(t.base + t.path(provider), data=client_body(provider, stream),
+                                     headers=request_headers(t, provider)) as r:
+                    body = await r.read()
+                    if r.status != 200:
+                        problems.append(f"{t.name} {provider} stream={stream}: HTTP {r.status} {body[:300]!r}")
+                        continue
+                    if stream:
+                        terminal = b"response.completed" if provider == "codex" else b"message_stop"
+                        if terminal not in body:
+                            problems.append(f"{t.name} {provider}: no terminal event")
+                    if provider == "claude" and t.name == "kleis" and b'"name":"Shell"' not in body:
+                        problems.append("kleis claude: tool name mcp_Shell was not restored to Shell")
+    return problems
+
+
+async def ttfb(targets: list[Target], n: int) -> dict[str, list[float]]:
+    """Time to the first body bytes of a Codex stream, concurrency 1, targets interleaved."""
+    import aiohttp
+
+    out: dict[str, list[float]] = {t.name: [] for t in targets}
+    body = client_body("codex", True)
+    async with aiohttp.ClientSession() as http:
+        for i in range(n + 20):
+            for t in targets:
+                url, headers = t.base + t.path("codex"), request_headers(t, "codex")
+                start = time.perf_counter()
+                async with http.post(url, data=body, headers=headers) as r:
+                    await r.content.readany()
+                    first = time.perf_counter() - start
+                    await r.read()
+                if i >= 20:  # warm-up
+                    out[t.name].append(first * 1000)
+    return out
+
+
+async def slow_streams(target: Target, pid: int, count: int, delay_ms: int) -> dict:
+    """`count` simultaneous slow streams through Kleis; peak RSS and how many finished whole."""
+    import aiohttp
+
+    peak = rss_kb(pid)
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, rss_kb(pid))
+            await asyncio.sleep(0.05)
+
+    results = {"ok": 0, "no_terminal": 0, "status": 0, "error": 0}
+    errors: list[str] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120, sock_connect=30)
+    half = count // 2
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        async def one(i: int) -> None:
+            provider = "codex" if i < half else "claude"
+            terminal = b"response.completed" if provider == "codex" else b"message_stop"
+            try:
+                async with http.post(target.base + target.path(provider), data=client_body(provider, True),
+                                     headers=request_headers(target, provider, delay_ms)) as r:
+                    body = await r.read()
+                    if r.status != 200:
+                        results["status"] += 1
+                        errors.append(f"HTTP {r.status} {body[:200]!r}")
+                    elif terminal in body:
+                        results["ok"] += 1
+                    else:
+                        results["no_terminal"] += 1
+            except Exception as exc:
+                results["error"] += 1
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        sampler = asyncio.create_task(sample())
+        start = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(count)))
+        elapsed = time.monotonic() - start
+        stop.set()
+        await sampler
+    return {**results, "peak_rss_kb": max(peak, 0), "hwm_kb": rss_kb(pid, "VmHWM"), "elapsed": elapsed,
+            "errors": errors[:5]}
+
+
+# ══ Report ══════════════════════════════════════════════════════════════════
+
+
+def fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(results: list[Result]) -> list[str]:
+    lines = []
+    head = (f"{'cell':<14} {'c':>4} {'target':<7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+            f"{'cpu ms/req':>10} {'proxy%':>6} {'up%':>4} {'wrk%':>4} {'mach%':>5} {'ovf':>4} {'err':>4}   kleis/bare")
+    lines += [head, "-" * len(head)]
+    by_cell: dict[tuple, dict[str, Result]] = {}
+    for r in results:
+        by_cell.setdefault((r.cell, r.conc), {})[r.target] = r
+    for (cell, conc), group in by_cell.items():
+        direct = group.get("direct")
+        for name in ("direct", "bare", "kleis"):
+            r = group.get(name)
+            if r is None:
+                continue
+            added = r.p50 - direct.p50 if direct and name != "direct" else None
+            note = ""
+            if name == "kleis" and "bare" in group:
+                b = group["bare"]
+                thr = r.rps / b.rps if b.rps else float("nan")
+                cpu = (r.cpu_ms_per_req / b.cpu_ms_per_req) if b.cpu_ms_per_req else float("nan")
+                ok = "ok" if thr >= 0.85 and cpu <= 1.2 else "MISS"
+                note = f"thr {thr:.2f}x  cpu {cpu:.2f}x  {ok}"
+            lines.append(f"{cell:<14} {conc:>4} {name:<7} {r.rps:>8.0f} {r.p50:>8.2f} {r.p99:>8.2f} "
+                         f"{fmt(added):>8} {fmt(r.cpu_ms_per_req, '.3f'):>10} {fmt(r.proxy_cpu_pct, '.0f'):>6} "
+                         f"{r.upstream_cpu_pct:>4.0f} {r.wrk_cpu_pct:>4.0f} {r.machine_pct:>5.0f} {r.overflows:>4} "
+                         f"{r.non2xx + r.errors:>4}   {note}")
+        lines.append("")
+    return lines
+
+
+# ══ Main ════════════════════════════════════════════════════════════════════
+
+
+def raise_fd_limit(want: int = 65536) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def write_kleis_config(path: Path, port: int, db: Path, upstream: str) -> str:
+    import tomli_w
+
+    admin = "kla_" + secrets.token_hex(16)
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+        "admin": {"token": admin},
+        "security": {"secret_key": secrets.token_urlsafe(24)},
+        "database": {"url": f"sqlite:///{db}"},
+        "usage": {"flush_interval": 1.0},
+        "models": {"source_url": "", "refresh_hours": 0.0},
+        "providers": {
+            "codex": {"api_url": upstream, "auth_url": upstream, "usage_url": upstream},
+            "claude": {"api_url": upstream, "token_url": upstream + "/v1/oauth/token",
+                       "usage_url": upstream + "/api/oauth/usage"},
+            "copilot": {"enabled": False},
+        },
+    }
+    path.write_text(tomli_w.dumps(config))
+    return admin
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short cells (~90 s in all)")
+    parser.add_argument("--duration", type=float, help="seconds per measured cell")
+    parser.add_argument("--no-slow", action="store_true", help="skip the 1,000 slow streams check")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DB)")
+    args = parser.parse_args()
+    quick = args.quick
+    duration = max(1, round(args.duration or (2 if quick else 5)))  # wrk takes whole seconds
+    warmup = 1
+    concs = (1, 128) if quick else (1, 32, 128)
+    cells = [Cell("codex-stream", "codex", True), Cell("claude-stream", "claude", True),
+             Cell("codex-json", "codex", False), Cell("codex-slow10ms", "codex", True, delay_ms=10)]
+    slow_count, slow_delay = 1000, (100 if quick else 200)  # 50 events: ~5 s / ~10 s streams
+    fd_limit = raise_fd_limit()
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    tmp = Path(tempfile.mkdtemp(prefix="kleis-bench-"))
+    procs = Procs()
+    out_lines: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        out_lines.append(line)
+
+    failures: list[str] = []
+    t0 = time.monotonic()
+    try:
+        # ── processes ──
+        up_port, bare_port, kleis_port = free_port(), free_port(), free_port()
+        upstream = f"http://127.0.0.1:{up_port}"
+        up = procs.start("upstream", [PY, __file__, "_upstream", str(up_port)], tmp / "upstream.log")
+        wait_http(upstream + "/healthz", up, 10, tmp / "upstream.log")
+        bare = procs.start("bare", [PY, __file__, "_bare", str(bare_port), upstream], tmp / "bare.log", cwd=ROOT)
+        config = tmp / "config.toml"
+        admin = write_kleis_config(config, kleis_port, tmp / "kleis.db", upstream)
+        kleis_start = time.monotonic()
+        kleis = procs.start("kleis", [PY, str(ROOT / "kleis.py"), "serve", "--config", str(config)],
+                            tmp / "kleis.log", cwd=ROOT)
+        startup = wait_http(f"http://127.0.0.1:{kleis_port}/healthz", kleis, 30, tmp / "kleis.log")
+        startup = time.monotonic() - kleis_start
+        _wait_port(bare_port, bare, tmp / "bare.log")
+        kleis_base = f"http://127.0.0.1:{kleis_port}"
+        key = asyncio.run(kleis_setup(kleis_base, admin))
+        time.sleep(1.0)
+        idle_rss = rss_kb(kleis.pid)
+        targets = {"direct": Target("direct", upstream, None),
+                   "bare": Target("bare", f"http://127.0.0.1:{bare_port}", bare.pid),
+                   "kleis": Target("kleis", kleis_base, kleis.pid, auth=key)}
+        problems = asyncio.run(smoke(list(targets.values())))
+        if problems:
+            raise RuntimeError("smoke test failed:\n  " + "\n  ".join(problems))
+
+        say(f"Kleis bench  {time.strftime('%Y-%m-%d %H:%M:%S')}  mode={'quick' if quick else 'full'}  "
+            f"cell={duration:g}s (+{warmup:g}s warm-up)  cores={os.cpu_count()}  wrk -t1  fd limit={fd_limit}")
+        say(f"Python {sys.version.split()[0]}; upstream: raw asyncio/uvloop fake; bare: Sanic+aiohttp pass-through; "
+            f"request body ~{len(client_body('codex', True)) // 1024} KB; streams: 50 events")
+        say()
+
+        # ── 1,000 slow streams first: the peak RSS then belongs to them ──
+        slow = None
+        if not args.no_slow:
+            slow = asyncio.run(slow_streams(targets["kleis"], kleis.pid, slow_count, slow_delay))
+
+        # ── TTFB at concurrency 1 ──
+        tt = asyncio.run(ttfb(list(targets.values()), 100 if quick else 300))
+
+        # ── load cells ──
+        wrk = Wrk(tmp, up.pid)
+        results: list[Result] = []
+        for cell in cells:
+            for conc in concs:
+                if cell.delay_ms and conc == 1:
+                    continue
+                if cell.delay_ms and quick and conc != 128:
+                    continue
+                for name in cell.targets:
+                    t = targets[name]
+                    wrk.run(t, cell, conc, warmup)
+                    r = wrk.run(t, cell, conc, duration)
+                    results.append(r)
+                    print(f"  {cell.name:<14} c={conc:<4} {name:<7} {r.rps:8.0f} req/s  p50 {r.p50:7.2f} ms  "
+                          f"cpu {fmt(r.cpu_ms_per_req, '.3f')} ms/req", flush=True)
+        print()
+
+        # ── report ──
+        for line in table(results):
+            say(line)
+        say("columns: +p50 = p50 minus direct-to-upstream p50; cpu ms/req = proxy process utime+stime / "
+            "completed requests; proxy%/up%/wrk% = CPU of proxy / fake upstream / wrk over the cell")
+        say()
+        tb = {k: statistics.median(v) for k, v in tt.items()}
+        t99 = {k: sorted(v)[int(len(v) * 0.99) - 1] for k, v in tt.items()}
+        say(f"TTFB c=1 (codex stream, first body bytes, n={len(tt['kleis'])}): "
+            + "  ".join(f"{k} p50 {tb[k]:.3f} ms p99 {t99[k]:.3f} ms" for k in tt)
+            + f"   kleis-bare p50 overhead {tb['kleis'] - tb['bare']:+.3f} ms "
+            + ("ok" if tb["kleis"] - tb["bare"] <= 1.0 else "MISS") + " (target <= 1 ms)")
+        say(f"Kleis start-up to first /healthz: {startup:.2f} s " + ("ok" if startup <= 2 else "MISS") + " (target <= 2 s)")
+        say(f"Kleis idle RSS after start-up: {idle_rss / 1024:.1f} MB " + ("ok" if idle_rss <= 80 * 1024 else "MISS")
+            + " (target <= 80 MB)")
+        if slow:
+            dropped = slow_count - slow["ok"]
+            say(f"{slow_count} concurrent slow streams through Kleis (50 events x {slow_delay} ms, half codex, half "
+                f"claude): {slow['ok']} completed with terminal event, {dropped} dropped "
+                f"(status {slow['status']}, no terminal {slow['no_terminal']}, errors {slow['error']}) in "
+                f"{slow['elapsed']:.1f} s; peak RSS {slow['peak_rss_kb'] / 1024:.1f} MB (VmHWM "
+                f"{slow['hwm_kb'] / 1024:.1f} MB) " + ("ok" if dropped == 0 and slow["peak_rss_kb"] <= 200 * 1024
+                                                    else "MISS") + " (target <= 200 MB, none dropped)")
+            for e in slow["errors"]:
+                say(f"    e.g. {e}")
+        say(f"Kleis RSS after all load: {rss_kb(kleis.pid) / 1024:.1f} MB")
+
+        # ── usage counts ──
+        time.sleep(2.5)  # > 2 flush intervals
+        stats = json.loads(http_get(upstream + "/_stats", 5)[1])
+        upstream_from_kleis = sum(v for k, v in stats.items() if k.startswith("kleis:"))
+        with contextlib.closing(sqlite3.connect(f"file:{tmp / 'kleis.db'}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT SUM(request_count), SUM(success_count), SUM(cancelled_count), "
+                             "SUM(incomplete_count), SUM(server_error_count) + SUM(client_error_count) "
+                             "+ SUM(auth_error_count) + SUM(rate_limit_count) FROM request_usage_buckets").fetchone()
+        req_count, success, cancelled, incomplete, errors = (v or 0 for v in row)
+        ok = req_count == upstream_from_kleis
+        say(f"usage counts: SUM(request_count)={req_count} vs requests the upstream got from Kleis="
+            f"{upstream_from_kleis}: {'OK' if ok else 'MISMATCH'}  (success {success}, cancelled at run ends "
+            f"{cancelled}, incomplete {incomplete}, errors {errors})")
+        if not ok:
+            failures.append("usage counts")
+        say(f"total bench time {time.monotonic() - t0:.0f} s; logs in {tmp}" if args.keep else
+            f"total bench time {time.monotonic() - t0:.0f} s")
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping processes", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if out_lines:
+            results_dir = ROOT / "bench-results"
+            results_dir.mkdir(exist_ok=True)
+            (results_dir / "latest.txt").write_text("\n".join(out_lines) + "\n")
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failures else 0
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 20) -> None:
+    start = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"port {port}: process exited:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"port {port}: nothing listening after {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
+        run_upstream(int(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_bare":
+        run_bare(int(sys.argv[2]), sys.argv[3])
+    else:
+        sys.exit(main())
