@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import sys
 import time
 from collections import OrderedDict
@@ -759,6 +760,7 @@ class AccountPool:
 
     def cool_down(self, account: AccountState, cooldown: Cooldown, reason: str) -> None:
         """Rest an account after a 429/5xx/connection failure (in memory now, in the DB soon)."""
+        account = self.accounts.get(account.id, account)  # a refresh attempt may have replaced the caller's copy
         now = self.now()
         seconds = bounded_cooldown(cooldown.seconds)
         account.cooldown_until = now + int(seconds * 1000)
@@ -788,7 +790,14 @@ class AccountPool:
             current = self.accounts.get(account.id, account)
             if self._fresh_enough(current, force, seen_token, skew):
                 return current
-            return await self._refresh_with_lease(current, force, seen_token, skew)
+            if not force and current.access_token != account.access_token and current.expires_at > self.now():
+                return current  # refreshed while we waited for the lock: one refresh serves every waiter
+            # A client that goes away must not cancel a refresh half-way: the provider may have
+            # rotated the refresh token already, and the DB lease would stay taken for a minute.
+            task = asyncio.get_running_loop().create_task(self._refresh_with_lease(current, force, seen_token, skew))
+            self._background.add(task)
+            task.add_done_callback(lambda t: self._background.discard(t) or t.cancelled() or t.exception())
+            return await asyncio.shield(task)
 
     def _fresh_enough(self, account: AccountState, force: bool, seen_token: str | None, skew: int) -> bool:
         if force:
@@ -1484,12 +1493,19 @@ class Proxy:
             problem = None
             while True:
                 now = loop.time()
-                wait = min(settings.idle_timeout - (now - silent_since), deadline - now)
-                if keepalive is not None:
-                    wait = min(wait, keepalive)
+                if now >= deadline:
+                    problem = f"the response took longer than {settings.response_timeout:g} s"
+                    break
                 try:
-                    async with asyncio.timeout(max(wait, 0.001)):
-                        chunk = await content.readany()
+                    # Bytes already buffered are taken without arming a timer (the common case
+                    # under load); only a real wait gets the idle/keepalive/total deadline.
+                    chunk = content.read_nowait()
+                    if not chunk and not content.at_eof():
+                        wait = min(settings.idle_timeout - (now - silent_since), deadline - now)
+                        if keepalive is not None:
+                            wait = min(wait, keepalive)
+                        async with asyncio.timeout(max(wait, 0.001)):
+                            chunk = await content.readany()
                 except TimeoutError:
                     now = loop.time()
                     if now >= deadline:
@@ -1522,6 +1538,9 @@ class Proxy:
                             outcome.model, problem)
                 if transformer.is_sse:
                     await out.send(transformer.error_event(f"Kleis: {problem}"))
+                else:  # a JSON body has no error event: break the connection so the cut shows
+                    request.transport.abort()
+                    return None
             await out.eof()
         except asyncio.CancelledError:
             outcome.cancelled = True
@@ -1862,6 +1881,9 @@ async def import_tokens(services: Services, provider: Provider, body: dict) -> l
         found = provider.module.import_auth(provider.ctx, content)
         if not found:
             raise bad_request(f"no {provider.name} account found in authFile")
+        for tokens in found:  # an unknown owner is matched by the refresh token, so re-imports update
+            if tokens.account_id is None:
+                tokens.account_id = "rt:" + hashlib.sha256(tokens.refresh_token.encode()).hexdigest()[:24]
         return [await services.pool.upsert(provider.name, t, label=label, priority=priority) for t in found]
     for name in ("accessToken", "refreshToken"):
         if not isinstance(body.get(name), str) or not body[name].strip():
@@ -2245,6 +2267,18 @@ async def import_config_accounts(services: Services) -> None:
             if current is not None and current.expires_at >= tokens.expires_at:
                 continue
             await services.pool.upsert(provider.name, tokens, label=entry.label or None, priority=entry.priority)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server socket, with TCP_NODELAY (inherited by every accepted connection): Sanic
+    writes a response's head and body separately, and Nagle's algorithm would hold the body
+    back until the client's delayed ACK, about 40 ms per request."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def error_style_for(services: Services, path: str) -> str:
@@ -2667,7 +2701,11 @@ def main(argv: list[str] | None = None) -> int:
         port = getattr(args, "port", None) or settings.server.port
         app = create_app(settings)
         log.info("Kleis %s on http://%s:%d (config %s)", VERSION, host, port, path)
-        app.run(host=host, port=port, single_process=True, access_log=False, motd=False)
+        try:
+            sock = listening_socket(host, port)
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        app.run(sock=sock, backlog=1024, single_process=True, access_log=False, motd=False)
         return 0
     except ConfigError as exc:
         print(f"kleis: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 
 from . import Usage
-from ._sse import EventSplitter, event_json, is_sse, sse_frame, to_int
+from ._sse import EventSplitter, event_json, is_sse, split_events, sse_frame, to_int
 
 # Responses API: events that end a response (and carry its usage).
 RESPONSES_TERMINAL = re.compile(
@@ -69,13 +69,20 @@ class OpenAIStream:
             return chunk
         # Only whole events go out: a keepalive or a closing error event can then never land
         # inside an event, and a cut stream never leaves half a JSON line at the client.
-        events = list(self._splitter.feed(chunk))
-        for event in events:
-            self._inspect(event)
-        self.at_boundary = True
-        if len(events) == 1:
-            return events[0]
-        return b"".join(events)
+        out = self._splitter.whole(chunk)
+        if out and self._worth_a_look(out):
+            for event in split_events(out):
+                self._inspect(event)
+        return out
+
+    def _worth_a_look(self, out: bytes) -> bool:
+        """Cheap substring tests: only events that may end the stream or carry usage are split
+        and parsed (a few per stream, not every delta)."""
+        if self.endpoint == "responses":
+            return (b"response.completed" in out or b"response.done" in out or b"response.incomplete" in out
+                    or b"response.failed" in out or b'"error"' in out)
+        return (b"[DONE]" in out or b'"usage":{' in out or b'"usage": {' in out
+                or b'"finish_reason":"' in out or b'"finish_reason": "' in out)
 
     def close(self) -> bytes:
         if not self.is_sse:

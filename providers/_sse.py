@@ -10,9 +10,42 @@ import json
 import re
 from collections.abc import Iterator
 
-# An event ends at a blank line; each newline may be CRLF or LF.
-BOUNDARY = re.compile(rb"\r?\n\r?\n")
 DATA_LINE = re.compile(rb"^data: ?(.*?)\r?$", re.M)
+
+# An event ends at a blank line, and each of its two newlines may be LF or CRLF. Every such
+# boundary contains b"\n\n" or b"\n\r\n"; two bytes.find calls beat a regex that has to look
+# at every byte (this runs on every chunk of every stream).
+
+
+def next_boundary_end(buf: bytes, start: int = 0) -> int:
+    """The index just past the first blank line at or after `start`, or -1."""
+    lf = buf.find(b"\n\n", start)
+    crlf = buf.find(b"\n\r\n", start)
+    if crlf < 0:
+        return lf + 2 if lf >= 0 else -1
+    if lf < 0 or crlf < lf:
+        return crlf + 3
+    return lf + 2
+
+
+def last_boundary_end(buf: bytes) -> int:
+    """The index just past the last blank line in `buf`, or -1."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
+
+
+def split_events(buf: bytes) -> list[bytes]:
+    """`buf` (whole events only) cut into events, each with its terminator."""
+    events, start = [], 0
+    while True:
+        end = next_boundary_end(buf, start)
+        if end < 0:
+            if start < len(buf):
+                events.append(buf[start:])
+            return events
+        events.append(buf[start:end])
+        start = end
 
 
 class EventSplitter:
@@ -30,11 +63,25 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         buf = self._tail + chunk if self._tail else chunk
-        start = 0
-        for match in BOUNDARY.finditer(buf):
-            yield buf[start : match.end()]
-            start = match.end()
-        self._tail = buf[start:]
+        cut = last_boundary_end(buf)
+        if cut < 0:
+            self._tail = buf
+            return iter(())
+        self._tail = buf[cut:]
+        return iter(split_events(buf[:cut] if cut < len(buf) else buf))
+
+    def whole(self, chunk: bytes) -> bytes:
+        """The complete events now available as one bytes object (the rest is kept)."""
+        buf = self._tail + chunk if self._tail else chunk
+        cut = last_boundary_end(buf)
+        if cut < 0:
+            self._tail = buf
+            return b""
+        if cut == len(buf):
+            self._tail = b""
+            return buf
+        self._tail = buf[cut:]
+        return buf[:cut]
 
     def rest(self) -> bytes:
         """Whatever is left at EOF (an event without its blank line)."""

@@ -32,7 +32,7 @@ from . import (
     Usage,
 )
 from ._oauth import expires_at_from, normalise_epoch_ms, parse_pasted_code, pkce_pair, token_request
-from ._sse import EventSplitter, event_json, is_sse, sse_frame, to_int
+from ._sse import EventSplitter, event_json, is_sse, split_events, sse_frame, to_int
 
 CONTRACT = 1
 NAME = "claude"
@@ -505,8 +505,11 @@ class ClaudeStream:
 
     def feed(self, chunk: bytes) -> bytes:
         if self.mode == "sse":
-            out = b"".join(self._event(event) for event in self._splitter.feed(chunk))
-            self.at_boundary = not self._splitter.pending
+            # Only whole events go out. Most chunks are text deltas: one regex search and two
+            # substring tests over the chunk, and it passes through untouched.
+            out = self._splitter.whole(chunk)
+            if out and (WATCHED.search(out) or (self._marker in out and TOOL_USE in out)):
+                return b"".join(self._event(event) for event in split_events(out))
             return out
         if self.mode == "json":
             self._body += chunk

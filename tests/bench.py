@@ -1,6 +1,8 @@
 """`make bench`: Kleis against the floor a Python proxy can reach (SPEC S15).
 
-Run:  .venv/bin/python tests/bench.py [--quick] [--duration S] [--no-slow]
+Run:  .venv/bin/python tests/bench.py [--quick] [--duration S] [--no-slow] [--only CELLS]
+      [--loadgen auto|wrk|python] [--pyspy PATH] [--kleis-dir DIR] [--keep]
+Full run ~4 min, --quick ~1 min. Exit status 1 if the usage counts do not match.
 
 One run starts, each as its own process on 127.0.0.1 (random free ports):
   * upstream: a fake Codex/Anthropic backend (raw asyncio protocol on uvloop, pre-rendered
@@ -14,11 +16,16 @@ upstream, bare and Kleis for the same fixed time after a warm-up; CPU per reques
 /proc/<pid>/stat (utime+stime) deltas of the proxy process. Then: Kleis start-up time, idle
 RSS, time to first byte at concurrency 1 (aiohttp client, direct/bare/Kleis interleaved),
 1,000 concurrent slow streams through Kleis (peak RSS, none dropped) and the usage counters in
-Kleis's SQLite DB against the requests the upstream received from Kleis.
+Kleis's SQLite DB: an exact batch of N requests must add exactly N requests, N successes and the
+upstream's tokens; over the whole run, requests - cancelled <= upstream-received <= requests
+(wrk cuts in-flight requests at the end of each cell). Without wrk (or with --loadgen python),
+two aiohttp processes generate the load (slower: fine for Kleis vs bare, not for direct).
+--pyspy PATH also records bare and Kleis under each c=128 cell with py-spy (raw stacks and a
+summary in bench-results/). --kleis-dir runs another checkout (e.g. to compare a patch).
 The table is printed and written to bench-results/latest.txt. Not collected by pytest.
 
-Internal entry points (used by the orchestrator): `bench.py _upstream PORT` and
-`bench.py _bare PORT UPSTREAM_URL`.
+Internal entry points (used by the orchestrator): `bench.py _upstream PORT`,
+`bench.py _bare PORT UPSTREAM_URL` and `bench.py _loadgen JSON`.
 """
 
 from __future__ import annotations
@@ -496,8 +503,6 @@ class Wrk:
         self.tmp = tmp
         self.upstream_pid = upstream_pid
         self.binary = shutil.which("wrk")
-        if not self.binary:
-            raise SystemExit("wrk not found: apt-get install -y wrk")
         self.scripts: dict[tuple, Path] = {}
 
     def script(self, target: Target, cell: Cell) -> Path:
@@ -562,6 +567,107 @@ class Wrk:
             res.proxy_cpu_pct = 100 * ticks / CLK_TCK / wall
         res.upstream_cpu_pct = 100 * (cpu_ticks(self.upstream_pid) - t_up) / CLK_TCK / wall
         res.wrk_cpu_pct = 100 * (usage.ru_utime + usage.ru_stime) / wall
+        return res
+
+
+# ══ Load: Python fallback (multi-process aiohttp) ═══════════════════════════
+
+
+def run_loadgen(spec: str) -> None:
+    """`bench.py _loadgen '<json>'`: `conc` keep-alive connections for `seconds`; prints JSON
+    with completed requests (read to the end before the deadline) and latencies."""
+    import aiohttp
+    import uvloop
+
+    cfg = json.loads(spec)
+    body = Path(cfg["body"]).read_bytes()
+
+    async def main() -> dict:
+        lat: list[float] = []
+        res = {"requests": 0, "non2xx": 0, "errors": 0}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg["seconds"]
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
+            async def worker() -> None:
+                while loop.time() < deadline:
+                    start = time.perf_counter()
+                    try:
+                        async with http.post(cfg["url"], data=body, headers=cfg["headers"]) as r:
+                            while await r.content.readany():
+                                pass
+                            status = r.status
+                    except (aiohttp.ClientError, TimeoutError):
+                        res["errors"] += 1
+                        continue
+                    lat.append((time.perf_counter() - start) * 1000)
+                    res["requests"] += 1
+                    if not 200 <= status < 400:
+                        res["non2xx"] += 1
+
+            tasks = [asyncio.create_task(worker()) for _ in range(cfg["conc"])]
+            await asyncio.wait(tasks, timeout=cfg["seconds"])
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        res["latencies"] = lat
+        return res
+
+    print(json.dumps(uvloop.run(main())))
+
+
+class PyLoad:
+    """Same interface as Wrk: `procs` aiohttp processes share the connections."""
+
+    def __init__(self, tmp: Path, upstream_pid: int, procs: int = 2) -> None:
+        self.wrk = Wrk.__new__(Wrk)
+        self.wrk.tmp, self.wrk.upstream_pid, self.wrk.scripts = tmp, upstream_pid, {}
+        self.tmp, self.upstream_pid, self.procs = tmp, upstream_pid, procs
+
+    def run(self, target: Target, cell: Cell, conc: int, seconds: float) -> Result:
+        body = self.tmp / f"body-{cell.provider}-{int(cell.stream)}.json"
+        body.write_bytes(client_body(cell.provider, cell.stream))
+        n = min(self.procs, conc)
+        shares = [conc // n + (1 if i < conc % n else 0) for i in range(n)]
+        t_proxy = cpu_ticks(target.pid) if target.pid else 0
+        t_up = cpu_ticks(self.upstream_pid)
+        m_busy, m_total = machine_ticks()
+        ovf = listen_overflows()
+        start = time.monotonic()
+        children = [subprocess.Popen([PY, __file__, "_loadgen", json.dumps({
+            "url": target.base + target.path(cell.provider), "conc": share, "seconds": seconds, "body": str(body),
+            "headers": request_headers(target, cell.provider, cell.delay_ms)})],
+            stdout=subprocess.PIPE, preexec_fn=_die_with_parent) for share in shares]
+        outputs, cpu = [], 0.0
+        try:
+            for child in children:
+                outputs.append(json.loads(child.stdout.read()))
+                _, status, usage = os.wait4(child.pid, 0)
+                child.returncode = os.waitstatus_to_exitcode(status)
+                cpu += usage.ru_utime + usage.ru_stime
+        finally:
+            for child in children:
+                if child.returncode is None:
+                    child.kill()
+                    child.wait()
+        wall = time.monotonic() - start
+        res = Result(cell.name, conc, target.name)
+        lat = sorted(x for o in outputs for x in o["latencies"])
+        res.requests = sum(o["requests"] for o in outputs)
+        res.rps = res.requests / seconds
+        res.p50 = lat[len(lat) // 2] if lat else float("nan")
+        res.p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
+        res.non2xx = sum(o["non2xx"] for o in outputs)
+        res.errors = sum(o["errors"] for o in outputs)
+        if target.pid:
+            ticks = cpu_ticks(target.pid) - t_proxy
+            res.cpu_ms_per_req = ticks * 1000 / CLK_TCK / max(res.requests, 1)
+            res.proxy_cpu_pct = 100 * ticks / CLK_TCK / wall
+        res.upstream_cpu_pct = 100 * (cpu_ticks(self.upstream_pid) - t_up) / CLK_TCK / wall
+        res.wrk_cpu_pct = 100 * cpu / wall
+        busy, total = machine_ticks()
+        res.machine_pct = 100 * (busy - m_busy) / max(total - m_total, 1)
+        res.overflows = listen_overflows() - ovf
         return res
 
 
@@ -688,6 +794,92 @@ async def slow_streams(target: Target, pid: int, count: int, delay_ms: int) -> d
             "errors": errors[:5]}
 
 
+EXPECTED_USAGE = {  # per request: (input, output, cache_read) as Kleis should count them
+    ("codex", True): (1000, 42, 200), ("codex", False): (1000, 42, 200), ("claude", True): (1200, 57, 200)}
+
+
+async def exact_batch(target: Target, n: int, conc: int) -> dict:
+    """Exactly `n` requests (codex stream, claude stream, codex JSON in turn), each read to the
+    end and checked; returns how many succeeded and the usage Kleis should have counted."""
+    import aiohttp
+
+    kinds = list(EXPECTED_USAGE)
+    sem = asyncio.Semaphore(conc)
+    done = {"ok": 0, "bad": 0, "input": 0, "output": 0, "cache_read": 0}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        async def one(i: int) -> None:
+            provider, stream = kinds[i % len(kinds)]
+            async with sem, http.post(target.base + target.path(provider), data=client_body(provider, stream),
+                                      headers=request_headers(target, provider)) as r:
+                body = await r.read()
+            terminal = {("codex", True): b"response.completed", ("claude", True): b"message_stop",
+                        ("codex", False): b'"usage"'}[(provider, stream)]
+            if r.status == 200 and terminal in body:
+                done["ok"] += 1
+                tokens = EXPECTED_USAGE[(provider, stream)]
+                done["input"] += tokens[0]
+                done["output"] += tokens[1]
+                done["cache_read"] += tokens[2]
+            else:
+                done["bad"] += 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return done
+
+
+def usage_sums(db_path: Path) -> dict:
+    columns = ("request_count", "success_count", "cancelled_count", "incomplete_count", "server_error_count",
+               "client_error_count", "auth_error_count", "rate_limit_count", "input_tokens", "output_tokens",
+               "cache_read_tokens")
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT " + ", ".join(f"SUM({c})" for c in columns) + " FROM request_usage_buckets").fetchone()
+    return {c: v or 0 for c, v in zip(columns, row, strict=True)}
+
+
+def summarize_profile(raw: Path, top: int = 25) -> list[str]:
+    """Self and inclusive sample shares per frame from py-spy's raw (collapsed) output."""
+    selfs: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        selfs[frames[-1]] = selfs.get(frames[-1], 0) + n
+        for frame in set(frames):
+            incl[frame] = incl.get(frame, 0) + n
+    out = [f"  {total} samples; top self:"]
+    out += [f"    {100 * n / total:5.1f}%  {f}" for f, n in sorted(selfs.items(), key=lambda kv: -kv[1])[:top]]
+    out.append("  top inclusive (kleis.py / providers / aiohttp / sanic frames):")
+    keep = [(f, n) for f, n in incl.items() if re.search(r"kleis\.py|providers/|aiohttp/|sanic/|logging/", f)]
+    out += [f"    {100 * n / total:5.1f}%  {f}" for f, n in sorted(keep, key=lambda kv: -kv[1])[:top]]
+    return out
+
+
+def profile(pyspy: str, wrk: Wrk, targets: dict, cells: list[Cell], seconds: int, out_dir: Path,
+            say) -> None:
+    """py-spy record (raw + flamegraph) of bare and Kleis under the c=128 cells (not timed)."""
+    for cell in cells:
+        for name in ("bare", "kleis"):
+            t = targets[name]
+            stem = out_dir / f"profile-{name}-{cell.name}"
+            rec = subprocess.Popen([pyspy, "record", "-p", str(t.pid), "-d", str(seconds + 1), "-r", "250",
+                                    "--nonblocking", "--format", "raw", "-o", f"{stem}.txt"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+            time.sleep(0.5)
+            r = wrk.run(t, cell, 128, seconds)
+            _, err = rec.communicate(timeout=seconds + 30)
+            say(f"profile {name} {cell.name} c=128 ({r.rps:.0f} req/s under py-spy): {stem}.txt")
+            if rec.returncode != 0 or not Path(f"{stem}.txt").exists():
+                say(f"  py-spy failed: {err.decode(errors='replace')[-500:]}")
+                continue
+            for line in summarize_profile(Path(f"{stem}.txt")):
+                say(line)
+
+
 # ══ Report ══════════════════════════════════════════════════════════════════
 
 
@@ -698,7 +890,7 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
 def table(results: list[Result]) -> list[str]:
     lines = []
     head = (f"{'cell':<14} {'c':>4} {'target':<7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
-            f"{'cpu ms/req':>10} {'proxy%':>6} {'up%':>4} {'wrk%':>4} {'mach%':>5} {'ovf':>4} {'err':>4}   kleis/bare")
+            f"{'cpu ms/req':>10} {'proxy%':>6} {'up%':>4} {'gen%':>4} {'mach%':>5} {'ovf':>4} {'err':>4}   kleis/bare")
     lines += [head, "-" * len(head)]
     by_cell: dict[tuple, dict[str, Result]] = {}
     for r in results:
@@ -765,6 +957,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="seconds per measured cell")
     parser.add_argument("--no-slow", action="store_true", help="skip the 1,000 slow streams check")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DB)")
+    parser.add_argument("--pyspy", metavar="PATH", help="also profile bare and Kleis with this py-spy binary "
+                        "(c=128 cells, after the timed ones; output in bench-results/)")
+    parser.add_argument("--kleis-dir", default=str(ROOT), help="the Kleis checkout to run (default: this one)")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator: wrk if installed (auto), else 2 aiohttp processes")
+    parser.add_argument("--only", help="comma-separated cell names to run (default: all)")
     args = parser.parse_args()
     quick = args.quick
     duration = max(1, round(args.duration or (2 if quick else 5)))  # wrk takes whole seconds
@@ -796,8 +994,9 @@ def main() -> int:
         config = tmp / "config.toml"
         admin = write_kleis_config(config, kleis_port, tmp / "kleis.db", upstream)
         kleis_start = time.monotonic()
-        kleis = procs.start("kleis", [PY, str(ROOT / "kleis.py"), "serve", "--config", str(config)],
-                            tmp / "kleis.log", cwd=ROOT)
+        kleis_dir = Path(args.kleis_dir).resolve()
+        kleis = procs.start("kleis", [PY, str(kleis_dir / "kleis.py"), "serve", "--config", str(config)],
+                            tmp / "kleis.log", cwd=kleis_dir)
         startup = wait_http(f"http://127.0.0.1:{kleis_port}/healthz", kleis, 30, tmp / "kleis.log")
         startup = time.monotonic() - kleis_start
         _wait_port(bare_port, bare, tmp / "bare.log")
@@ -813,7 +1012,9 @@ def main() -> int:
             raise RuntimeError("smoke test failed:\n  " + "\n  ".join(problems))
 
         say(f"Kleis bench  {time.strftime('%Y-%m-%d %H:%M:%S')}  mode={'quick' if quick else 'full'}  "
-            f"cell={duration:g}s (+{warmup:g}s warm-up)  cores={os.cpu_count()}  wrk -t1  fd limit={fd_limit}")
+            f"cell={duration:g}s (+{warmup:g}s warm-up)  cores={os.cpu_count()}  load: "
+            f"{'wrk -t1' if args.loadgen != 'python' and shutil.which('wrk') else '2 aiohttp processes'}  "
+            f"fd limit={fd_limit}  loadavg {open('/proc/loadavg').read().split()[0]}")
         say(f"Python {sys.version.split()[0]}; upstream: raw asyncio/uvloop fake; bare: Sanic+aiohttp pass-through; "
             f"request body ~{len(client_body('codex', True)) // 1024} KB; streams: 50 events")
         say()
@@ -827,8 +1028,13 @@ def main() -> int:
         tt = asyncio.run(ttfb(list(targets.values()), 100 if quick else 300))
 
         # ── load cells ──
-        wrk = Wrk(tmp, up.pid)
+        use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and shutil.which("wrk"))
+        if use_wrk and not shutil.which("wrk"):
+            raise SystemExit("wrk not found: apt-get install -y wrk (or --loadgen python)")
+        wrk = Wrk(tmp, up.pid) if use_wrk else PyLoad(tmp, up.pid)
         results: list[Result] = []
+        if args.only:
+            cells = [c for c in cells if c.name in args.only.split(",")]
         for cell in cells:
             for conc in concs:
                 if cell.delay_ms and conc == 1:
@@ -847,8 +1053,10 @@ def main() -> int:
         # ── report ──
         for line in table(results):
             say(line)
-        say("columns: +p50 = p50 minus direct-to-upstream p50; cpu ms/req = proxy process utime+stime / "
-            "completed requests; proxy%/up%/wrk% = CPU of proxy / fake upstream / wrk over the cell")
+        say("columns: +p50 = p50 minus the direct-to-upstream p50; cpu ms/req = proxy process utime+stime over")
+        say("  the cell / requests the generator completed; proxy%/up%/gen% = CPU of the proxy / fake upstream / load generator (100 = one")
+        say("  core); mach% = whole machine busy (100 = all cores, other tenants included); ovf = TCP accept-queue")
+        say("  overflows in the cell (SYN dropped, client retries after 1 s); err = non-2xx + socket errors")
         say()
         tb = {k: statistics.median(v) for k, v in tt.items()}
         t99 = {k: sorted(v)[int(len(v) * 0.99) - 1] for k, v in tt.items()}
@@ -871,21 +1079,46 @@ def main() -> int:
                 say(f"    e.g. {e}")
         say(f"Kleis RSS after all load: {rss_kb(kleis.pid) / 1024:.1f} MB")
 
+        if args.pyspy:
+            out_dir = ROOT / "bench-results"
+            out_dir.mkdir(exist_ok=True)
+            profile(args.pyspy, wrk, targets, cells, duration, out_dir, say)
+
         # ── usage counts ──
-        time.sleep(2.5)  # > 2 flush intervals
-        stats = json.loads(http_get(upstream + "/_stats", 5)[1])
-        upstream_from_kleis = sum(v for k, v in stats.items() if k.startswith("kleis:"))
-        with contextlib.closing(sqlite3.connect(f"file:{tmp / 'kleis.db'}?mode=ro", uri=True)) as db:
-            row = db.execute("SELECT SUM(request_count), SUM(success_count), SUM(cancelled_count), "
-                             "SUM(incomplete_count), SUM(server_error_count) + SUM(client_error_count) "
-                             "+ SUM(auth_error_count) + SUM(rate_limit_count) FROM request_usage_buckets").fetchone()
-        req_count, success, cancelled, incomplete, errors = (v or 0 for v in row)
-        ok = req_count == upstream_from_kleis
-        say(f"usage counts: SUM(request_count)={req_count} vs requests the upstream got from Kleis="
-            f"{upstream_from_kleis}: {'OK' if ok else 'MISMATCH'}  (success {success}, cancelled at run ends "
-            f"{cancelled}, incomplete {incomplete}, errors {errors})")
+        # Exact: a fresh batch of N requests, each read to its end, must add exactly N requests,
+        # N successes and the tokens the upstream reported to the DB (after >= 2 flush intervals).
+        time.sleep(2.5)
+        before = usage_sums(tmp / "kleis.db")
+        n_exact = 600 if quick else 1500
+        batch = asyncio.run(exact_batch(targets["kleis"], n_exact, 32))
+        time.sleep(2.5)
+        after = usage_sums(tmp / "kleis.db")
+        delta = {k: after[k] - before[k] for k in after}
+        checks = {"request_count": (delta["request_count"], n_exact),
+                  "success_count": (delta["success_count"], batch["ok"]),
+                  "input_tokens": (delta["input_tokens"], batch["input"]),
+                  "output_tokens": (delta["output_tokens"], batch["output"]),
+                  "cache_read_tokens": (delta["cache_read_tokens"], batch["cache_read"])}
+        ok = batch["ok"] == n_exact and all(got == want for got, want in checks.values())
+        say(f"usage counts (exact batch of {n_exact} requests, {batch['ok']} completed whole per the client): "
+            + ", ".join(f"{k} +{got} (want {want})" for k, (got, want) in checks.items())
+            + f"  -> {'OK' if ok else 'MISMATCH'}")
         if not ok:
             failures.append("usage counts")
+        # Whole run: every request Kleis saw is counted once; wrk cuts in-flight requests when a
+        # cell ends, so some were cancelled (some before their upstream request went out).
+        stats = json.loads(http_get(upstream + "/_stats", 5)[1])
+        from_kleis = sum(v for k, v in stats.items() if k.startswith("kleis:"))
+        total = after
+        errors = sum(total[k] for k in ("server_error_count", "client_error_count", "auth_error_count",
+                                        "rate_limit_count"))
+        consistent = total["request_count"] - total["cancelled_count"] <= from_kleis <= total["request_count"]
+        say(f"usage counts (whole run): SUM(request_count)={total['request_count']} (success "
+            f"{total['success_count']}, cancelled at cell ends {total['cancelled_count']}, incomplete "
+            f"{total['incomplete_count']}, errors {errors}); upstream received {from_kleis} from Kleis -> "
+            + ("OK (requests - cancelled <= upstream <= requests)" if consistent else "MISMATCH"))
+        if not consistent:
+            failures.append("usage totals")
         say(f"total bench time {time.monotonic() - t0:.0f} s; logs in {tmp}" if args.keep else
             f"total bench time {time.monotonic() - t0:.0f} s")
     except KeyboardInterrupt:
@@ -917,6 +1150,8 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 20
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
         run_upstream(int(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
+        run_loadgen(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "_bare":
         run_bare(int(sys.argv[2]), sys.argv[3])
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +167,13 @@ def write_config(path: Path, db_url: str, fakes: dict[str, Any], extra: dict | N
 
 
 @pytest.fixture
-async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake):
+async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake, request):
     """Factory: `await start_kleis(db_url=None, fakes=None, **config_sections)`."""
+    # Set up a test's database first so it is dropped only after its Kleis servers stopped
+    # (whatever order the test lists its fixtures in).
+    for name in ("db_url", "pg_url"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name)
     running: list[RunningKleis] = []
 
     async def start(db_url: str | None = None, fakes: dict | None = None, **extra) -> RunningKleis:
@@ -179,8 +183,7 @@ async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake):
         token = write_config(path, db_url or f"sqlite:///{tmp_path}/kleis.db", fakes, extra)
         settings = kleis.load_settings(path)
         app = kleis.create_app(settings, name=f"kleis_{uuid.uuid4().hex[:10]}")
-        sock = socket.socket()  # a free port of our own: Sanic reads port=0 as "use 8000"
-        sock.bind(("127.0.0.1", 0))
+        sock = kleis.listening_socket("127.0.0.1", 0)  # Sanic reads port=0 as "use 8000"
         server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
         await server.startup()
         await server.before_start()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import anthropic
+import pytest
 
 import kleis as kleis_app
 from tests.conftest import wait_for
@@ -39,8 +41,19 @@ async def kleis_with_account(start_kleis, fake: FakeClaude, db_url: str | None =
     return kleis, key, key_view, account
 
 
-def sdk(kleis, key: str) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=kleis.url + "/anthropic", api_key=key, max_retries=0)
+@pytest.fixture
+async def sdk():
+    """Factory for the official SDK client pointed at Kleis; closed after the test."""
+    clients = []
+
+    def make(kleis, key: str) -> anthropic.AsyncAnthropic:
+        client = anthropic.AsyncAnthropic(base_url=kleis.url + "/anthropic", api_key=key, max_retries=0)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
 
 
 def simple_body(**extra) -> dict:
@@ -87,10 +100,15 @@ def only_bucket(rows: list[dict]) -> dict:
     return rows[0]
 
 
+def app_errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.ERROR and r.name.startswith(("kleis", "sanic"))]
+
+
 # ── the official SDK ─────────────────────────────────────────────────────────
 
 
-async def test_sdk_stream_with_tools_restores_the_clients_names(start_kleis, claude_fake, db_url):
+async def test_sdk_stream_with_tools_restores_the_clients_names(db_url, start_kleis, claude_fake, caplog, sdk):
     kleis, key, key_view, account = await kleis_with_account(start_kleis, claude_fake, db_url)
     client = sdk(kleis, key)
     claude_fake.queue(FakeClaude.stream_reply(
@@ -135,9 +153,10 @@ async def test_sdk_stream_with_tools_restores_the_clients_names(start_kleis, cla
     # first stream: 100/20/30/7; second: the fake's defaults 25/12/0/0
     assert (row["input_tokens"], row["output_tokens"]) == (125, 32)
     assert (row["cache_read_tokens"], row["cache_write_tokens"]) == (30, 7)
+    assert app_errors(caplog) == []  # e.g. Sanic complaining about the streamed response
 
 
-async def test_sdk_non_streaming_message(start_kleis, claude_fake):
+async def test_sdk_non_streaming_message(start_kleis, claude_fake, sdk):
     kleis, key, _, account = await kleis_with_account(start_kleis, claude_fake)
     claude_fake.queue(FakeClaude.json_reply(
         "Running it.", tool_use=("mcp_Shell", {"command": "make"}),
@@ -331,7 +350,7 @@ async def test_errors_use_the_anthropic_envelope_with_honest_types(start_kleis, 
     assert counted == 2
 
 
-async def test_cut_stream_ends_with_an_error_event_and_counts_incomplete(start_kleis, claude_fake, http, db_url):
+async def test_cut_stream_ends_with_an_error_event_and_counts_incomplete(db_url, start_kleis, claude_fake, http):
     kleis, key, _, account = await kleis_with_account(start_kleis, claude_fake, db_url)
     reply = FakeClaude.stream_reply("Half an answer", usage={"input": 70})
     reply.cut_after = 4  # message_start, ping, content_block_start, one delta
@@ -354,7 +373,7 @@ async def test_cut_stream_ends_with_an_error_event_and_counts_incomplete(start_k
 # ── OAuth and imports through the admin API ──────────────────────────────────
 
 
-async def test_oauth_code_login(start_kleis, claude_fake, http, db_url):
+async def test_oauth_code_login(db_url, start_kleis, claude_fake, http):
     kleis = await start_kleis(db_url=db_url)
 
     async def start() -> dict:
@@ -421,7 +440,7 @@ async def test_oauth_code_login(start_kleis, claude_fake, http, db_url):
         assert resp.status == 200
 
 
-async def test_import_claude_code_credentials_is_idempotent(start_kleis, claude_fake, db_url):
+async def test_import_claude_code_credentials_is_idempotent(db_url, start_kleis, claude_fake):
     kleis = await start_kleis(db_url=db_url)
     credentials = json.loads((DATA / "claude-code-credentials.json").read_text())
     _, first = await kleis.admin("POST", "/admin/accounts/claude/import", {"authFile": credentials}, expect=201)
@@ -443,7 +462,7 @@ async def test_import_claude_code_credentials_is_idempotent(start_kleis, claude_
 # ── failover and refresh ─────────────────────────────────────────────────────
 
 
-async def test_rate_limited_account_fails_over_and_cools_down(start_kleis, claude_fake, http, db_url):
+async def test_rate_limited_account_fails_over_and_cools_down(db_url, start_kleis, claude_fake, http):
     kleis = await start_kleis(db_url=db_url)
     grant_a = claude_fake.grant(uuid="uuid-a", email="a@example.test")
     grant_b = claude_fake.grant(uuid="uuid-b", email="b@example.test")
@@ -489,7 +508,7 @@ async def test_rate_limited_account_fails_over_and_cools_down(start_kleis, claud
     assert (row["request_count"], row["success_count"], row["rate_limit_count"]) == (2, 2, 0)
 
 
-async def test_expiring_token_is_refreshed_once_under_concurrency(start_kleis, claude_fake, http, db_url):
+async def test_expiring_token_is_refreshed_once_under_concurrency(db_url, start_kleis, claude_fake, http):
     kleis = await start_kleis(db_url=db_url)
     grant = claude_fake.grant()
     grant["expires_at"] = int(time.time() * 1000) + 30_000  # inside the 60 s refresh window
@@ -544,7 +563,7 @@ async def test_upstream_401_forces_one_refresh_and_a_retry(start_kleis, claude_f
     assert (bucket["request_count"], bucket["success_count"], bucket["auth_error_count"]) == (3, 3, 0)
 
 
-async def test_dead_refresh_token_marks_the_account_needs_reauth(start_kleis, claude_fake, http, db_url):
+async def test_dead_refresh_token_marks_the_account_needs_reauth(db_url, start_kleis, claude_fake, http):
     kleis = await start_kleis(db_url=db_url)
     account = await kleis.import_account("claude", {
         "access_token": "sk-ant-oat01-stale", "refresh_token": "sk-ant-ort01-dead",

@@ -567,3 +567,35 @@ async def test_serve_time(start_kleis, http, codex_fake, claude_fake, copilot_fa
             "median_ms " + ("public" if path == "/api.json" else "scoped"), round(median * 1000, 3)
         )
         assert median < 0.25
+
+
+# ── The memoised registry behind /api.json ───────────────────────────────────
+
+
+def test_catalogue_memoises_registries_per_catalogue_routes_base_and_scopes(tmp_path):
+    import logging
+
+    import providers.claude
+    import providers.codex
+
+    cat = discovery.Catalogue(discovery.SNAPSHOT_PATH, tmp_path / "c.json", "", 0, logging.getLogger("t"))
+    codex = discovery.Route.from_module("codex", providers.codex, providers.codex.OPTIONS)
+    claude = discovery.Route.from_module("claude", providers.claude, providers.claude.OPTIONS)
+    scopes = discovery.Scopes(providers=frozenset({"claude"}))
+    first = cat.registry([codex, claude], "http://a")
+    assert cat.registry([codex, claude], "http://a") is first
+    assert cat.registry_json([codex, claude], "http://a") is cat.registry_json([codex, claude], "http://a")
+    assert json.loads(cat.registry_json([codex, claude], "http://a")) == first
+    assert first == discovery.build_registry(cat.current(), [codex, claude], "http://a")
+    for other in (
+        ([codex], "http://a", None),
+        ([codex, claude], "http://b", None),
+        ([codex, claude], "http://a", scopes),
+    ):
+        assert cat.registry(*other) is not first
+        assert cat.registry(*other) == discovery.build_registry(cat.current(), *other)
+    cat._data = copy.deepcopy(cat.current())  # a fetch swaps the object in
+    assert cat.registry([codex, claude], "http://a") is not first
+    for i in range(cat.registry_cache_size * 3):  # client-chosen Host headers cannot grow it
+        cat.registry([codex], f"http://h{i}")
+    assert len(cat._registries) <= cat.registry_cache_size

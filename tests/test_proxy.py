@@ -1,4 +1,4 @@
-"""The proxy's fault suite, end to end over HTTP on the Codex route (SPEC S5–S7, S10, S13).
+"""The proxy's fault suite, end to end over HTTP on the Codex route (SPEC S5 to S7, S10, S13).
 
 Every test runs a real Kleis server against the loopback FakeCodex and checks what the client
 got (status, OpenAI error envelope, headers), what the fake upstream received, and the rows in
@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -109,6 +110,23 @@ async def account_row(account_id: str) -> dict:
     return await ProviderAccountRow.select().where(ProviderAccountRow.id == account_id).dicts().aio_first()
 
 
+async def usage_rows(kleis) -> list[dict]:
+    """Usage rows with minute buckets merged: a test may straddle a minute boundary."""
+    merged: dict[tuple, dict] = {}
+    for row in await kleis.buckets():
+        key = tuple(row[k] for k in ("api_key_id", "provider_account_id", "provider", "endpoint", "model"))
+        if key not in merged:
+            merged[key] = dict(row)
+            continue
+        total = merged[key]
+        for name, value in row.items():
+            if name.endswith(("_count", "_ms", "_tokens")) and name != "max_latency_ms":
+                total[name] += value
+        total["max_latency_ms"] = max(total["max_latency_ms"], row["max_latency_ms"])
+        total["last_request_at"] = max(total["last_request_at"], row["last_request_at"])
+    return list(merged.values())
+
+
 def sse_events(raw: bytes) -> list[bytes]:
     return [e for e in raw.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
 
@@ -117,12 +135,6 @@ def last_event_json(raw: bytes) -> dict:
     event = sse_events(raw)[-1]
     data = [line[len(b"data: "):] for line in event.split(b"\n") if line.startswith(b"data: ")]
     return json.loads(b"\n".join(data))
-
-
-def minimal_stream(**reply) -> Reply:
-    """A short but complete Responses stream (created, item added, one delta, completed)."""
-    events = FakeCodex.stream_reply(text="Hi.", events=1).events
-    return Reply(events=[events[0], events[2], events[4], events[-1]], **reply)
 
 
 # ── 1. Key auth ──────────────────────────────────────────────────────────────
@@ -227,7 +239,7 @@ async def test_account_scope_routes_to_that_account(start_kleis, codex_fake):
     assert account_seen(codex_fake) == "acct_2"
     token = upstream_calls(codex_fake)[-1].headers["authorization"].removeprefix("Bearer ")
     assert codex_fake.access_tokens[token]["account_id"] == "acct_2"
-    rows = await kleis.buckets()
+    rows = await usage_rows(kleis)
     assert [r["provider_account_id"] for r in rows] == [second["id"]]
 
 
@@ -270,7 +282,7 @@ async def test_no_account_is_a_400_naming_the_fix(start_kleis, codex_fake):
     message = assert_error(await send(kleis, key), 400, "invalid_request_error", "no_account")
     assert "accounts login codex" in message and "admin page" in message
     assert upstream_calls(codex_fake) == []
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert (row["api_key_id"], row["provider_account_id"], row["model"]) == (view["id"], "__missing__", "gpt-5.5")
     assert (row["request_count"], row["client_error_count"], row["proxy_error_count"]) == (1, 1, 1)
 
@@ -296,7 +308,7 @@ async def test_model_prefixes_are_stripped_upstream_and_in_usage(start_kleis, co
         answer = await send(kleis, key, request_body(model))
         assert answer.status == 200
     assert [c.json["model"] for c in upstream_calls(codex_fake)] == ["gpt-5.5"] * 3
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert row["model"] == "gpt-5.5" and row["request_count"] == 3 and row["success_count"] == 3
 
 
@@ -340,6 +352,15 @@ async def test_concurrent_requests_share_one_refresh(start_kleis, codex_fake):
     tokens = {c.headers["authorization"] for c in upstream_calls(codex_fake)}
     assert len(tokens) == 1
 
+    # Ten requests that all meet an upstream 401 force one refresh between them, too.
+    codex_fake.access_ttl = 3600
+    await send(kleis, key)  # refreshed once more (the stored token was issued with 30 s)
+    codex_fake.expire_access_tokens()
+    refreshes = codex_fake.refresh_calls
+    answers = await asyncio.gather(*(send(kleis, key) for _ in range(10)))
+    assert [a.status for a in answers] == [200] * 10
+    assert codex_fake.refresh_calls == refreshes + 1
+
 
 async def test_upstream_401_forces_one_refresh_and_retries(start_kleis, codex_fake):
     kleis, key, (account,) = await setup(start_kleis, codex_fake)
@@ -350,13 +371,13 @@ async def test_upstream_401_forces_one_refresh_and_retries(start_kleis, codex_fa
     first, second = upstream_calls(codex_fake)
     assert first.headers["authorization"] != second.headers["authorization"]
     assert first.json == second.json  # the same request, retried
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert row["success_count"] == 1 and row["auth_error_count"] == 0
     assert (await account_row(account["id"]))["last_refresh_status"] == "success"
 
 
 @pytest.mark.parametrize("when", ["before-use", "after-upstream-401"])
-async def test_rejected_refresh_token_needs_reauth(start_kleis, codex_fake, db_url, when):
+async def test_rejected_refresh_token_needs_reauth(db_url, start_kleis, codex_fake, when):
     kleis = await start_kleis(db_url=db_url)
     if when == "before-use":
         codex_fake.access_ttl = 30
@@ -386,7 +407,7 @@ async def test_rejected_refresh_token_needs_reauth(start_kleis, codex_fake, db_u
 # ── 7. Failover ──────────────────────────────────────────────────────────────
 
 
-async def test_usage_limit_fails_over_and_cools_the_account(start_kleis, codex_fake, db_url):
+async def test_usage_limit_fails_over_and_cools_the_account(db_url, start_kleis, codex_fake):
     kleis, key, (first, second) = await setup(start_kleis, codex_fake, accounts=2, db_url=db_url)
     codex_fake.queue(FakeCodex.usage_limit_reply(resets_in_seconds=120))
     before = now_ms()
@@ -407,7 +428,7 @@ async def test_usage_limit_fails_over_and_cools_the_account(start_kleis, codex_f
     # The next request goes straight to the second account.
     assert (await send(kleis, key)).status == 200
     assert len(upstream_calls(codex_fake)) == 3 and account_seen(codex_fake) == "acct_2"
-    rows = await kleis.buckets()
+    rows = await usage_rows(kleis)
     assert sum(r["success_count"] for r in rows) == 2 and sum(r["rate_limit_count"] for r in rows) == 0
 
     # The admin clears the cooldown: the primary is used again.
@@ -446,8 +467,53 @@ async def test_5xx_and_dropped_connections_fail_over(start_kleis, codex_fake, re
     assert b"response.completed" in answer.raw
     assert len(upstream_calls(codex_fake)) == 2 and account_seen(codex_fake) == "acct_2"
     assert kleis.services.pool.accounts[first["id"]].cooling(now_ms())
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert row["provider_account_id"] == second["id"] and row["success_count"] == 1
+
+
+async def test_unrecoverable_401_fails_over_after_one_forced_refresh(start_kleis, codex_fake):
+    kleis, key, (first, second) = await setup(start_kleis, codex_fake, accounts=2)
+    denied = FakeCodex.error_reply(401, "Your authentication token is not valid.", code="invalid_token")
+    codex_fake.queue(denied, denied)
+    answer = await send(kleis, key)
+    assert answer.status == 200 and answer.headers["x-kleis-account"] == second["id"]
+    assert codex_fake.refresh_calls == 1
+    assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == ["acct_1", "acct_1", "acct_2"]
+    assert kleis.services.pool.accounts[first["id"]].cooling(now_ms())
+
+
+async def test_refresh_failure_cools_the_account_and_fails_over(start_kleis, codex_fake):
+    dead = await FakeCodex().start()
+    dead_url = dead.url
+    await dead.stop()
+    kleis = await start_kleis(providers={"codex": {"auth_url": dead_url}})
+    codex_fake.access_ttl = 30
+    first = await kleis.import_account("codex", codex_fake.grant("acct_1"))
+    codex_fake.access_ttl = 3600
+    second = await kleis.import_account("codex", codex_fake.grant("acct_2"))
+    key, _ = await kleis.create_key(label="laptop")
+    answer = await send(kleis, key)
+    assert answer.status == 200 and answer.headers["x-kleis-account"] == second["id"]
+    assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == ["acct_2"]
+    state = kleis.services.pool.accounts[first["id"]]
+    assert state.cooling(now_ms()) and state.status == "ok"  # transient: no new login needed
+    row = await account_row(first["id"])
+    assert row["status"] == "ok" and row["last_refresh_status"] == "failed"
+
+
+async def test_account_needing_reauth_is_skipped(start_kleis, codex_fake):
+    kleis = await start_kleis()
+    codex_fake.access_ttl = 30
+    first = await kleis.import_account("codex", codex_fake.grant("acct_1"))
+    codex_fake.access_ttl = 3600
+    second = await kleis.import_account("codex", codex_fake.grant("acct_2"))
+    key, _ = await kleis.create_key(label="laptop")
+    codex_fake.revoke_refresh_tokens()
+    for _ in range(2):
+        answer = await send(kleis, key)
+        assert answer.status == 200 and answer.headers["x-kleis-account"] == second["id"]
+    assert codex_fake.refresh_calls == 1
+    assert (await account_row(first["id"]))["status"] == "needs_reauth"
 
 
 async def test_upstream_down_is_502(start_kleis, codex_fake):
@@ -457,7 +523,7 @@ async def test_upstream_down_is_502(start_kleis, codex_fake):
     kleis, key, _ = await setup(start_kleis, codex_fake, providers={"codex": {"api_url": dead_url}})
     message = assert_error(await send(kleis, key), 502, "server_error", "upstream_unavailable")
     assert "cannot reach upstream" in message
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert row["server_error_count"] == 1 and row["proxy_error_count"] == 1
 
 
@@ -488,7 +554,7 @@ async def test_upstream_400_is_relayed_verbatim_without_failover(start_kleis, co
     assert answer.headers["x-request-id"] == "req_123"
     assert len(upstream_calls(codex_fake)) == 1 and account_seen(codex_fake) == "acct_1"
     assert not kleis.services.pool.accounts[first["id"]].cooling(now_ms())
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert (row["client_error_count"], row["upstream_error_count"], row["proxy_error_count"]) == (1, 1, 0)
 
 
@@ -502,7 +568,7 @@ async def test_when_every_account_is_limited_the_last_429_is_relayed(start_kleis
     assert answer.raw == json.dumps(last.body).encode()
     assert answer.headers["Retry-After"] == "42"
     assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == ["acct_1", "acct_2"]
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert row["rate_limit_count"] == 1 and row["request_count"] == 1
 
     # Both accounts now rest: Kleis answers itself, with the shorter wait.
@@ -582,19 +648,23 @@ async def test_stream_bytes_arrive_incrementally_with_sse_headers(start_kleis, c
     assert resp.headers["x-request-id"] == "req_9"
 
 
-async def test_keepalives_fill_silence_only_between_events(start_kleis, codex_fake):
+@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
+async def test_keepalives_fill_silence_only_between_events(start_kleis, codex_fake, crlf):
     kleis, key, _ = await setup(start_kleis, codex_fake, server={"keepalive_interval": 0.1})
-    reply = minimal_stream(event_delay=0.35)
-    codex_fake.queue(reply)
+    events = FakeCodex.stream_reply(text="Hi.", events=1, crlf=crlf).events
+    events = [events[0], events[4], events[-1]]
+    # Upstream pauses in the middle of every event too: no keepalive may land there.
+    pieces = [half for e in events for half in (e[:len(e) // 2], e[len(e) // 2:])]
+    codex_fake.queue(Reply(events=pieces, event_delay=0.2))
     resp, chunks = await read_timed(kleis, key, request_body(stream=True))
     raw = b"".join(c for _, c in chunks)
     assert resp.status == 200
     positions = [i for i in range(len(raw)) if raw.startswith(KEEPALIVE, i)]
-    assert len(positions) >= 3
+    assert len(positions) >= 4
     for i in positions:
-        assert i == 0 or raw[:i].endswith(b"\n\n"), raw[max(0, i - 40):i + 20]
-    assert raw.replace(KEEPALIVE, b"") == b"".join(reply.events)
-    rows = await kleis.buckets()
+        assert i == 0 or raw[:i].endswith((b"\n\n", b"\r\n\r\n")), raw[max(0, i - 40):i + 20]
+    assert raw.replace(KEEPALIVE, b"") == b"".join(events)
+    rows = await usage_rows(kleis)
     assert rows[0]["success_count"] == 1 and rows[0]["incomplete_count"] == 0
 
 
@@ -608,7 +678,7 @@ async def test_no_keepalive_in_a_slow_json_body(start_kleis, codex_fake):
     assert KEEPALIVE.strip() not in answer.raw
     assert answer.raw == body
     assert "x-accel-buffering" not in answer.headers
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert (row["success_count"], row["input_tokens"], row["output_tokens"]) == (1, 100, 20)
 
 
@@ -623,26 +693,44 @@ def assert_error_event(raw: bytes, hint: str) -> None:
         assert event.startswith((b"event: ", b":")), event
 
 
-@pytest.mark.parametrize("case", ["cut", "no-terminal", "idle"])
+@pytest.mark.parametrize("case", ["cut", "no-terminal", "idle", "deadline"])
 async def test_broken_streams_end_with_an_error_event_and_count_as_incomplete(start_kleis, codex_fake, case):
-    server = {"idle_timeout": 0.3} if case == "idle" else {}
+    server = {"idle": {"idle_timeout": 0.3}, "deadline": {"response_timeout": 0.5}}.get(case, {})
     kleis, key, _ = await setup(start_kleis, codex_fake, server=server)
     full = FakeCodex.stream_reply(events=3)
     if case == "cut":
         codex_fake.queue(FakeCodex.stream_reply(events=3, cut_after=2))
-        hint = "Kleis:"
+        hint = "upstream connection broke off"
     elif case == "no-terminal":
         codex_fake.queue(Reply(events=full.events[:-1]))
         hint = "without its final event"
-    else:
+    elif case == "idle":
         codex_fake.queue(FakeCodex.stream_reply(events=3, event_delay=1))
         hint = "sent nothing for 0.3 s"
+    else:
+        codex_fake.queue(FakeCodex.stream_reply(events=30, event_delay=0.1))
+        hint = "took longer than 0.5 s"
     answer = await send(kleis, key, request_body(stream=True))
     assert answer.status == 200
     assert_error_event(answer.raw, hint)
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert (row["request_count"], row["incomplete_count"], row["success_count"]) == (1, 1, 0)
     assert row["upstream_error_count"] == 1
+
+
+async def test_a_cut_json_body_breaks_the_client_connection(start_kleis, codex_fake):
+    kleis, key, _ = await setup(start_kleis, codex_fake)
+    body = json.dumps(FakeCodex.json_reply().body).encode()
+    codex_fake.queue(Reply(events=[body[:50], body[50:200], body[200:]], cut_after=2,
+                           content_type="application/json"))
+    async with kleis.http.post(kleis.url + RESPONSES, json=request_body(),
+                               headers={"authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200
+        # A JSON body has no error event: a clean end would pass half a body off as whole.
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    (row,) = await usage_rows(kleis)
+    assert (row["incomplete_count"], row["cancelled_count"], row["success_count"]) == (1, 0, 0)
 
 
 async def test_openai_sdk_surfaces_a_cut_stream_as_an_error(start_kleis, codex_fake):
@@ -657,8 +745,8 @@ async def test_openai_sdk_surfaces_a_cut_stream_as_an_error(start_kleis, codex_f
 # ── 10. Client disconnect ────────────────────────────────────────────────────
 
 
-async def test_client_disconnect_cancels_upstream_and_counts_as_cancelled(start_kleis, codex_fake, db_url):
-    kleis, key, _ = await setup(start_kleis, codex_fake, db_url=db_url)
+async def test_client_disconnect_cancels_upstream_and_counts_as_cancelled(db_url, start_kleis, codex_fake):
+    kleis, key, (account,) = await setup(start_kleis, codex_fake, db_url=db_url)
     codex_fake.queue(FakeCodex.stream_reply(events=20, event_delay=0.2))
     async with kleis.http.post(kleis.url + RESPONSES, json=request_body(stream=True),
                                headers={"authorization": f"Bearer {key}"}) as resp:
@@ -670,14 +758,28 @@ async def test_client_disconnect_cancels_upstream_and_counts_as_cancelled(start_
     await wait_for(lambda: codex_fake.cancelled == 1, timeout=3)
     await wait_for(lambda: kleis.app.ctx.proxy.open_streams == 0, timeout=3)
     assert codex_fake.open_streams == 0
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert (row["request_count"], row["cancelled_count"], row["success_count"], row["incomplete_count"]) == (1, 1, 0, 0)
+    assert not kleis.services.pool.accounts[account["id"]].cooling(now_ms())  # not the account's fault
+
+
+async def test_client_leaving_before_the_first_byte_is_cancelled_not_a_failover(start_kleis, codex_fake):
+    kleis, key, (first, _) = await setup(start_kleis, codex_fake, accounts=2)
+    codex_fake.queue(FakeCodex.json_reply(first_byte_delay=1))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await send(kleis, key)
+    await wait_for(lambda: kleis.services.usage.recorded == 1, timeout=3)
+    (row,) = await usage_rows(kleis)
+    assert (row["request_count"], row["cancelled_count"], row["server_error_count"]) == (1, 1, 0)
+    assert len(upstream_calls(codex_fake)) == 1  # no retry on the second account for a gone client
+    assert not kleis.services.pool.accounts[first["id"]].cooling(now_ms())
 
 
 # ── 11. Usage write path ─────────────────────────────────────────────────────
 
 
-async def test_usage_counts_are_exact(start_kleis, codex_fake, db_url):
+async def test_usage_counts_are_exact(db_url, start_kleis, codex_fake):
     kleis, key, (account,) = await setup(start_kleis, codex_fake, db_url=db_url)
     _, view = await kleis.create_key(label="other")
     usage = {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 300}, "output_tokens": 77,
@@ -689,7 +791,7 @@ async def test_usage_counts_are_exact(start_kleis, codex_fake, db_url):
         assert (await send(kleis, key, request_body(stream=stream))).status == 200
     codex_fake.queue(FakeCodex.error_reply(400, "bad"))
     assert (await send(kleis, key)).status == 400
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert row["provider"] == "codex" and row["endpoint"] == "responses"
     assert row["provider_account_id"] == account["id"] and row["api_key_id"] != view["id"]
     assert (row["request_count"], row["success_count"], row["client_error_count"]) == (6, 5, 1)
@@ -699,17 +801,17 @@ async def test_usage_counts_are_exact(start_kleis, codex_fake, db_url):
     assert row["max_latency_ms"] * 6 >= row["total_latency_ms"]
     # A second flush adds, it does not overwrite.
     assert (await send(kleis, key)).status == 200
-    (row,) = await kleis.buckets()
+    (row,) = await usage_rows(kleis)
     assert row["request_count"] == 7 and row["success_count"] == 6
 
 
-async def test_graceful_shutdown_writes_queued_usage(start_kleis, codex_fake, db_url):
+async def test_graceful_shutdown_writes_queued_usage(db_url, start_kleis, codex_fake):
     kleis, key, _ = await setup(start_kleis, codex_fake, db_url=db_url)
     for _ in range(3):
         assert (await send(kleis, key)).status == 200
-    assert kleis.services.usage.depth == 1  # recorded, not written
+    assert kleis.services.usage.depth >= 1  # recorded, not written
     await kleis.stop()
-    query = "SELECT request_count, success_count, input_tokens FROM request_usage_buckets"
+    query = "SELECT SUM(request_count), SUM(success_count), SUM(input_tokens) FROM request_usage_buckets"
     if db_url.startswith("sqlite:///"):
         path = db_url[len("sqlite:///"):]
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
