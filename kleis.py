@@ -534,6 +534,7 @@ REFRESH_SKEW_MS = 60_000  # request path: refresh when the token expires within 
 BACKGROUND_SKEW_MS = 300_000  # background refresher: within five minutes
 LEASE_MS = 60_000
 COOLDOWN_MIN, COOLDOWN_MAX, COOLDOWN_DEFAULT = 1.0, 6 * 3600.0, 60.0
+ERROR_COOLDOWN = 10.0  # 5xx / unreachable without a hint: short, it is not a rate limit
 STICKY_TTL_MS = 3600_000
 STICKY_MAX = 20_000
 
@@ -715,6 +716,9 @@ class AccountPool:
                 raise NoAccount(403, "account_scope_missing",
                                 f"this API key is limited to accounts that do not include any {provider} account")
         enabled = [a for a in accounts if a.enabled]
+        if not enabled and accounts:
+            raise NoAccount(400, "no_account", f"every {provider} account is disabled in Kleis; enable one on the "
+                            f"admin page (PATCH /admin/accounts/<id> {{\"enabled\": true}})")
         if not enabled:
             raise NoAccount(400, "no_account",
                             f"no {provider} account is configured in Kleis; add one on the admin page or with "
@@ -732,8 +736,14 @@ class AccountPool:
             if cooling:
                 wait = min(a.cooldown_until for a in cooling) - now
                 seconds = max(1, -(-wait // 1000))
-                raise NoAccount(429, "accounts_cooling_down",
-                                f"every {provider} account is rate limited; retry in {seconds} s",
+                if any(a.cooldown_kind != "error" for a in cooling):
+                    raise NoAccount(429, "accounts_cooling_down",
+                                    f"every {provider} account is rate limited; retry in {seconds} s",
+                                    {"Retry-After": str(seconds)})
+                # Not a rate limit: the provider failed or was unreachable a moment ago.
+                last = max(cooling, key=lambda a: a.cooldown_until).last_error or "an upstream error"
+                raise NoAccount(503, "accounts_unavailable",
+                                f"every {provider} account failed a moment ago ({last}); retry in {seconds} s",
                                 {"Retry-After": str(seconds)})
             labels = ", ".join(a.label or a.id for a in enabled)
             raise NoAccount(403, "account_needs_reauth",
@@ -758,13 +768,16 @@ class AccountPool:
         while len(self.sticky) > STICKY_MAX:
             self.sticky.popitem(last=False)
 
-    def cool_down(self, account: AccountState, cooldown: Cooldown, reason: str) -> None:
-        """Rest an account after a 429/5xx/connection failure (in memory now, in the DB soon)."""
+    def cool_down(self, account: AccountState, cooldown: Cooldown, reason: str, kind: str | None = None) -> None:
+        """Rest an account after a 429/5xx/connection failure (in memory now, in the DB soon).
+
+        `kind`: "window" (a usage window is exhausted), "transient" (a short rate limit) or
+        "error" (5xx, unreachable, refresh failed: not a rate limit)."""
         account = self.accounts.get(account.id, account)  # a refresh attempt may have replaced the caller's copy
         now = self.now()
         seconds = bounded_cooldown(cooldown.seconds)
         account.cooldown_until = now + int(seconds * 1000)
-        account.cooldown_kind = "window" if cooldown.window_exhausted else "transient"
+        account.cooldown_kind = "window" if cooldown.window_exhausted else (kind or "transient")
         account.last_error = reason[:500]
         log.warning("%s account %s cooling down %.0f s (%s): %s", account.provider, account.label or account.id,
                     seconds, account.cooldown_kind, reason[:200])
@@ -835,6 +848,13 @@ class AccountPool:
         try:
             tokens = await provider.module.refresh(provider.ctx, latest.adapter_view())
         except ReauthRequired as exc:
+            row = await ProviderAccountRow.select().where(ProviderAccountRow.id == latest.id).aio_first()
+            if row is not None and self.vault.open(row.refresh_token_enc) != latest.refresh_token:
+                # Someone else (another instance, the CLI, an import) rotated it meanwhile.
+                await self._release(latest.id, lease)
+                rotated = AccountState.from_row(row, self.vault)
+                self._merge(rotated)
+                return rotated
             self.refresh_outcomes["reauth"] += 1
             await self._refresh_failed(latest, lease, str(exc), reauth=True)
             raise
@@ -1405,13 +1425,13 @@ class Proxy:
                 continue
             except (ProviderError, UpstreamFailure) as exc:
                 failure = exc
-                pool.cool_down(account, Cooldown(COOLDOWN_DEFAULT), str(exc))
+                pool.cool_down(account, Cooldown(ERROR_COOLDOWN), str(exc), kind="error")
                 continue
             if resp.status in FAILOVER_STATUSES or resp.status == 401:
                 body = await self._read_error(resp)
                 relay = (resp.status, resp.headers, body)
                 pool.cool_down(account, self._cooldown(provider, resp.status, resp.headers, body),
-                               f"upstream answered HTTP {resp.status}")
+                               f"upstream answered HTTP {resp.status}", kind="transient" if resp.status == 429 else "error")
                 continue
             pool.stick(provider.name, key, session, account)
             return await self._stream(request, provider, preq, resp, account, outcome, started)
@@ -1438,7 +1458,9 @@ class Proxy:
         if hint is not None:
             return hint
         seconds = header_cooldown({k.lower(): v for k, v in headers.items()}, self.s.now())
-        return Cooldown(seconds if seconds is not None else COOLDOWN_DEFAULT, window_exhausted=False)
+        if seconds is None:
+            seconds = COOLDOWN_DEFAULT if status == 429 else ERROR_COOLDOWN
+        return Cooldown(seconds, window_exhausted=False)
 
     async def _send(self, provider: Provider, account: AccountState, preq: ProxyRequest) -> aiohttp.ClientResponse:
         """Send the prepared request; returns once the upstream's status line and headers came."""
@@ -1481,6 +1503,10 @@ class Proxy:
             raise KleisError(502, "transform_failed", f"{provider.name}: the response could not be processed") from None
         headers = relay_headers(resp.headers, transformer.is_sse)
         headers.update({"x-kleis-provider": provider.name, "x-kleis-account": account.id})
+        content_type = getattr(transformer, "content_type", None)  # a transformer that reshapes the body
+        if content_type:
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+            headers["content-type"] = content_type
         self.open_streams += 1
         out = None
         try:
@@ -1530,7 +1556,7 @@ class Proxy:
             if tail:
                 await out.send(tail)
             outcome.usage = transformer.usage
-            if problem is None and transformer.is_sse and not transformer.terminal and resp.status < 400:
+            if problem is None and not transformer.terminal and resp.status < 400:
                 problem = "upstream stream ended without its final event"
             if problem is not None and resp.status < 400:
                 outcome.incomplete = True

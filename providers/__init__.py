@@ -215,7 +215,9 @@ class Transformer(Protocol):
     whatever is left at upstream EOF. `at_boundary` is true when everything returned so far
     ends on an SSE event boundary (the core only injects keepalives there). `terminal` is true
     once the protocol's terminal event was seen; `error_event` renders a well-formed error
-    event the core sends when the upstream stream breaks off."""
+    event the core sends when the upstream stream breaks off. A transformer may also carry
+    `content_type` (str) when the body it emits is not what the upstream's Content-Type says,
+    e.g. an SSE stream collected into one JSON body for a client that did not ask to stream."""
 
     usage: Usage
     terminal: bool

@@ -11,12 +11,15 @@ import re
 from collections.abc import Mapping
 
 from . import Usage
-from ._sse import EventSplitter, event_json, is_sse, split_events, sse_frame, to_int
+from ._sse import EventSplitter, event_json, is_sse, next_boundary_end, sse_frame, tail_events_start, to_int
 
 # Responses API: events that end a response (and carry its usage).
 RESPONSES_TERMINAL = re.compile(
     rb'"type":\s*"(response\.(?:completed|done|failed|incomplete)|error)"'
 )
+RESPONSES_MARKERS = (b"response.completed", b"response.done", b"response.incomplete", b"response.failed",
+                     b'"type":"error"', b'"type": "error"')
+CHAT_MARKERS = (b"[DONE]", b'"usage":{', b'"usage": {', b'"finish_reason":"', b'"finish_reason": "')
 CHAT_USAGE = re.compile(rb'"usage":\s*\{')
 CHAT_FINISH = re.compile(rb'"finish_reason":\s*"')
 MAX_JSON_BODY = 64 * 1024 * 1024
@@ -70,19 +73,29 @@ class OpenAIStream:
         # Only whole events go out: a keepalive or a closing error event can then never land
         # inside an event, and a cut stream never leaves half a JSON line at the client.
         out = self._splitter.whole(chunk)
-        if out and self._worth_a_look(out):
-            for event in split_events(out):
-                self._inspect(event)
+        if out:
+            self._scan(out)
         return out
 
-    def _worth_a_look(self, out: bytes) -> bool:
-        """Cheap substring tests: only events that may end the stream or carry usage are split
-        and parsed (a few per stream, not every delta)."""
-        if self.endpoint == "responses":
-            return (b"response.completed" in out or b"response.done" in out or b"response.incomplete" in out
-                    or b"response.failed" in out or b'"error"' in out)
-        return (b"[DONE]" in out or b'"usage":{' in out or b'"usage": {' in out
-                or b'"finish_reason":"' in out or b'"finish_reason": "' in out)
+    def _scan(self, out: bytes) -> None:
+        """Inspect only the events around a marker (substring searches run at memchr speed;
+        a few events per stream can end it or carry usage, not every delta)."""
+        markers = RESPONSES_MARKERS if self.endpoint == "responses" else CHAT_MARKERS
+        # The events that end a stream or carry its usage are its last ones, so a chunk holding
+        # many events only has its last three searched.
+        seen = -1
+        region = tail_events_start(out, 3) if len(out) > 2048 else 0
+        for marker in markers:
+            pos = out.find(marker, region)
+            while pos >= 0:
+                lf, crlf = out.rfind(b"\n\n", 0, pos), out.rfind(b"\n\r\n", 0, pos)
+                start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+                end = next_boundary_end(out, pos)
+                end = len(out) if end < 0 else end
+                if start != seen:  # two markers in one event: inspect it once
+                    self._inspect(out[start:end])
+                    seen = start
+                pos = out.find(marker, end)
 
     def close(self) -> bytes:
         if not self.is_sse:
@@ -143,3 +156,49 @@ def openai_transformer(endpoint: str, request_stream: bool, headers: Mapping[str
             content_type = value
             break
     return OpenAIStream(endpoint, is_sse(content_type, request_stream))
+
+
+class ResponsesCollector:
+    """Answers a non-streaming Responses request from an upstream SSE stream: the backend only
+    streams, so the client gets the final `response` object as one JSON body."""
+
+    is_sse = False
+    at_boundary = True
+    content_type = "application/json"
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.terminal = False
+        self._splitter = EventSplitter()
+        self._final: Mapping | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        for event in self._splitter.feed(chunk):
+            self._event(event)
+        return b""
+
+    def _event(self, event: bytes) -> None:
+        if not RESPONSES_TERMINAL.search(event):
+            return
+        payload = event_json(event)
+        if payload is None:
+            return
+        self.terminal = True
+        if payload.get("type") == "error":
+            self._final = {"error": {k: payload.get(k) for k in ("message", "type", "code", "param")}}
+            return
+        response = payload.get("response")
+        if isinstance(response, Mapping):
+            self._final = response
+            self.usage = responses_usage(response.get("usage")) or self.usage
+
+    def close(self) -> bytes:
+        tail = self._splitter.rest()
+        if tail.strip():
+            self._event(tail)
+        if self._final is None:
+            return b""
+        return json.dumps(self._final, separators=(",", ":")).encode()
+
+    def error_event(self, message: str) -> bytes:
+        return b""  # nothing was sent yet; the core breaks the connection instead

@@ -7,10 +7,7 @@ Upstreams split events anywhere (mid-line, mid-terminator) and use `\\n`, `\\r\\
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
-
-DATA_LINE = re.compile(rb"^data: ?(.*?)\r?$", re.M)
 
 # An event ends at a blank line, and each of its two newlines may be LF or CRLF. Every such
 # boundary contains b"\n\n" or b"\n\r\n"; two bytes.find calls beat a regex that has to look
@@ -36,16 +33,22 @@ def last_boundary_end(buf: bytes) -> int:
 
 
 def split_events(buf: bytes) -> list[bytes]:
-    """`buf` (whole events only) cut into events, each with its terminator."""
-    events, start = [], 0
-    while True:
-        end = next_boundary_end(buf, start)
-        if end < 0:
-            if start < len(buf):
-                events.append(buf[start:])
-            return events
+    """`buf` (whole events only) cut into events, each with its terminator. Linear: each
+    search resumes where the last one stopped, so a chunk of many events costs one pass."""
+    events, start, size = [], 0, len(buf)
+    lf, crlf = buf.find(b"\n\n"), buf.find(b"\n\r\n")
+    while start < size:
+        if 0 <= lf < start:
+            lf = buf.find(b"\n\n", start)
+        if 0 <= crlf < start:
+            crlf = buf.find(b"\n\r\n", start)
+        if lf < 0 and crlf < 0:
+            events.append(buf[start:])
+            break
+        end = lf + 2 if crlf < 0 or 0 <= lf < crlf else crlf + 3
         events.append(buf[start:end])
         start = end
+    return events
 
 
 class EventSplitter:
@@ -91,8 +94,23 @@ class EventSplitter:
 
 def event_data(event: bytes) -> bytes:
     """The event's data lines joined with newlines (the SSE rule)."""
-    lines = DATA_LINE.findall(event)
-    return b"\n".join(lines)
+    parts = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            line = line[6:] if line.startswith(b"data: ") else line[5:]
+            parts.append(line[:-1] if line.endswith(b"\r") else line)
+    return parts[0] if len(parts) == 1 else b"\n".join(parts)
+
+
+def tail_events_start(buf: bytes, count: int) -> int:
+    """Where the last `count` events of `buf` (whole events only) begin."""
+    end = len(buf) - 1  # skip the final terminator
+    for _ in range(count):
+        lf, crlf = buf.rfind(b"\n\n", 0, end), buf.rfind(b"\n\r\n", 0, end)
+        if lf < 0 and crlf < 0:
+            return 0
+        end = max(lf, crlf)
+    return max(end + 2 if buf.startswith(b"\n\n", end) else end + 3, 0)
 
 
 def event_json(event: bytes) -> dict | None:

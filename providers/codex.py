@@ -39,7 +39,7 @@ from ._oauth import (
     pkce_pair,
     token_request,
 )
-from ._openai import OpenAIStream, openai_transformer
+from ._openai import ResponsesCollector, openai_transformer
 
 CONTRACT = 1
 NAME = "codex"
@@ -299,8 +299,7 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     # client's own user agent (an SDK's, say) next to originator=opencode would contradict it.
     headers["user-agent"] = ctx.options["originator"]
     headers.setdefault("originator", ctx.options["originator"])
-    if request.stream:
-        headers["accept"] = "text/event-stream"
+    headers["accept"] = "text/event-stream"  # the backend only streams; see transformer()
     chatgpt_account = account.metadata.get("chatgptAccountId") or account.account_id
     if chatgpt_account:
         headers["chatgpt-account-id"] = chatgpt_account
@@ -309,6 +308,7 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     for field in DROPPED_FIELDS:
         body.pop(field, None)
     body["store"] = False  # the backend refuses to store ChatGPT-plan responses
+    body["stream"] = True  # and refuses non-streaming requests: those are collected by transformer()
     body["input"] = _input_items(body.get("input"))
     body["instructions"] = _instructions(ctx, body)
 
@@ -387,9 +387,15 @@ def _compact_json(body: dict) -> bytes:
         return json.dumps(body, separators=(",", ":")).encode()
 
 
-def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mapping) -> OpenAIStream:
-    """Pass-through with usage; the backend sometimes omits Content-Type on streams."""
-    return openai_transformer("responses", request.stream, headers)
+def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mapping):
+    """Pass-through with usage (the backend sometimes omits Content-Type on streams); a client
+    that did not ask for a stream gets the streamed answer collected into one JSON response."""
+    if request.stream or status >= 400:
+        return openai_transformer("responses", request.stream, headers)
+    content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    if content_type and "text/event-stream" not in content_type.lower():
+        return openai_transformer("responses", False, headers)  # a JSON answer after all
+    return ResponsesCollector()
 
 
 def retry_after(status: int, headers: Mapping, body: bytes) -> Cooldown | None:

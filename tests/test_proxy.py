@@ -312,6 +312,13 @@ async def test_model_prefixes_are_stripped_upstream_and_in_usage(start_kleis, co
     assert row["model"] == "gpt-5.5" and row["request_count"] == 3 and row["success_count"] == 3
 
 
+async def test_json_body_is_read_whatever_the_content_type(start_kleis, codex_fake):
+    kleis, key, _ = await setup(start_kleis, codex_fake)
+    answer = await send(kleis, key, headers={"content-type": "text/plain"})
+    assert answer.status == 200
+    assert upstream_calls(codex_fake)[0].headers["content-type"] == "application/json"
+
+
 # ── 6. Refresh ───────────────────────────────────────────────────────────────
 
 
@@ -374,6 +381,33 @@ async def test_upstream_401_forces_one_refresh_and_retries(start_kleis, codex_fa
     (row,) = await usage_rows(kleis)
     assert row["success_count"] == 1 and row["auth_error_count"] == 0
     assert (await account_row(account["id"]))["last_refresh_status"] == "success"
+
+
+async def test_a_client_leaving_mid_refresh_does_not_break_the_refresh(start_kleis, codex_fake):
+    kleis = await start_kleis()
+    codex_fake.access_ttl = 30
+    account = await kleis.import_account("codex", codex_fake.grant())
+    key, _ = await kleis.create_key(label="laptop")
+    codex_fake.access_ttl = 3600
+    codex_fake.token_delay = 0.5
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):  # the client gives up while Kleis refreshes
+            await send(kleis, key)
+
+    async def refreshed():
+        row = await account_row(account["id"])
+        return row["last_refresh_status"] == "success" and row["refresh_lock_token"] is None and row
+
+    row = await wait_for(refreshed, timeout=3)  # the refresh finished and released its lease
+    assert codex_fake.refresh_calls == 1
+    codex_fake.token_delay = 0
+    answer = await send(kleis, key)
+    assert answer.status == 200, answer.raw
+    assert codex_fake.refresh_calls == 1  # the stored tokens are used, not refreshed again
+    used = upstream_calls(codex_fake)[-1].headers["authorization"].removeprefix("Bearer ")
+    assert kleis.services.vault.open(row["access_token_enc"]) == used
+    rows = await usage_rows(kleis)
+    assert sum(r["cancelled_count"] for r in rows) == 1 and sum(r["success_count"] for r in rows) == 1
 
 
 @pytest.mark.parametrize("when", ["before-use", "after-upstream-401"])
@@ -514,6 +548,30 @@ async def test_account_needing_reauth_is_skipped(start_kleis, codex_fake):
         assert answer.status == 200 and answer.headers["x-kleis-account"] == second["id"]
     assert codex_fake.refresh_calls == 1
     assert (await account_row(first["id"]))["status"] == "needs_reauth"
+
+
+async def test_failover_order_is_primary_then_priority_then_newest(start_kleis, codex_fake):
+    kleis = await start_kleis()
+    ids = {}
+    for name, priority in (("acct_1", 0), ("acct_2", 5), ("acct_3", 1), ("acct_4", 1)):
+        ids[name] = (await kleis.import_account("codex", codex_fake.grant(name), label=name, priority=priority))["id"]
+    key, _ = await kleis.create_key(label="laptop")
+    overloaded = FakeCodex.error_reply(503, "Overloaded.", type="server_error")
+    codex_fake.queue(overloaded, overloaded, overloaded)
+    answer = await send(kleis, key)
+    assert answer.status == 200 and answer.headers["x-kleis-account"] == ids["acct_2"]
+    # acct_1 is primary; acct_3 and acct_4 share priority 1, the newer (acct_4) first; acct_2 last.
+    assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == [
+        "acct_1", "acct_4", "acct_3", "acct_2"]
+
+
+async def test_disabled_accounts_are_not_used(start_kleis, codex_fake):
+    kleis, key, (first, second) = await setup(start_kleis, codex_fake, accounts=2)
+    await kleis.admin("PATCH", f"/admin/accounts/{first['id']}", {"enabled": False}, expect=200)
+    assert (await send(kleis, key)).headers["x-kleis-account"] == second["id"]
+    await kleis.admin("PATCH", f"/admin/accounts/{second['id']}", {"enabled": False}, expect=200)
+    assert_error(await send(kleis, key), 400, "invalid_request_error", "no_account")
+    assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == ["acct_2"]
 
 
 async def test_upstream_down_is_502(start_kleis, codex_fake):
@@ -841,6 +899,21 @@ async def test_openai_sdk_non_streaming(start_kleis, codex_fake, given):
     assert sent["input"] == items and sent["model"] == "gpt-5.5"
     assert sent["store"] is False and "max_output_tokens" not in sent and sent["instructions"]
     assert call.headers["user-agent"] == "opencode"
+    # The backend only streams: Kleis asked for a stream and collected it into one JSON body.
+    assert sent["stream"] is True and call.headers["accept"] == "text/event-stream"
+    rows = await usage_rows(kleis)
+    assert sum(r["input_tokens"] for r in rows) == 100 and sum(r["success_count"] for r in rows) == 1
+
+
+async def test_non_streaming_answer_cut_short_breaks_the_connection(start_kleis, codex_fake):
+    """A collected answer whose stream breaks off is not passed off as a complete response."""
+    kleis, key, _ = await setup(start_kleis, codex_fake)
+    codex_fake.queue(FakeCodex.stream_reply(cut_after=3))
+    client = openai.AsyncOpenAI(base_url=kleis.url + "/openai/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.APIConnectionError):
+        await client.responses.create(model="gpt-5.5", input="hello")
+    rows = await usage_rows(kleis)
+    assert sum(r["incomplete_count"] for r in rows) == 1
 
 
 async def test_openai_sdk_streams_a_tool_call(start_kleis, codex_fake):
@@ -912,3 +985,26 @@ async def test_a_request_with_a_fresh_token_makes_no_database_round_trip(start_k
     assert queries == []
     await kleis.flush()
     assert any("request_usage_buckets" in q for q in queries)  # the counter does see queries
+
+
+async def test_single_account_error_cooldown_is_503_not_rate_limit(start_kleis, codex_fake):
+    """A 5xx is not a rate limit: the next request hears 503 with the cause and a short wait."""
+    kleis, key, (only,) = await setup(start_kleis, codex_fake, accounts=1)
+    codex_fake.queue(FakeCodex.error_reply(502, "Bad gateway upstream.", type="server_error"))
+    first = await send(kleis, key)
+    assert first.status == 502 and first.json["error"]["message"] == "Bad gateway upstream."
+    state = kleis.services.pool.accounts[only["id"]]
+    assert state.cooldown_kind == "error"
+    assert 8_000 <= state.cooldown_until - now_ms() <= 10_000
+    second = await send(kleis, key)
+    assert second.status == 503 and 1 <= int(second.headers["retry-after"]) <= 10
+    assert second.json["error"]["type"] == "server_error" and second.json["error"]["code"] == "accounts_unavailable"
+    assert "HTTP 502" in second.json["error"]["message"]
+    assert len(upstream_calls(codex_fake)) == 1
+
+
+async def test_all_accounts_disabled_says_so(start_kleis, codex_fake):
+    kleis, key, (only,) = await setup(start_kleis, codex_fake, accounts=1)
+    await kleis.admin("PATCH", f"/admin/accounts/{only['id']}", {"enabled": False}, expect=200)
+    answer = await send(kleis, key)
+    assert answer.status == 400 and "every codex account is disabled" in answer.json["error"]["message"]

@@ -362,6 +362,8 @@ def _backend_refusal(body: dict) -> str | None:
         return "Instructions are required"
     if body.get("store") is not False:
         return "Store must be set to false"
+    if body.get("stream") is not True:
+        return "Stream must be set to true"
     if not isinstance(body.get("input"), list):
         return "Input must be a list"
     for field in ("max_output_tokens", "max_completion_tokens"):

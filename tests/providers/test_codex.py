@@ -468,7 +468,7 @@ def test_prepare_without_a_session_sets_no_session_headers(ctx, fake):
                       expires_at=0, metadata={})
     upstream = codex.prepare(ctx, account, request_with({"input": [], "prompt_cache_key": "  "}, headers))
     assert upstream.headers == {
-        "accept": "application/json",
+        "accept": "text/event-stream",  # the backend only streams; Kleis collects for non-stream clients
         "authorization": "Bearer at",
         "content-type": "application/json",
         "user-agent": "opencode",
