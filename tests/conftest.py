@@ -140,13 +140,14 @@ class RunningKleis:
         await self.server.after_stop()
 
 
-def write_config(path: Path, db_url: str, fakes: dict[str, Any], extra: dict | None = None) -> str:
+def write_config(path: Path, db_url: str, fakes: dict[str, Any], extra: dict | None = None,
+                 secret_key: str | None = None) -> str:
     token = "kla_" + secrets.token_hex(16)
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 8787, "first_byte_timeout": 5, "idle_timeout": 5,
                    "response_timeout": 30, "connect_timeout": 2},
         "admin": {"token": token},
-        "security": {"secret_key": secrets.token_urlsafe(24)},
+        "security": {"secret_key": secret_key or secrets.token_urlsafe(24)},
         "database": {"url": db_url},
         "usage": {"flush_interval": 3600.0},  # tests flush explicitly
         "models": {"source_url": "", "refresh_hours": 0},
@@ -175,12 +176,13 @@ async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake, req
         if name in request.fixturenames:
             request.getfixturevalue(name)
     running: list[RunningKleis] = []
+    secret_key = secrets.token_urlsafe(24)  # one per test, so a restarted Kleis reads its own tokens
 
     async def start(db_url: str | None = None, fakes: dict | None = None, **extra) -> RunningKleis:
         if fakes is None:
             fakes = {"codex": codex_fake, "claude": claude_fake, "copilot": copilot_fake}
         path = tmp_path / f"config-{len(running)}.toml"
-        token = write_config(path, db_url or f"sqlite:///{tmp_path}/kleis.db", fakes, extra)
+        token = write_config(path, db_url or f"sqlite:///{tmp_path}/kleis.db", fakes, extra, secret_key)
         settings = kleis.load_settings(path)
         app = kleis.create_app(settings, name=f"kleis_{uuid.uuid4().hex[:10]}")
         sock = kleis.listening_socket("127.0.0.1", 0)  # Sanic reads port=0 as "use 8000"
