@@ -25,32 +25,23 @@ CHAT_FINISH = re.compile(rb'"finish_reason":\s*"')
 MAX_JSON_BODY = 64 * 1024 * 1024
 
 
-def responses_usage(usage: Mapping | None) -> Usage | None:
-    """Usage from a Responses `usage` object (input excludes cached tokens)."""
+def _usage(usage: Mapping | None, input_key: str, output_key: str, details_key: str) -> Usage | None:
     if not isinstance(usage, Mapping):
         return None
-    details = usage.get("input_tokens_details") or {}
+    details = usage.get(details_key) or {}
     cached = to_int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
-    total_in = to_int(usage.get("input_tokens"))
-    return Usage(
-        input_tokens=max(total_in - cached, 0),
-        output_tokens=to_int(usage.get("output_tokens")),
-        cache_read_tokens=cached,
-    )
+    return Usage(input_tokens=max(to_int(usage.get(input_key)) - cached, 0),
+                 output_tokens=to_int(usage.get(output_key)), cache_read_tokens=cached)
+
+
+def responses_usage(usage: Mapping | None) -> Usage | None:
+    """Usage from a Responses `usage` object (input excludes cached tokens)."""
+    return _usage(usage, "input_tokens", "output_tokens", "input_tokens_details")
 
 
 def chat_usage(usage: Mapping | None) -> Usage | None:
     """Usage from a Chat Completions `usage` object (input excludes cached tokens)."""
-    if not isinstance(usage, Mapping):
-        return None
-    details = usage.get("prompt_tokens_details") or {}
-    cached = to_int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
-    total_in = to_int(usage.get("prompt_tokens"))
-    return Usage(
-        input_tokens=max(total_in - cached, 0),
-        output_tokens=to_int(usage.get("completion_tokens")),
-        cache_read_tokens=cached,
-    )
+    return _usage(usage, "prompt_tokens", "completion_tokens", "prompt_tokens_details")
 
 
 class OpenAIStream:

@@ -31,6 +31,7 @@ from . import (
     Upstream,
 )
 from ._oauth import (
+    call_json,
     expires_at_from,
     jwt_claims,
     normalise_epoch_ms,
@@ -146,7 +147,7 @@ async def finish_login(ctx: Context, state: str, data: dict, code: str) -> Token
 
 async def poll_login(ctx: Context, data: dict) -> Tokens:
     """One poll of the device flow; LoginPending until the user approves the code."""
-    status, body = await _call_json(
+    status, body = await call_json(
         ctx, "POST", f"{_auth_url(ctx)}/api/accounts/deviceauth/token",
         json_body={"device_auth_id": data["device_auth_id"], "user_code": data["user_code"]},
         what="Codex device login",
@@ -479,7 +480,7 @@ async def quota(ctx: Context, account: Account) -> dict:
     chatgpt_account = account.metadata.get("chatgptAccountId") or account.account_id
     if chatgpt_account:
         headers["chatgpt-account-id"] = chatgpt_account
-    status, body = await _call_json(ctx, "GET", f"{ctx.options['usage_url'].rstrip('/')}/wham/usage",
+    status, body = await call_json(ctx, "GET", f"{ctx.options['usage_url'].rstrip('/')}/wham/usage",
                                     headers=headers, timeout=10, what="Codex usage")
     if status != 200:
         raise ProviderError(f"Codex usage request failed (HTTP {status})")
@@ -511,27 +512,6 @@ def _usage_window(window: Any) -> dict | None:
 
 
 # ── Small helpers ────────────────────────────────────────────────────────────
-
-
-async def _call_json(ctx: Context, method: str, url: str, *, json_body: Mapping | None = None,
-                     headers: Mapping | None = None, timeout: float = 30,
-                     what: str) -> tuple[int, dict]:
-    """(status, JSON object or {}) for calls whose error statuses mean something to us."""
-    import aiohttp
-
-    try:
-        async with ctx.http.request(method, url, json=json_body,
-                                    headers={"accept": "application/json", **(headers or {})},
-                                    timeout=aiohttp.ClientTimeout(total=timeout, connect=10)) as resp:
-            text = await resp.text()
-            status = resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ProviderError(f"{what} request failed: {type(exc).__name__}") from None
-    try:
-        body = json.loads(text) if text else {}
-    except ValueError:
-        body = {}
-    return status, body if isinstance(body, dict) else {}
 
 
 def _auth_url(ctx: Context) -> str:

@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from . import (
     Account,
     Context,
@@ -31,7 +29,7 @@ from . import (
     Tokens,
     Upstream,
 )
-from ._oauth import oauth_error_code, token_request
+from ._oauth import call_json, oauth_error_code, token_request
 from ._openai import OpenAIStream, openai_transformer
 
 CONTRACT = 1
@@ -65,7 +63,6 @@ DROPPED_HEADERS = {"authorization", "x-api-key", "accept-encoding", "content-len
 QUOTA_CODES = {"quota_exceeded", "insufficient_quota"}
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
 PUBLIC_HOSTS = {"github.com", "www.github.com", "api.github.com"}
-TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
 DAY_MS = 86_400_000
 
 
@@ -154,7 +151,7 @@ async def poll_login(ctx: Context, data: dict) -> Tokens:
         raise LoginFailed("This login has no device code; start the login again.")
     domain = data.get("domain") or None
     github_url, _, _ = endpoints(ctx.options, domain)
-    status, body = await _send(ctx, "POST", f"{github_url}/login/oauth/access_token",
+    status, body = await call_json(ctx, "POST", f"{github_url}/login/oauth/access_token",
                                headers=_github_headers(ctx), what="GitHub token request",
                                json_body={"client_id": ctx.options["client_id"],
                                           "device_code": device_code, "grant_type": DEVICE_GRANT})
@@ -214,7 +211,7 @@ async def _github_user(ctx: Context, token: str, domain: str | None, verify: boo
     headers = {**_github_headers(ctx), "Accept": "application/vnd.github+json",
                "Authorization": f"Bearer {token}"}
     try:
-        status, body = await _send(ctx, "GET", f"{api_url}/user", headers=headers, what="GitHub user lookup")
+        status, body = await call_json(ctx, "GET", f"{api_url}/user", headers=headers, what="GitHub user lookup")
     except ProviderError as exc:
         ctx.log.warning("copilot: %s", exc)
         return None
@@ -224,23 +221,6 @@ async def _github_user(ctx: Context, token: str, domain: str | None, verify: boo
         ctx.log.warning("copilot: GitHub user lookup answered HTTP %s", status)
         return None
     return body
-
-
-async def _send(ctx: Context, method: str, url: str, *, headers: Mapping, what: str,
-                json_body: Mapping | None = None) -> tuple[int, dict]:
-    """One GitHub call: (status, JSON object or {}). GitHub answers device-flow errors with 200
-    and an `error` field, so the caller inspects the body whatever the status."""
-    try:
-        async with ctx.http.request(method, url, json=json_body, headers=dict(headers), timeout=TIMEOUT) as resp:
-            status = resp.status
-            text = await resp.text()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ProviderError(f"{what} failed: {type(exc).__name__}") from None
-    try:
-        body = json.loads(text) if text else {}
-    except ValueError:
-        body = {}
-    return status, body if isinstance(body, dict) else {}
 
 
 # ── Import ───────────────────────────────────────────────────────────────────
