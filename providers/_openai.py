@@ -44,6 +44,12 @@ def chat_usage(usage: Mapping | None) -> Usage | None:
     return _usage(usage, "prompt_tokens", "completion_tokens", "prompt_tokens_details")
 
 
+def terminal_payload(event: bytes) -> dict | None:
+    """The JSON of a Responses event that ends the response (completed, done, failed,
+    incomplete, error), else None."""
+    return event_json(event) if RESPONSES_TERMINAL.search(event) else None
+
+
 class OpenAIStream:
     """Pass-through transformer for `responses` and `chat_completions` endpoints."""
 
@@ -99,15 +105,12 @@ class OpenAIStream:
 
     def _inspect(self, event: bytes) -> None:
         if self.endpoint == "responses":
-            if not RESPONSES_TERMINAL.search(event):
-                return
-            payload = event_json(event)
-            if payload is None:
-                return
-            self.terminal = True
-            response = payload.get("response")
-            if isinstance(response, Mapping):
-                self.usage = responses_usage(response.get("usage")) or self.usage
+            payload = terminal_payload(event)
+            if payload is not None:
+                self.terminal = True
+                response = payload.get("response")
+                if isinstance(response, Mapping):
+                    self.usage = responses_usage(response.get("usage")) or self.usage
             return
         # chat completions
         if b"[DONE]" in event and event_json(event) is None:
@@ -169,9 +172,7 @@ class ResponsesCollector:
         return b""
 
     def _event(self, event: bytes) -> None:
-        if not RESPONSES_TERMINAL.search(event):
-            return
-        payload = event_json(event)
+        payload = terminal_payload(event)
         if payload is None:
             return
         self.terminal = True

@@ -4,20 +4,15 @@ shaping on captured OpenCode requests, and the response transformer."""
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # `pytest tests/providers/test_claude.py` without a root conftest
-    sys.path.insert(0, str(ROOT))
+import aiohttp
+import pytest
 
-import aiohttp  # noqa: E402
-import pytest  # noqa: E402
-
-import providers  # noqa: E402
-from providers import (  # noqa: E402
+import providers
+from providers import (
     Account,
     Context,
     Cooldown,
@@ -27,19 +22,18 @@ from providers import (  # noqa: E402
     Usage,
     claude,
 )
-from tests.fakes import sse  # noqa: E402
-from tests.fakes.claude import DEFAULT_EMAIL, DEFAULT_UUID, FakeClaude, challenge_of  # noqa: E402
+from tests.fakes import sse
+from tests.fakes.claude import DEFAULT_EMAIL, DEFAULT_UUID, FakeClaude, challenge_of
 
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
 BETAS = "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"
 
 
 @pytest.fixture
-async def fake():
-    server = await FakeClaude().start()
-    yield server
-    await server.stop()
+def fake(claude_fake):
+    return claude_fake
 
 
 @pytest.fixture

@@ -38,16 +38,8 @@ BUNDLED_INSTRUCTIONS = (Path(codex.__file__).with_name("codex_instructions.md"))
 
 
 @pytest.fixture
-async def fake():
-    server = await FakeCodex().start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
+def fake(codex_fake):
+    return codex_fake
 
 
 @pytest.fixture

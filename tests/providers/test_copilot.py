@@ -25,7 +25,6 @@ from providers import (
 )
 from tests.fakes import Reply
 from tests.fakes.copilot import (
-    FakeCopilot,
     chat_json_reply,
     chat_stream_reply,
     error_reply,
@@ -41,10 +40,8 @@ SESSION = "ses_de1a5af32ffeSoWcpKfsR2Kf32"
 
 
 @pytest.fixture
-async def fake():
-    server = await FakeCopilot().start()
-    yield server
-    await server.stop()
+def fake(copilot_fake):
+    return copilot_fake
 
 
 @pytest.fixture
