@@ -214,3 +214,36 @@ async def test_metrics_needs_a_token_and_counts_requests(start_kleis, http, code
         assert 'kleis_ttfb_seconds_count{provider="codex"} 1' in text
         assert 'kleis_accounts{provider="codex",status="ok"} 1' in text
         assert "kleis_usage_queue_depth 1" in text and "kleis_open_streams 0" in text
+
+
+async def test_no_openapi_docs_and_no_cors(start_kleis, http):
+    """sanic-ext stays off: no /docs on a home server, no permissive CORS on the admin API."""
+    k = await start_kleis()
+    for path in ("/docs", "/docs/swagger", "/docs/openapi.json"):
+        async with http.get(k.url + path) as resp:
+            assert resp.status == 404, path
+    headers = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    async with http.options(k.url + "/admin/keys", headers=headers) as resp:
+        assert "access-control-allow-origin" not in resp.headers
+    async with http.get(k.url + "/admin/keys", headers={**k.admin_headers, "Origin": "https://evil.example"}) as resp:
+        assert resp.status == 200 and "access-control-allow-origin" not in resp.headers
+
+
+async def test_forwarded_for_is_ignored_unless_trusted(start_kleis, http):
+    bad = {"Authorization": "Bearer nope"}
+    k = await start_kleis(security={"admin_max_failures": 2})
+    # Untrusted: a client cannot dodge the lockout by inventing X-Forwarded-For addresses.
+    for i in range(2):
+        async with http.get(k.url + "/admin/keys", headers={**bad, "X-Forwarded-For": f"10.0.0.{i}"}) as resp:
+            assert resp.status == 401
+    async with http.get(k.url + "/admin/keys", headers={**k.admin_headers, "X-Forwarded-For": "10.0.0.9"}) as resp:
+        assert resp.status == 429
+    # Trusted (behind the owner's proxy): each forwarded client has its own count.
+    t = await start_kleis(server={"trust_forwarded": True}, security={"admin_max_failures": 2})
+    for _ in range(2):
+        async with http.get(t.url + "/admin/keys", headers={**bad, "X-Forwarded-For": "10.0.0.1"}) as resp:
+            assert resp.status == 401
+    async with http.get(t.url + "/admin/keys", headers={**t.admin_headers, "X-Forwarded-For": "10.0.0.1"}) as resp:
+        assert resp.status == 429
+    async with http.get(t.url + "/admin/keys", headers={**t.admin_headers, "X-Forwarded-For": "10.0.0.2"}) as resp:
+        assert resp.status == 200

@@ -122,3 +122,50 @@ async def test_serve_creates_config_and_stops_cleanly_keeping_usage(tmp_path):
         (count,) = db.execute("SELECT SUM(request_count) FROM request_usage_buckets").fetchone()
     assert count == 3
     assert startup < 10
+
+
+def config_with(tmp_path, providers: dict) -> Path:
+    import tomli_w
+
+    config = tmp_path / "config.toml"
+    config.write_text(tomli_w.dumps({
+        "security": {"secret_key": "k" * 32}, "admin": {"token": "kla_test"},
+        "models": {"source_url": ""}, "providers": providers}))
+    return config
+
+
+async def test_accounts_login_device_flow(tmp_path, copilot_fake):
+    """`accounts login copilot` shows the code, polls GitHub, and stores the account."""
+    import asyncio
+
+    copilot_fake.device_interval = 0.05
+    config = config_with(tmp_path, {"copilot": copilot_fake.options()})
+    proc = await asyncio.create_subprocess_exec(*KLEIS, "--config", str(config), "accounts", "login", "copilot",
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    deadline = asyncio.get_running_loop().time() + 20
+    while not copilot_fake.calls("/login/oauth/access_token"):
+        assert asyncio.get_running_loop().time() < deadline, "the CLI never polled"
+        await asyncio.sleep(0.05)
+    copilot_fake.approve_device(login="octo", user_id=42)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert copilot_fake.devices and "copilot account" in text and "octo" in text
+    accounts = json.loads(run("accounts", "list", "--json", config=config).stdout)
+    assert [(a["provider"], a["accountId"]) for a in accounts] == [("copilot", "42")]
+
+
+def test_rotate_secret_reencrypts_tokens(tmp_path):
+    config = config_with(tmp_path, {})
+    auth = ROOT / "tests" / "data" / "codex-cli-auth.json"
+    run("accounts", "import", "codex", str(auth), config=config)
+    rotated = run("rotate-secret", config=config, env={"KLEIS_NEW_SECRET_KEY": "n" * 32})
+    assert rotated.stdout.strip().splitlines()[-1] == "n" * 32
+    # The old key no longer opens the tokens; the new one does (via the environment).
+    old = run("accounts", "list", "--json", config=config)
+    assert json.loads(old.stdout) == [] and "secret_key changed" in old.stderr
+    listed = run("accounts", "list", "--json", config=config, env={"KLEIS_SECRET_KEY": "n" * 32})
+    assert json.loads(listed.stdout)[0]["accountId"] == "acct_file"
+    with sqlite3.connect(tmp_path / "kleis.db") as db:
+        (sealed,) = db.execute("SELECT refresh_token_enc FROM provider_accounts").fetchone()
+    assert "rt_file_fake_refresh" not in sealed
