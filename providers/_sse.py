@@ -125,6 +125,12 @@ def event_json(event: bytes) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def compact_json(value) -> bytes:
+    """Compact JSON bytes. ASCII-escaped on purpose: the same JSON to any parser, twice as fast
+    to encode in CPython as ensure_ascii=False, and immune to lone surrogates from clients."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def sse_frame(payload: dict, event: str | None = None) -> bytes:
     """One SSE event carrying `payload` as compact JSON."""
     head = f"event: {event}\n" if event else ""

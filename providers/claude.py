@@ -32,7 +32,7 @@ from . import (
     Usage,
 )
 from ._oauth import expires_at_from, normalise_epoch_ms, parse_pasted_code, pkce_pair, token_request
-from ._sse import EventSplitter, event_json, is_sse, split_events, sse_frame, to_int
+from ._sse import EventSplitter, compact_json, event_json, is_sse, split_events, sse_frame, to_int
 
 CONTRACT = 1
 NAME = "claude"
@@ -314,7 +314,7 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     headers.setdefault("content-type", "application/json")
     body = shape_body(request.body, options["system_identity"], options["tool_prefix"])
     return Upstream(
-        url=f"{options['api_url'].rstrip('/')}/v1/messages?{query}", headers=headers, body=compact(body)
+        url=f"{options['api_url'].rstrip('/')}/v1/messages?{query}", headers=headers, body=compact_json(body)
     )
 
 
@@ -460,10 +460,6 @@ def client_tool_names(body: Mapping, prefix: str) -> dict[str, str]:
     return restore
 
 
-def compact(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 # ── Responses ────────────────────────────────────────────────────────────────
 
 
@@ -571,7 +567,7 @@ class ClaudeStream:
             return raw
         read_usage(self.usage, payload.get("usage"))
         if self._marker in raw and self._restore(payload):
-            return compact(payload)
+            return compact_json(payload)
         return raw
 
     def _restore(self, value: Any) -> bool:
@@ -604,7 +600,7 @@ def _with_data(event: bytes, payload: dict) -> bytes:
     last = max(i for i, line in enumerate(lines) if line.startswith(b"data:"))
     ending = lines[last][len(lines[last].rstrip(b"\r\n")) :]
     out = [line for line in lines[:last] if not line.startswith(b"data:")]
-    out.append(b"data: " + compact(payload) + ending)
+    out.append(b"data: " + compact_json(payload) + ending)
     out += lines[last + 1 :]
     return b"".join(out)
 

@@ -41,6 +41,7 @@ from ._oauth import (
     token_request,
 )
 from ._openai import ResponsesCollector, openai_transformer
+from ._sse import compact_json
 
 CONTRACT = 1
 NAME = "codex"
@@ -326,7 +327,7 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
         body.pop("prompt_cache_key", None)  # blank or not a string: only an upstream 400
 
     return Upstream(url=f"{ctx.options['api_url'].rstrip('/')}/responses", headers=headers,
-                    body=_compact_json(body))
+                    body=compact_json(body))
 
 
 def _input_items(value: Any) -> Any:
@@ -379,13 +380,6 @@ def _default_instructions(path: str) -> str:
         return file.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ProviderError(f"codex instructions_file {str(file)!r} cannot be read: {exc.strerror}") from None
-
-
-def _compact_json(body: dict) -> bytes:
-    try:
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    except UnicodeEncodeError:  # a lone surrogate escape from the client: keep it escaped
-        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mapping):

@@ -31,6 +31,7 @@ from . import (
 )
 from ._oauth import call_json, oauth_error_code, token_request
 from ._openai import OpenAIStream, openai_transformer
+from ._sse import compact_json
 
 CONTRACT = 1
 NAME = "copilot"
@@ -374,8 +375,7 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
         if options.get("include_usage") is not True:
             # without it a chat stream carries no usage at all
             body = {**body, "stream_options": {**options, "include_usage": True}}
-    payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    return Upstream(url=url, headers=headers, body=payload)
+    return Upstream(url=url, headers=headers, body=compact_json(body))
 
 
 def classify(endpoint: str, body: Mapping) -> tuple[str, bool]:

@@ -287,7 +287,7 @@ async def test_opencode_turns_replayed(start_kleis, claude_fake, http):
     thinking, tool_use = turn2["messages"][1]["content"]
     # thinking and its signature byte-identical in what Anthropic received
     assert assistant[0] == thinking
-    compact = json.dumps(thinking, separators=(",", ":"), ensure_ascii=False).encode()
+    compact = json.dumps(thinking, separators=(",", ":")).encode()
     assert compact in history.body
     assert assistant[1] == {**tool_use, "name": "mcp_Glob"}
     assert history.json["messages"][2] == turn2["messages"][2]  # the tool_result untouched

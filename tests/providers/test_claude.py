@@ -340,7 +340,7 @@ def test_prepare_opencode_sample(ctx, fake, turn):
         "x-app": "cli",
     }
     body = json.loads(up.body)
-    assert up.body == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    assert up.body == json.dumps(body, separators=(",", ":")).encode()
 
     system = body["system"]
     assert system[0] == {"type": "text", "text": IDENTITY}

@@ -372,7 +372,7 @@ async def test_prepare_opencode_turn1(ctx, fake, http):
     sent = json.loads(upstream.body)
     assert sent == expected
     assert sent["instructions"].startswith("You are OpenCode")
-    assert upstream.body == json.dumps(sent, separators=(",", ":"), ensure_ascii=False).encode()
+    assert upstream.body == json.dumps(sent, separators=(",", ":")).encode()
 
     status, _, _ = await send(http, upstream)
     assert status == 200

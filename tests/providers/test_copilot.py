@@ -378,7 +378,7 @@ def test_prepare_opencode_chat_samples(ctx, fake, turn, initiator):
         "x-initiator": initiator,
     }
     assert json.loads(up.body) == sample(turn)["body"]
-    assert up.body == json.dumps(sample(turn)["body"], separators=(",", ":"), ensure_ascii=False).encode()
+    assert up.body == json.dumps(sample(turn)["body"], separators=(",", ":")).encode()
     assert json.loads(up.body)["stream_options"] == {"include_usage": True}
     assert request.body == before
     assert copilot.session_key(request) == SESSION
