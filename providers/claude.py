@@ -9,6 +9,7 @@ Responses get the client's own tool names back, one SSE event at a time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -379,6 +380,7 @@ ENV_SENTENCE = "Here is some useful information about the environment you are ru
 DIRECTORIES_TAG = re.compile(r"<directories>\r?\n\s*", re.I)
 
 
+@functools.lru_cache(maxsize=64)  # agents resend the same system prompt every turn
 def sanitize(text: str) -> str:
     text = REPO_LINE.sub(r"\1https://github.com/anomalyco/project", text)
     text = text.replace(ENV_SENTENCE, "Here is useful information about the environment you are running in:")
