@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 
 from . import Usage
-from ._sse import EventSplitter, event_json, is_sse, next_boundary_end, sse_frame, tail_events_start, to_int
+from ._sse import EventSplitter, event_json, is_sse, marked_events, sse_frame, tail_events_start, to_int
 
 # Responses API: events that end a response (and carry its usage).
 RESPONSES_TERMINAL = re.compile(
@@ -75,24 +75,12 @@ class OpenAIStream:
         return out
 
     def _scan(self, out: bytes) -> None:
-        """Inspect only the events around a marker (substring searches run at memchr speed;
-        a few events per stream can end it or carry usage, not every delta)."""
+        """Inspect only the events that may end the stream or carry usage. They come last, so
+        a chunk holding many events only has its last three searched."""
         markers = RESPONSES_MARKERS if self.endpoint == "responses" else CHAT_MARKERS
-        # The events that end a stream or carry its usage are its last ones, so a chunk holding
-        # many events only has its last three searched.
-        seen = -1
         region = tail_events_start(out, 3) if len(out) > 2048 else 0
-        for marker in markers:
-            pos = out.find(marker, region)
-            while pos >= 0:
-                lf, crlf = out.rfind(b"\n\n", 0, pos), out.rfind(b"\n\r\n", 0, pos)
-                start = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
-                end = next_boundary_end(out, pos)
-                end = len(out) if end < 0 else end
-                if start != seen:  # two markers in one event: inspect it once
-                    self._inspect(out[start:end])
-                    seen = start
-                pos = out.find(marker, end)
+        for start, end in marked_events(out, markers, region):
+            self._inspect(out[start:end])
 
     def close(self) -> bytes:
         if not self.is_sse:

@@ -25,6 +25,27 @@ def next_boundary_end(buf: bytes, start: int = 0) -> int:
     return lf + 2
 
 
+def event_start(buf: bytes, pos: int) -> int:
+    """Where the event holding byte `pos` begins (just past the blank line before it)."""
+    lf, crlf = buf.rfind(b"\n\n", 0, pos), buf.rfind(b"\n\r\n", 0, pos)
+    return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+
+
+def marked_events(buf: bytes, markers: tuple[bytes, ...], region: int = 0) -> list[tuple[int, int]]:
+    """(start, end) of each event in `buf` (whole events only) that contains one of `markers`
+    at or after `region`, in order, each once. Substring searches run at memchr speed, so a
+    chunk of many events costs a few passes, not an event-by-event parse."""
+    spans: dict[int, int] = {}
+    for marker in markers:
+        pos = buf.find(marker, region)
+        while pos >= 0:
+            end = next_boundary_end(buf, pos)
+            end = len(buf) if end < 0 else end
+            spans[event_start(buf, pos)] = end
+            pos = buf.find(marker, end)
+    return sorted(spans.items())
+
+
 def last_boundary_end(buf: bytes) -> int:
     """The index just past the last blank line in `buf`, or -1."""
     lf = buf.rfind(b"\n\n")

@@ -33,7 +33,7 @@ from . import (
     Usage,
 )
 from ._oauth import expires_at_from, normalise_epoch_ms, parse_pasted_code, pkce_pair, token_request
-from ._sse import EventSplitter, compact_json, event_json, is_sse, split_events, sse_frame, to_int
+from ._sse import EventSplitter, compact_json, event_json, is_sse, marked_events, sse_frame, to_int
 
 CONTRACT = 1
 NAME = "claude"
@@ -498,6 +498,8 @@ class ClaudeStream:
         self._names: dict[str, str] | None = None
         self._prefix = prefix
         self._marker = b'"' + prefix.encode()
+        # Events worth parsing: usage carriers, the end, errors, and prefixed tool names.
+        self._markers = (b"message_start", b"message_delta", b"message_stop", b'"error"', self._marker)
         self._splitter = EventSplitter()
         self._body = bytearray()
 
@@ -506,9 +508,15 @@ class ClaudeStream:
             # Only whole events go out. Most chunks are text deltas: one regex search and two
             # substring tests over the chunk, and it passes through untouched.
             out = self._splitter.whole(chunk)
-            if out and (WATCHED.search(out) or (self._marker in out and TOOL_USE in out)):
-                return b"".join(self._event(event) for event in split_events(out))
-            return out
+            spans = marked_events(out, self._markers) if out else ()
+            if not spans:
+                return out
+            pieces, pos = [], 0
+            for start, end in spans:  # only these events are parsed; the rest pass untouched
+                pieces += (out[pos:start], self._event(out[start:end]))
+                pos = end
+            pieces.append(out[pos:])
+            return b"".join(pieces)
         if self.mode == "json":
             self._body += chunk
             return b""
