@@ -247,3 +247,20 @@ async def test_forwarded_for_is_ignored_unless_trusted(start_kleis, http):
         assert resp.status == 429
     async with http.get(t.url + "/admin/keys", headers={**t.admin_headers, "X-Forwarded-For": "10.0.0.2"}) as resp:
         assert resp.status == 200
+
+
+async def test_account_quota_is_fetched_on_demand_and_cached(start_kleis, codex_fake, copilot_fake):
+    k = await start_kleis()
+    account = await k.import_account("codex", codex_fake.grant(account_id="acct_q"))
+    _, body = await k.admin("GET", f"/admin/accounts/{account['id']}/quota", expect=200)
+    quota = body["quota"]
+    assert quota["error"] is None and quota["fetchedAt"]
+    assert quota["data"]["planType"] == "plus"
+    assert quota["data"]["primaryWindow"]["usedPercent"] == 12
+    (call,) = codex_fake.calls("/wham/usage")
+    assert call.headers["chatgpt-account-id"] == "acct_q" and call.headers["authorization"].startswith("Bearer ")
+    await k.admin("GET", f"/admin/accounts/{account['id']}/quota", expect=200)
+    assert len(codex_fake.calls("/wham/usage")) == 1  # cached for 60 s
+    copilot = await k.import_account("copilot", copilot_fake.grant())
+    _, body = await k.admin("GET", f"/admin/accounts/{copilot['id']}/quota", expect=200)
+    assert body == {"quota": None}  # Copilot has no quota endpoint
