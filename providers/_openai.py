@@ -50,6 +50,25 @@ def terminal_payload(event: bytes) -> dict | None:
     return event_json(event) if RESPONSES_TERMINAL.search(event) else None
 
 
+_DECODER = json.JSONDecoder()
+
+
+def terminal_usage(event: bytes) -> Usage | None:
+    """Usage of a terminal Responses event without parsing the whole response (whose `output`
+    repeats everything streamed): decode just the object after the last `"usage":`."""
+    at = event.rfind(b'"usage":')
+    if at < 0:
+        return None
+    text = event[at + 8:].decode("utf-8", "replace").lstrip()
+    try:
+        value, _ = _DECODER.raw_decode(text)
+    except ValueError:
+        payload = event_json(event)
+        response = payload.get("response") if payload else None
+        return responses_usage(response.get("usage")) if isinstance(response, Mapping) else None
+    return responses_usage(value)
+
+
 class OpenAIStream:
     """Pass-through transformer for `responses` and `chat_completions` endpoints."""
 
@@ -93,12 +112,9 @@ class OpenAIStream:
 
     def _inspect(self, event: bytes) -> None:
         if self.endpoint == "responses":
-            payload = terminal_payload(event)
-            if payload is not None:
+            if RESPONSES_TERMINAL.search(event):
                 self.terminal = True
-                response = payload.get("response")
-                if isinstance(response, Mapping):
-                    self.usage = responses_usage(response.get("usage")) or self.usage
+                self.usage = terminal_usage(event) or self.usage
             return
         # chat completions
         if b"[DONE]" in event and event_json(event) is None:

@@ -11,13 +11,14 @@ from collections.abc import Iterator
 
 # An event ends at a blank line, and each of its two newlines may be LF or CRLF. Every such
 # boundary contains b"\n\n" or b"\n\r\n"; two bytes.find calls beat a regex that has to look
-# at every byte (this runs on every chunk of every stream).
+# at every byte (this runs on every chunk of every stream). Most upstreams send LF only, and a
+# memchr for b"\r" lets the CRLF search be skipped entirely then.
 
 
 def next_boundary_end(buf: bytes, start: int = 0) -> int:
     """The index just past the first blank line at or after `start`, or -1."""
     lf = buf.find(b"\n\n", start)
-    crlf = buf.find(b"\n\r\n", start)
+    crlf = buf.find(b"\n\r\n", start) if b"\r" in buf else -1
     if crlf < 0:
         return lf + 2 if lf >= 0 else -1
     if lf < 0 or crlf < lf:
@@ -27,7 +28,8 @@ def next_boundary_end(buf: bytes, start: int = 0) -> int:
 
 def event_start(buf: bytes, pos: int) -> int:
     """Where the event holding byte `pos` begins (just past the blank line before it)."""
-    lf, crlf = buf.rfind(b"\n\n", 0, pos), buf.rfind(b"\n\r\n", 0, pos)
+    lf = buf.rfind(b"\n\n", 0, pos)
+    crlf = buf.rfind(b"\n\r\n", 0, pos) if b"\r" in buf else -1
     return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
 
 
@@ -49,6 +51,8 @@ def marked_events(buf: bytes, markers: tuple[bytes, ...], region: int = 0) -> li
 def last_boundary_end(buf: bytes) -> int:
     """The index just past the last blank line in `buf`, or -1."""
     lf = buf.rfind(b"\n\n")
+    if b"\r" not in buf:
+        return lf + 2 if lf >= 0 else -1
     crlf = buf.rfind(b"\n\r\n")
     return max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
 
@@ -126,8 +130,10 @@ def event_data(event: bytes) -> bytes:
 def tail_events_start(buf: bytes, count: int) -> int:
     """Where the last `count` events of `buf` (whole events only) begin."""
     end = len(buf) - 1  # skip the final terminator
+    has_cr = b"\r" in buf
     for _ in range(count):
-        lf, crlf = buf.rfind(b"\n\n", 0, end), buf.rfind(b"\n\r\n", 0, end)
+        lf = buf.rfind(b"\n\n", 0, end)
+        crlf = buf.rfind(b"\n\r\n", 0, end) if has_cr else -1
         if lf < 0 and crlf < 0:
             return 0
         end = max(lf, crlf)
