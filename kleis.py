@@ -6,9 +6,9 @@ Other:  python kleis.py init | check | keys create|list|revoke | accounts list|l
 
 This file is the composition root. It reads top to bottom: errors, store, providers, keys,
 accounts, usage, proxy, discovery, admin API, app, CLI. Each section only uses what comes before
-it. Settings and secrets (pure, tested on their own) are in settings.py; model-registry
-composition is in discovery.py; provider adapters live in providers/ and meet
-providers/__init__.py.
+it. Three pure, separately tested parts live beside it: settings.py (config and secrets),
+usage.py (outcome classification, metrics, report arithmetic) and discovery.py (the model
+registry). Provider adapters live in providers/ and meet providers/__init__.py.
 """
 
 from __future__ import annotations
@@ -66,6 +66,17 @@ from settings import (
     new_id,
     setup_logging,
     write_new_config,
+)
+from usage import (
+    LAST_AT,
+    MAX_LATENCY,
+    USAGE_COUNTERS,
+    C,
+    Metrics,
+    Outcome,
+    averaged,
+    camel,
+    classify,
 )
 
 VERSION = "0.1.0"
@@ -198,14 +209,6 @@ class OAuthStateRow(BaseModel):
 
     class Meta:
         table_name = "oauth_states"
-
-
-USAGE_COUNTERS = (
-    "request_count", "success_count", "client_error_count", "server_error_count", "auth_error_count",
-    "rate_limit_count", "proxy_error_count", "upstream_error_count", "incomplete_count", "cancelled_count",
-    "total_latency_ms", "total_duration_ms", "input_tokens", "output_tokens", "cache_read_tokens",
-    "cache_write_tokens",
-)  # fmt: skip
 
 
 class UsageBucketRow(BaseModel):
@@ -1016,115 +1019,6 @@ class AccountPool:
 # upserts every flush_interval and drains on shutdown.
 
 
-@dataclass
-class Outcome:
-    """One finished proxied request."""
-
-    key_id: str
-    provider: str
-    endpoint: str
-    model: str = ""
-    account_id: str = "__missing__"
-    status: int = 0
-    source: str = "proxy"  # "proxy": Kleis answered; "upstream": the provider's status was relayed
-    ttfb_ms: int = 0
-    duration_ms: int = 0
-    usage: providers.Usage | None = None
-    incomplete: bool = False
-    cancelled: bool = False
-
-
-C = {name: i for i, name in enumerate(USAGE_COUNTERS)}
-MAX_LATENCY, LAST_AT = len(USAGE_COUNTERS), len(USAGE_COUNTERS) + 1
-
-
-def classify(outcome: Outcome) -> dict[str, int]:
-    """Mutually exclusive outcome counters (prior art §5.2, plus incomplete and cancelled:
-    a cancelled request is neither a success nor an error; a cut stream is an upstream error)."""
-    status, counts = outcome.status, {"request_count": 1}
-    if outcome.cancelled:
-        counts["cancelled_count"] = 1
-        return counts
-    if outcome.incomplete:
-        counts.update(incomplete_count=1, server_error_count=1, upstream_error_count=1)
-        return counts
-    if 200 <= status < 400:
-        counts["success_count"] = 1
-        return counts
-    if status == 429:
-        counts["rate_limit_count"] = 1
-        return counts
-    if status in (401, 403):
-        counts["auth_error_count"] = 1
-    elif 400 <= status < 500:
-        counts["client_error_count"] = 1
-    else:
-        counts["server_error_count"] = 1
-    counts["proxy_error_count" if outcome.source == "proxy" else "upstream_error_count"] = 1
-    return counts
-
-
-class Metrics:
-    """In-process counters and histograms for /metrics (Prometheus text format)."""
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.ttfb: dict[str, list[float]] = {}
-        self.duration: dict[str, list[float]] = {}
-
-    def observe(self, outcome: Outcome) -> None:
-        klass = "cancelled" if outcome.cancelled else "incomplete" if outcome.incomplete else f"{outcome.status // 100}xx"
-        key = (outcome.provider, outcome.endpoint, klass)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self._add(self.ttfb, outcome.provider, outcome.ttfb_ms / 1000)
-        self._add(self.duration, outcome.provider, outcome.duration_ms / 1000)
-
-    def _add(self, table: dict[str, list[float]], provider: str, seconds: float) -> None:
-        row = table.get(provider)
-        if row is None:
-            row = table[provider] = [0.0] * (len(self.BUCKETS) + 2)  # buckets, +Inf, sum
-        for i, bound in enumerate(self.BUCKETS):
-            if seconds <= bound:
-                row[i] += 1
-        row[-2] += 1
-        row[-1] += seconds
-
-    def render(self, services: Services) -> str:
-        lines = ["# TYPE kleis_requests_total counter"]
-        for (provider, endpoint, klass), count in sorted(self.requests.items()):
-            lines.append(f'kleis_requests_total{{provider="{provider}",endpoint="{endpoint}",status="{klass}"}} {count}')
-        for name, table in (("kleis_ttfb_seconds", self.ttfb), ("kleis_duration_seconds", self.duration)):
-            lines.append(f"# TYPE {name} histogram")
-            for provider, row in sorted(table.items()):
-                for bound, count in zip((*self.BUCKETS, "+Inf"), row[:-1], strict=True):
-                    lines.append(f'{name}_bucket{{provider="{provider}",le="{bound}"}} {int(count)}')
-                lines.append(f'{name}_sum{{provider="{provider}"}} {row[-1]:.6f}')
-                lines.append(f'{name}_count{{provider="{provider}"}} {int(row[-2])}')
-        lines.append("# TYPE kleis_open_streams gauge")
-        lines.append(f"kleis_open_streams {services.proxy.open_streams if services.proxy else 0}")
-        lines.append("# TYPE kleis_refresh_total counter")
-        for outcome, count in sorted(services.pool.refresh_outcomes.items()):
-            lines.append(f'kleis_refresh_total{{outcome="{outcome}"}} {count}')
-        usage = services.usage
-        lines += ["# TYPE kleis_usage_queue_depth gauge", f"kleis_usage_queue_depth {usage.depth}",
-                  "# TYPE kleis_usage_dropped_total counter", f"kleis_usage_dropped_total {usage.dropped}",
-                  "# TYPE kleis_usage_flush_failures_total counter",
-                  f"kleis_usage_flush_failures_total {usage.flush_failures}",
-                  "# TYPE kleis_usage_flush_lag_seconds gauge",
-                  f"kleis_usage_flush_lag_seconds {max(0, services.now() - usage.last_flush_ms) / 1000:.3f}"]
-        accounts = services.pool.accounts.values()
-        lines.append("# TYPE kleis_accounts gauge")
-        counts: dict[tuple[str, str], int] = {}
-        for account in accounts:
-            key = (account.provider, account.view_status(services.now()))
-            counts[key] = counts.get(key, 0) + 1
-        for (provider, status), count in sorted(counts.items()):
-            lines.append(f'kleis_accounts{{provider="{provider}",status="{status}"}} {count}')
-        return "\n".join(lines) + "\n"
-
-
 class UsageQueue:
     """Adds up outcomes per (minute, key, account, provider, endpoint, model) in memory."""
 
@@ -1230,32 +1124,6 @@ async def purge_expired(retention_days: int, now: int) -> None:
     if retention_days > 0:
         await UsageBucketRow.delete().where(UsageBucketRow.bucket_start < now - retention_days * 86_400_000).aio_execute()
     await OAuthStateRow.delete().where(OAuthStateRow.expires_at < now - 86_400_000).aio_execute()
-
-
-def averaged(sums: Mapping[str, int]) -> dict:
-    """AveragedTotals (prior art §5.5) from summed counters."""
-    requests = sums.get("request_count", 0) or 0
-    success = sums.get("success_count", 0) or 0
-    proxy = sums.get("proxy_error_count", 0) or 0
-    upstream = sums.get("upstream_error_count", 0) or 0
-    failures = (sums.get("client_error_count", 0) or 0) + (sums.get("server_error_count", 0) or 0) + (
-        sums.get("auth_error_count", 0) or 0)
-    unattributed = max(0, failures - proxy - upstream)
-    scored = success + proxy + unattributed
-    out = {camel(n): int(sums.get(n, 0) or 0) for n in USAGE_COUNTERS if n not in ("total_latency_ms", "total_duration_ms")}
-    out.update(
-        successRate=round(100 * success / scored) if scored else None,
-        avgLatencyMs=round((sums.get("total_latency_ms", 0) or 0) / requests) if requests else 0,
-        avgDurationMs=round((sums.get("total_duration_ms", 0) or 0) / requests) if requests else 0,
-        maxLatencyMs=int(sums.get("max_latency_ms", 0) or 0),
-        lastRequestAt=sums.get("last_request_at"),
-    )
-    return out
-
-
-def camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
 
 
 async def usage_report(where: peewee.Expression, window_ms: int, now: int, group: str | None = None) -> dict:
@@ -2384,7 +2252,16 @@ def create_app(settings: Settings, services: Services | None = None, name: str =
         given = match.group(1).encode() if match else b""
         if not (token and hmac.compare_digest(given, token.encode())):
             require_admin(services, request)
-        return sanic_response.text(services.metrics.render(services), content_type="text/plain; version=0.0.4")
+        now, usage_queue = services.now(), services.usage
+        accounts: dict[tuple[str, str], int] = {}
+        for account in services.pool.accounts.values():
+            key = (account.provider, account.view_status(now))
+            accounts[key] = accounts.get(key, 0) + 1
+        text = services.metrics.render(
+            open_streams=proxy.open_streams, refresh_outcomes=services.pool.refresh_outcomes,
+            queue_depth=usage_queue.depth, dropped=usage_queue.dropped, flush_failures=usage_queue.flush_failures,
+            flush_lag_s=max(0, now - usage_queue.last_flush_ms) / 1000, accounts=accounts)
+        return sanic_response.text(text, content_type="text/plain; version=0.0.4")
 
     @app.get("/readyz")
     async def readyz(request):
