@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
+import faulthandler
 import hashlib
 import hmac
 import importlib.util
@@ -2202,10 +2202,6 @@ def create_app(settings: Settings, services: Services | None = None, name: str =
         async def start(app, _loop=None):
             await services.open()
             services.start_background()
-            # Everything loaded so far lives as long as the process: keep it out of the cyclic
-            # collector's scans, which otherwise walk tens of MB of modules on every full pass.
-            gc.collect()
-            gc.freeze()
 
         @app.before_server_stop
         async def stop(app, _loop=None):
@@ -2579,6 +2575,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("rotate-secret", parents=[common], help="re-encrypt tokens with a new secret key")
     sub.add_parser("systemd-unit", parents=[common], help="print a systemd unit for this install")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash in a C extension still leaves a Python traceback in the log
     command = args.command or "serve"
     path = config_path(args.config)
     try:

@@ -98,7 +98,9 @@ async def test_serve_creates_config_and_stops_cleanly_keeping_usage(tmp_path):
                             break
                 except aiohttp.ClientError:
                     pass
-                assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"server did not start (exit {proc.poll()}): {proc.communicate()[1][-3000:]}")
                 await __import__("asyncio").sleep(0.05)
             startup = time.monotonic() - started
             token = config.read_text().split('token = "')[1].split('"')[0]
