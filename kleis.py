@@ -2575,7 +2575,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("rotate-secret", parents=[common], help="re-encrypt tokens with a new secret key")
     sub.add_parser("systemd-unit", parents=[common], help="print a systemd unit for this install")
     args = parser.parse_args(argv)
-    faulthandler.enable()  # a crash in a C extension still leaves a Python traceback in the log
     command = args.command or "serve"
     path = config_path(args.config)
     try:
@@ -2606,6 +2605,8 @@ def main(argv: list[str] | None = None) -> int:
         port = getattr(args, "port", None) or settings.server.port
         app = create_app(settings)
         log.info("Kleis %s on http://%s:%d (config %s)", VERSION, host, port, path)
+        with contextlib.suppress(ValueError, OSError):  # stderr may be no real file (embedding)
+            faulthandler.enable()  # a crash in a C extension still leaves a Python traceback
         try:
             sock = listening_socket(host, port)
         except OSError as exc:
