@@ -31,25 +31,36 @@ PG_DSN = os.environ.get("KLEIS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/t
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture
-async def codex_fake():
-    fake = await FakeCodex().start()
-    yield fake
-    await fake.stop()
+def fake_upstream(cls, name: str):
+    """A fixture running one upstream fake on 127.0.0.1:<random port> for a test."""
+
+    @pytest.fixture(name=name)
+    async def fixture():
+        fake = await cls().start()
+        yield fake
+        await fake.stop()
+
+    return fixture
+
+
+codex_fake = fake_upstream(FakeCodex, "codex_fake")
+claude_fake = fake_upstream(FakeClaude, "claude_fake")
+copilot_fake = fake_upstream(FakeCopilot, "copilot_fake")
 
 
 @pytest.fixture
-async def claude_fake():
-    fake = await FakeClaude().start()
-    yield fake
-    await fake.stop()
+async def sdk_clients():
+    """Keeps official SDK clients made in a test and closes them afterwards:
+    `client = sdk_clients(openai.AsyncOpenAI(...))`."""
+    clients = []
 
+    def keep(client):
+        clients.append(client)
+        return client
 
-@pytest.fixture
-async def copilot_fake():
-    fake = await FakeCopilot().start()
-    yield fake
-    await fake.stop()
+    yield keep
+    for client in clients:
+        await client.close()
 
 
 @pytest.fixture

@@ -42,18 +42,9 @@ async def kleis_with_account(start_kleis, fake: FakeClaude, db_url: str | None =
 
 
 @pytest.fixture
-async def sdk():
-    """Factory for the official SDK client pointed at Kleis; closed after the test."""
-    clients = []
-
-    def make(kleis, key: str) -> anthropic.AsyncAnthropic:
-        client = anthropic.AsyncAnthropic(base_url=kleis.url + "/anthropic", api_key=key, max_retries=0)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
+def sdk(sdk_clients):
+    """The official SDK client pointed at Kleis (closed after the test)."""
+    return lambda kleis, key: sdk_clients(anthropic.AsyncAnthropic(base_url=kleis.url + "/anthropic", api_key=key, max_retries=0))
 
 
 def simple_body(**extra) -> dict:

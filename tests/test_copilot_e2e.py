@@ -39,18 +39,9 @@ async def kleis_with_account(start_kleis, fake: FakeCopilot, db_url: str | None 
 
 
 @pytest.fixture
-async def sdk():
-    """Factory for the official SDK client pointed at Kleis; closed after the test."""
-    clients = []
-
-    def make(kleis, key: str) -> openai.AsyncOpenAI:
-        client = openai.AsyncOpenAI(base_url=kleis.url + "/copilot/v1", api_key=key, max_retries=0)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.close()
+def sdk(sdk_clients):
+    """The official SDK client pointed at Kleis (closed after the test)."""
+    return lambda kleis, key: sdk_clients(openai.AsyncOpenAI(base_url=kleis.url + "/copilot/v1", api_key=key, max_retries=0))
 
 
 async def account_rows() -> list[dict]:
