@@ -1,24 +1,25 @@
-"""Kleis usage accounting: what one proxied request's outcome counts as, the /metrics
-counters, and the arithmetic of usage reports.
+"""Kleis usage accounting: what one proxied request counts as, adding it up in memory,
+flushing it to the store, the reports read back from it, and the /metrics counters.
 
-A sibling of kleis.py rather than a section of it because it is pure (no I/O, no Sanic, no
-database), it is exercised on its own by the usage and metrics tests, and it keeps kleis.py
-within its size budget. The write path (UsageQueue, the bucket upserts) stays in kleis.py.
+The request path only calls `UsageQueue.record` (no await, no I/O, never raises). One
+background loop flushes the pending minute buckets as additive upserts every
+`flush_interval`; a failed flush keeps them for the next try; shutdown drains them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from providers import Usage
+from runtime import Clock
+from store import USAGE_COUNTERS, USAGE_DIMENSIONS, Store
 
-USAGE_COUNTERS = (
-    "request_count", "success_count", "client_error_count", "server_error_count", "auth_error_count",
-    "rate_limit_count", "proxy_error_count", "upstream_error_count", "incomplete_count", "cancelled_count",
-    "total_latency_ms", "total_duration_ms", "input_tokens", "output_tokens", "cache_read_tokens",
-    "cache_write_tokens",
-)  # fmt: skip
+log = logging.getLogger("kleis")
+MINUTE_MS = 60_000
+
 
 @dataclass
 class Outcome:
@@ -38,38 +39,196 @@ class Outcome:
     cancelled: bool = False
 
 
-C = {name: i for i, name in enumerate(USAGE_COUNTERS)}
-MAX_LATENCY, LAST_AT = len(USAGE_COUNTERS), len(USAGE_COUNTERS) + 1
-
-
-def classify(outcome: Outcome) -> dict[str, int]:
-    """Mutually exclusive outcome counters (prior art §5.2, plus incomplete and cancelled:
-    a cancelled request is neither a success nor an error; a cut stream is an upstream error)."""
-    status, counts = outcome.status, {"request_count": 1}
+def classify(outcome: Outcome) -> str:
+    """The one outcome counter a request adds to besides `request_count` (prior art §5.2,
+    plus incomplete and cancelled: a cancelled request is neither a success nor an error; a
+    cut stream is an upstream server error). Returns a counter name; see `OUTCOME_COUNTERS`."""
+    status = outcome.status
     if outcome.cancelled:
-        counts["cancelled_count"] = 1
-        return counts
+        return "cancelled"
     if outcome.incomplete:
-        counts.update(incomplete_count=1, server_error_count=1, upstream_error_count=1)
-        return counts
+        return "incomplete"
     if 200 <= status < 400:
-        counts["success_count"] = 1
-        return counts
+        return "success"
     if status == 429:
-        counts["rate_limit_count"] = 1
-        return counts
-    if status in (401, 403):
-        counts["auth_error_count"] = 1
-    elif 400 <= status < 500:
-        counts["client_error_count"] = 1
-    else:
-        counts["server_error_count"] = 1
-    counts["proxy_error_count" if outcome.source == "proxy" else "upstream_error_count"] = 1
-    return counts
+        return "rate_limit"
+    kind = "auth" if status in (401, 403) else "client" if 400 <= status < 500 else "server"
+    return f"{kind}_{outcome.source}"
+
+
+# What each outcome class adds, besides request_count.
+OUTCOME_COUNTERS: dict[str, tuple[str, ...]] = {
+    "cancelled": ("cancelled_count",),
+    "incomplete": ("incomplete_count", "server_error_count", "upstream_error_count"),
+    "success": ("success_count",),
+    "rate_limit": ("rate_limit_count",),
+    **{f"{kind}_{source}": (f"{kind}_error_count", f"{source}_error_count")
+       for kind in ("auth", "client", "server") for source in ("proxy", "upstream")},
+}  # fmt: skip
+
+
+class Bucket:
+    """The counters of one (minute, key, account, provider, endpoint, model) bucket."""
+
+    __slots__ = (*USAGE_COUNTERS, "max_latency_ms", "last_request_at")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def add(self, other: Bucket) -> None:
+        for name in USAGE_COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_latency_ms = max(self.max_latency_ms, other.max_latency_ms)
+        self.last_request_at = max(self.last_request_at, other.last_request_at)
+
+    def row(self, dimensions: tuple) -> dict:
+        """The store row: dimensions and every counter by column name."""
+        row = dict(zip(USAGE_DIMENSIONS, dimensions, strict=True))
+        row.update((name, getattr(self, name)) for name in self.__slots__)
+        return row
+
+
+class UsageQueue:
+    """Adds up outcomes per bucket in memory and writes them in batches."""
+
+    def __init__(self, store: Store, clock: Clock, flush_interval: float, max_buckets: int = 200_000):
+        self.store = store
+        self.clock = clock
+        self.interval = flush_interval
+        self.max_buckets = max_buckets
+        self.pending: dict[tuple, Bucket] = {}
+        self.dropped = 0
+        self.recorded = 0
+        self.flush_failures = 0
+        self.last_flush_ms = clock.now()
+        self._lock = asyncio.Lock()
+
+    def record(self, outcome: Outcome) -> None:
+        """Request path: no await, no I/O, never raises."""
+        at = self.clock.now()
+        dims = (at - at % MINUTE_MS, outcome.key_id, outcome.account_id, outcome.provider, outcome.endpoint,
+                outcome.model or "")
+        bucket = self.pending.get(dims)
+        if bucket is None:
+            if len(self.pending) >= self.max_buckets:
+                self.dropped += 1
+                return
+            bucket = self.pending[dims] = Bucket()
+        bucket.request_count += 1
+        for name in OUTCOME_COUNTERS[classify(outcome)]:
+            setattr(bucket, name, getattr(bucket, name) + 1)
+        bucket.total_latency_ms += outcome.ttfb_ms
+        bucket.total_duration_ms += outcome.duration_ms
+        bucket.max_latency_ms = max(bucket.max_latency_ms, outcome.ttfb_ms)
+        bucket.last_request_at = at
+        usage = outcome.usage
+        if usage is not None:
+            bucket.input_tokens += usage.input_tokens
+            bucket.output_tokens += usage.output_tokens
+            bucket.cache_read_tokens += usage.cache_read_tokens
+            bucket.cache_write_tokens += usage.cache_write_tokens
+        self.recorded += 1
+
+    @property
+    def depth(self) -> int:
+        return len(self.pending)
+
+    async def flush(self) -> int:
+        """Write everything pending; returns the buckets written. On failure the rows are kept
+        (merged with what arrived meanwhile) for the next try and 0 is returned."""
+        async with self._lock:
+            batch, self.pending = self.pending, {}
+            if not batch:
+                self.last_flush_ms = self.clock.now()
+                return 0
+            try:
+                await self.store.add_usage(bucket.row(dims) for dims, bucket in batch.items())
+            except BaseException as exc:
+                self._merge_back(batch)
+                self.flush_failures += 1
+                if isinstance(exc, Exception):
+                    log.warning("usage flush failed (%d buckets kept for the next try): %s", len(batch), exc)
+                    return 0
+                raise
+            self.last_flush_ms = self.clock.now()
+            return len(batch)
+
+    def _merge_back(self, batch: dict[tuple, Bucket]) -> None:
+        for dims, bucket in batch.items():
+            mine = self.pending.get(dims)
+            if mine is None:
+                self.pending[dims] = bucket
+            else:
+                mine.add(bucket)
+
+
+# ══ Reports ═════════════════════════════════════════════════════════════════
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def averaged(sums: Mapping[str, int | None]) -> dict:
+    """AveragedTotals (prior art §5.5) from summed counters: every counter in camelCase, and
+    `successRate` (percent of success + errors attributed to Kleis; rate limits, cancellations
+    and upstream errors do not count against it), `avgLatencyMs` (TTFB), `avgDurationMs`,
+    `maxLatencyMs`, `lastRequestAt`."""
+
+    def get(name: str) -> int:
+        return int(sums.get(name) or 0)
+
+    requests, success = get("request_count"), get("success_count")
+    failures = get("client_error_count") + get("server_error_count") + get("auth_error_count")
+    unattributed = max(0, failures - get("proxy_error_count") - get("upstream_error_count"))
+    scored = success + get("proxy_error_count") + unattributed
+    out = {camel(n): get(n) for n in USAGE_COUNTERS if n not in ("total_latency_ms", "total_duration_ms")}
+    out.update(
+        successRate=round(100 * success / scored) if scored else None,
+        avgLatencyMs=round(get("total_latency_ms") / requests) if requests else 0,
+        avgDurationMs=round(get("total_duration_ms") / requests) if requests else 0,
+        maxLatencyMs=get("max_latency_ms"),
+        lastRequestAt=sums.get("last_request_at"),
+    )
+    return out
+
+
+async def usage_report(store: Store, window_ms: int, now: int, group: str | None = None,
+                       until: int | None = None, **equal: str) -> dict:
+    """Totals, endpoints, models and the last 60 minute buckets of the rows matching `equal`
+    (dimension=value) in the window ending `now`; with `group` ("api_key_id" or
+    "provider_account_id") also `byKey` / `byAccount`."""
+    since = now - window_ms
+    since -= since % MINUTE_MS
+
+    async def grouped(*columns: str) -> list[dict]:
+        return await store.usage_sums(since, until, group_by=columns, **equal)
+
+    totals = (await grouped())[0]
+    endpoints = [{"provider": r["provider"], "endpoint": r["endpoint"], **averaged(r)}
+                 for r in await grouped("provider", "endpoint")]
+    models = [{"provider": r["provider"], "endpoint": r["endpoint"], "model": r["model"], **averaged(r)}
+              for r in await grouped("provider", "endpoint", "model")]
+    endpoints.sort(key=lambda r: -r["requestCount"])
+    models.sort(key=lambda r: (-r["requestCount"], -r["outputTokens"]))
+    buckets = [{"bucketStart": r["bucket_start"], **averaged(r)} for r in await grouped("bucket_start")]
+    buckets = sorted(buckets, key=lambda r: r["bucketStart"])[-60:]
+    report = {"windowMs": window_ms, "since": now - window_ms, "now": now, "totals": averaged(totals),
+              "endpoints": endpoints, "models": models, "buckets": buckets}
+    if group:
+        rows = await grouped(group)
+        report["byKey" if group == "api_key_id" else "byAccount"] = sorted(
+            ({camel(group): r[group], **averaged(r)} for r in rows), key=lambda r: -r["requestCount"])
+    return report
+
+
+# ══ /metrics ════════════════════════════════════════════════════════════════
 
 
 class Metrics:
-    """In-process counters and histograms for /metrics (Prometheus text format)."""
+    """In-process counters and histograms for /metrics (Prometheus text format 0.0.4)."""
 
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -95,8 +254,8 @@ class Metrics:
         row[-2] += 1
         row[-1] += seconds
 
-    def render(self, open_streams: int, refresh_outcomes: Mapping[str, int], queue_depth: int, dropped: int,
-               flush_failures: int, flush_lag_s: float, accounts: Mapping[tuple[str, str], int]) -> str:
+    def render(self, open_streams: int, refresh_outcomes: Mapping[str, int], queue: UsageQueue, now: int,
+               accounts: Mapping[tuple[str, str], int]) -> str:
         """The exposition text; `accounts` counts accounts by (provider, status)."""
         lines = ["# TYPE kleis_requests_total counter"]
         for (provider, endpoint, klass), count in sorted(self.requests.items()):
@@ -113,38 +272,13 @@ class Metrics:
         lines.append("# TYPE kleis_refresh_total counter")
         for outcome, count in sorted(refresh_outcomes.items()):
             lines.append(f'kleis_refresh_total{{outcome="{outcome}"}} {count}')
-        lines += ["# TYPE kleis_usage_queue_depth gauge", f"kleis_usage_queue_depth {queue_depth}",
-                  "# TYPE kleis_usage_dropped_total counter", f"kleis_usage_dropped_total {dropped}",
+        lag = max(0, now - queue.last_flush_ms) / 1000
+        lines += ["# TYPE kleis_usage_queue_depth gauge", f"kleis_usage_queue_depth {queue.depth}",
+                  "# TYPE kleis_usage_dropped_total counter", f"kleis_usage_dropped_total {queue.dropped}",
                   "# TYPE kleis_usage_flush_failures_total counter",
-                  f"kleis_usage_flush_failures_total {flush_failures}",
-                  "# TYPE kleis_usage_flush_lag_seconds gauge", f"kleis_usage_flush_lag_seconds {flush_lag_s:.3f}"]
+                  f"kleis_usage_flush_failures_total {queue.flush_failures}",
+                  "# TYPE kleis_usage_flush_lag_seconds gauge", f"kleis_usage_flush_lag_seconds {lag:.3f}"]
         lines.append("# TYPE kleis_accounts gauge")
         for (provider, status), count in sorted(accounts.items()):
             lines.append(f'kleis_accounts{{provider="{provider}",status="{status}"}} {count}')
         return "\n".join(lines) + "\n"
-
-
-def averaged(sums: Mapping[str, int]) -> dict:
-    """AveragedTotals (prior art §5.5) from summed counters."""
-    requests = sums.get("request_count", 0) or 0
-    success = sums.get("success_count", 0) or 0
-    proxy = sums.get("proxy_error_count", 0) or 0
-    upstream = sums.get("upstream_error_count", 0) or 0
-    failures = (sums.get("client_error_count", 0) or 0) + (sums.get("server_error_count", 0) or 0) + (
-        sums.get("auth_error_count", 0) or 0)
-    unattributed = max(0, failures - proxy - upstream)
-    scored = success + proxy + unattributed
-    out = {camel(n): int(sums.get(n, 0) or 0) for n in USAGE_COUNTERS if n not in ("total_latency_ms", "total_duration_ms")}
-    out.update(
-        successRate=round(100 * success / scored) if scored else None,
-        avgLatencyMs=round((sums.get("total_latency_ms", 0) or 0) / requests) if requests else 0,
-        avgDurationMs=round((sums.get("total_duration_ms", 0) or 0) / requests) if requests else 0,
-        maxLatencyMs=int(sums.get("max_latency_ms", 0) or 0),
-        lastRequestAt=sums.get("last_request_at"),
-    )
-    return out
-
-
-def camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)

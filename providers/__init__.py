@@ -2,7 +2,7 @@
 
 A provider is a module in this folder (or in `[server] plugins_dir`) whose name is its entry
 name. Kleis imports it, checks it against this contract at start-up and refuses to start when
-something is missing. Adapters describe and transform; the core (`kleis.py`) owns routing,
+something is missing. Adapters describe and transform; the core (`kleis.py` and its sibling modules) owns routing,
 API keys, account choice, refresh locking, failover, usage and error rendering.
 
 An adapter module declares:
@@ -43,6 +43,7 @@ Adapters never import `kleis` or Sanic, never touch the database and never log a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -78,9 +79,8 @@ REQUIRED_CONSTANTS = (
 
 class ProviderError(Exception):
     """The provider's OAuth or API answered something unusable. The message is shown to the
-    admin or client as is, so it must never contain a token."""
-
-    status = 502
+    admin or client as is, so it must never contain a token. Carries no HTTP status: the core
+    decides how to answer (errors.py, `from_provider`)."""
 
 
 class ReauthRequired(ProviderError):
@@ -89,14 +89,10 @@ class ReauthRequired(ProviderError):
     The core re-reads the account once (another instance may have rotated it) and then marks
     it `needs_reauth`."""
 
-    status = 401
-
 
 class LoginFailed(ProviderError):
     """The user-facing part of a login went wrong: bad or expired code, state mismatch,
     device flow denied or expired."""
-
-    status = 400
 
 
 class LoginPending(Exception):
@@ -208,6 +204,24 @@ class Cooldown:
     window_exhausted: bool = False
 
 
+@dataclass
+class LoadedProvider:
+    """A provider as the core loaded it: its `[providers.<name>]` name, its adapter module,
+    the options with defaults filled in, and the context (built once the HTTP session exists)."""
+
+    name: str
+    module: Any
+    options: dict[str, Any]
+    ctx: Context | None = None
+
+    @property
+    def error_style(self) -> str:
+        return self.module.ERROR_STYLE
+
+    def has(self, function: str) -> bool:
+        return callable(getattr(self.module, function, None))
+
+
 class Transformer(Protocol):
     """Turns upstream response bytes into client bytes, watching usage and the end of stream.
 
@@ -234,3 +248,29 @@ class Transformer(Protocol):
 def option_urls(options: Mapping[str, Any]) -> dict[str, str]:
     """The upstream URLs among an options table (every key ending in `_url`)."""
     return {k: v for k, v in options.items() if k.endswith("_url") and isinstance(v, str)}
+
+
+def epoch_ms(value: Any) -> int | None:
+    """Seconds or milliseconds since the epoch (numbers below 10^10 are seconds), or an ISO
+    8601 date, as epoch ms; None when unusable. The one place Kleis guesses the unit."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        value = int(value)
+        return value * 1000 if value < 10_000_000_000 else value
+    if isinstance(value, str) and value:
+        from datetime import datetime
+
+        try:
+            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+        except ValueError:
+            return epoch_ms(int(value)) if value.isdigit() else None
+    return None
+
+
+def token_fingerprint(refresh_token: str) -> str:
+    """A stable provider-side identity for tokens whose owner is unknown (imports): the same
+    refresh token always maps to the same account, so a re-import updates instead of adding."""
+    return "rt:" + hashlib.sha256(refresh_token.encode()).hexdigest()[:24]

@@ -120,20 +120,3 @@ def expires_at_from(ctx, body: Mapping, default_seconds: int = 3600) -> int:
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
         seconds = default_seconds
     return ctx.now() + int(seconds * 1000)
-
-
-def normalise_epoch_ms(value: Any) -> int | None:
-    """Seconds or milliseconds since the epoch (or an ISO date) as epoch ms; None if unusable."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        value = int(value)
-        return value * 1000 if value < 10_000_000_000 else value
-    if isinstance(value, str) and value:
-        from datetime import datetime
-
-        try:
-            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-        except ValueError:
-            return normalise_epoch_ms(int(value)) if value.isdigit() else None
-    return None

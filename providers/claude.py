@@ -10,7 +10,6 @@ Responses get the client's own tool names back, one SSE event at a time.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 import time
@@ -31,8 +30,10 @@ from . import (
     Tokens,
     Upstream,
     Usage,
+    epoch_ms,
+    token_fingerprint,
 )
-from ._oauth import expires_at_from, normalise_epoch_ms, parse_pasted_code, pkce_pair, token_request
+from ._oauth import expires_at_from, parse_pasted_code, pkce_pair, token_request
 from ._sse import EventSplitter, compact_json, event_json, is_sse, marked_events, sse_frame, to_int
 
 CONTRACT = 1
@@ -143,7 +144,7 @@ async def finish_login(ctx: Context, state: str, data: dict, code: str) -> Token
         access_token=access,
         refresh_token=refresh_token,
         expires_at=expires_at_from(ctx, body),
-        account_id=_account_uuid(body) or fingerprint(refresh_token),
+        account_id=_account_uuid(body) or token_fingerprint(refresh_token),
         label=profile.get("email") or f"claude-{mode}",
         metadata=metadata,
     )
@@ -214,11 +215,6 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
     return list(found.values())
 
 
-def fingerprint(refresh_token: str) -> str:
-    """A stable account id for tokens whose owner is unknown (imports)."""
-    return "rt:" + hashlib.sha256(refresh_token.encode()).hexdigest()[:24]
-
-
 def _imported(access: Any, refresh_token: Any, expires: Any, *, label: str, metadata: dict) -> Tokens | None:
     access, refresh_token = _text(access), _text(refresh_token)
     if not access or not refresh_token:
@@ -226,8 +222,8 @@ def _imported(access: Any, refresh_token: Any, expires: Any, *, label: str, meta
     return Tokens(
         access_token=access,
         refresh_token=refresh_token,
-        expires_at=normalise_epoch_ms(expires) or 0,  # unknown expiry: refresh before first use
-        account_id=fingerprint(refresh_token),
+        expires_at=epoch_ms(expires) or 0,  # unknown expiry: refresh before first use
+        account_id=token_fingerprint(refresh_token),
         label=label,
         metadata=metadata,
     )
@@ -666,9 +662,9 @@ def retry_after(
 
 def _epoch_ms(value: Any) -> int | None:
     try:
-        return normalise_epoch_ms(float(value))
+        return epoch_ms(float(value))
     except (TypeError, ValueError):
-        return normalise_epoch_ms(value)
+        return epoch_ms(value)
 
 
 async def quota(ctx: Context, account: Account) -> dict:

@@ -29,12 +29,12 @@ from . import (
     ProxyRequest,
     Tokens,
     Upstream,
+    epoch_ms,
 )
 from ._oauth import (
     call_json,
     expires_at_from,
     jwt_claims,
-    normalise_epoch_ms,
     oauth_error_code,
     parse_pasted_code,
     pkce_pair,
@@ -216,7 +216,7 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
             continue
         access, refresh_token = entry.get("access"), entry.get("refresh")
         if _nonblank(access) and _nonblank(refresh_token):
-            expires_at = normalise_epoch_ms(entry.get("expires")) or _jwt_expiry(ctx, access)
+            expires_at = epoch_ms(entry.get("expires")) or _jwt_expiry(ctx, access)
             found.append(_build_tokens(ctx, access, refresh_token, expires_at,
                                        known_account_id=entry.get("accountId")))
     if found:
@@ -276,7 +276,7 @@ def _build_tokens(ctx: Context, access: str, refresh_token: str, expires_at: int
 
 def _jwt_expiry(ctx: Context, access: str) -> int:
     exp = jwt_claims(access).get("exp")
-    return normalise_epoch_ms(exp) or ctx.now() + 3600 * 1000
+    return epoch_ms(exp) or ctx.now() + 3600 * 1000
 
 
 # ── Proxying ─────────────────────────────────────────────────────────────────
@@ -431,7 +431,7 @@ def _reset_seconds(after: Any, at: Any) -> float | None:
     delay = _number(after)
     if delay is not None:
         return max(delay, 0.0)
-    when = normalise_epoch_ms(_number(at))
+    when = epoch_ms(_number(at))
     if when is not None:
         return max(when / 1000 - time.time(), 0.0)  # retry_after gets no ctx clock
     return None

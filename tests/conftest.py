@@ -22,6 +22,8 @@ import tomli_w
 from sanic import Sanic
 
 import kleis
+from runtime import Clock
+from settings import Settings, load_settings
 from tests.fakes.claude import FakeClaude
 from tests.fakes.codex import FakeCodex
 from tests.fakes.copilot import FakeCopilot
@@ -110,8 +112,8 @@ class RunningKleis:
     url: str
     app: Sanic
     server: Any
-    services: kleis.Services
-    settings: kleis.Settings
+    services: kleis.Instance
+    settings: Settings
     admin_token: str
     config_path: Path
     http: aiohttp.ClientSession
@@ -142,7 +144,19 @@ class RunningKleis:
 
     async def buckets(self) -> list[dict]:
         await self.flush()
-        return list(await kleis.UsageBucketRow.select().dicts().aio_execute())
+        return await self.services.store.rows("request_usage_buckets")
+
+    async def rows(self, table: str, **equal) -> list[dict]:
+        """Rows of a table as stored (see Store.rows)."""
+        return await self.services.store.rows(table, **equal)
+
+    def unseal(self, sealed: str) -> str:
+        """A stored token, decrypted with this instance's secret key."""
+        return self.services.store.vault.open(sealed)
+
+    @property
+    def clock(self) -> Clock:
+        return self.services.clock
 
     async def stop(self) -> None:
         await self.server.before_stop()
@@ -180,7 +194,7 @@ def write_config(path: Path, db_url: str, fakes: dict[str, Any], extra: dict | N
 
 @pytest.fixture
 async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake, request):
-    """Factory: `await start_kleis(db_url=None, fakes=None, **config_sections)`."""
+    """Factory: `await start_kleis(db_url=None, fakes=None, clock=None, **config_sections)`."""
     # Set up a test's database first so it is dropped only after its Kleis servers stopped
     # (whatever order the test lists its fixtures in).
     for name in ("db_url", "pg_url"):
@@ -189,13 +203,14 @@ async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake, req
     running: list[RunningKleis] = []
     secret_key = secrets.token_urlsafe(24)  # one per test, so a restarted Kleis reads its own tokens
 
-    async def start(db_url: str | None = None, fakes: dict | None = None, **extra) -> RunningKleis:
+    async def start(db_url: str | None = None, fakes: dict | None = None, clock: Clock | None = None,
+                    **extra) -> RunningKleis:
         if fakes is None:
             fakes = {"codex": codex_fake, "claude": claude_fake, "copilot": copilot_fake}
         path = tmp_path / f"config-{len(running)}.toml"
         token = write_config(path, db_url or f"sqlite:///{tmp_path}/kleis.db", fakes, extra, secret_key)
-        settings = kleis.load_settings(path)
-        app = kleis.create_app(settings, name=f"kleis_{uuid.uuid4().hex[:10]}")
+        settings = load_settings(path)
+        app = kleis.create_app(settings, name=f"kleis_{uuid.uuid4().hex[:10]}", clock=clock)
         sock = kleis.listening_socket("127.0.0.1", 0)  # Sanic reads port=0 as "use 8000"
         server = await app.create_server(sock=sock, return_asyncio_server=True, access_log=False)
         await server.startup()

@@ -2,13 +2,12 @@
 
 import json
 
-import kleis
+from providers import Tokens
+from tests.conftest import DATA
 
-DATA = kleis.Path(__file__).parent / "data"
 
-
-async def rows() -> list[dict]:
-    return list(await kleis.ProviderAccountRow.select().dicts().aio_execute())
+async def rows(kleis) -> list[dict]:
+    return await kleis.rows("provider_accounts")
 
 
 async def test_config_accounts_import_idempotently(start_kleis, tmp_path, codex_fake, db_url):
@@ -21,18 +20,18 @@ async def test_config_accounts_import_idempotently(start_kleis, tmp_path, codex_
          "refresh_token": grant["refresh_token"], "expires_at": grant["expires_at"]},
     ]
     first = await start_kleis(db_url=db_url, accounts=accounts)
-    stored = sorted(await rows(), key=lambda r: r["label"])
+    stored = sorted(await rows(first), key=lambda r: r["label"])
     assert [(r["label"], r["account_id"], r["priority"]) for r in stored] == [
         ("from-file", "acct_file", 2), ("from-tokens", "config:from-tokens", 0)]
     assert json.loads(auth.read_text())["tokens"]["refresh_token"] not in str(stored)  # encrypted
     assert stored[0]["is_primary"] == 1 and stored[1]["is_primary"] == 0
     # Kleis refreshes one account; a restart must keep the newer tokens, not re-apply the file's.
     # (the sample file's token expires in 2030; the refreshed one later)
-    tokens = kleis.Tokens("newer-access", "newer-refresh", 1_924_992_000_000, account_id="acct_file")
+    tokens = Tokens("newer-access", "newer-refresh", 1_924_992_000_000, account_id="acct_file")
     await first.services.pool.upsert("codex", tokens)
     await first.stop()
     second = await start_kleis(db_url=db_url, accounts=accounts)
-    again = sorted(await rows(), key=lambda r: r["label"])
+    again = sorted(await rows(second), key=lambda r: r["label"])
     assert len(again) == 2 and [r["id"] for r in again] == [r["id"] for r in stored]
     by_id = second.services.pool.accounts
     assert by_id[again[0]["id"]].access_token == "newer-access"
@@ -40,6 +39,6 @@ async def test_config_accounts_import_idempotently(start_kleis, tmp_path, codex_
 
 async def test_config_account_with_missing_file_is_skipped_with_a_warning(start_kleis, tmp_path, caplog):
     kleis_ = await start_kleis(accounts=[{"provider": "codex", "auth_file": str(tmp_path / "nope.json")}])
-    assert await rows() == []
+    assert await rows(kleis_) == []
     assert any("cannot import" in r.getMessage() for r in caplog.records)
     assert kleis_.services.pool.accounts == {}

@@ -8,7 +8,7 @@ import kleis
 
 
 async def key_rows(instance) -> list[dict]:
-    return list(await kleis.ApiKeyRow.select().dicts().aio_execute())
+    return await instance.rows("api_keys")
 
 
 async def test_public_routes(start_kleis, http):

@@ -17,7 +17,6 @@ from urllib.parse import parse_qs, urlsplit
 import anthropic
 import pytest
 
-import kleis as kleis_app
 from tests.conftest import wait_for
 from tests.fakes.claude import DEFAULT_EMAIL, DEFAULT_UUID, FakeClaude
 
@@ -51,9 +50,8 @@ def simple_body(**extra) -> dict:
     return {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
-async def account_rows() -> list[dict]:
-    return list(await kleis_app.ProviderAccountRow.select().where(
-        kleis_app.ProviderAccountRow.provider == "claude").dicts().aio_execute())
+async def account_rows(kleis) -> list[dict]:
+    return await kleis.rows("provider_accounts", provider="claude")
 
 
 def parse_sse(raw: bytes) -> list[tuple[str | None, dict]]:
@@ -421,10 +419,10 @@ async def test_oauth_code_login(db_url, start_kleis, claude_fake, http):
                                  {"state": again["state"], "code": await approve(again["authorizationUrl"])},
                                  expect=200)
     assert done2["account"]["id"] == account["id"]
-    rows = await account_rows()
+    rows = await account_rows(kleis)
     assert len(rows) == 1 and rows[0]["account_id"] == DEFAULT_UUID
     # the row holds the newest tokens (encrypted), and they work
-    assert kleis.services.vault.open(rows[0]["access_token_enc"]) in claude_fake.access_tokens
+    assert kleis.unseal(rows[0]["access_token_enc"]) in claude_fake.access_tokens
     assert "sk-ant-" not in rows[0]["access_token_enc"]
     key, _ = await kleis.create_key()
     async with http.post(kleis.url + MESSAGES, json=simple_body(), headers={"x-api-key": key}) as resp:
@@ -440,9 +438,9 @@ async def test_import_claude_code_credentials_is_idempotent(db_url, start_kleis,
     assert first["account"]["id"] == second["account"]["id"]
     assert first["account"]["label"] == "claude-max"
     assert first["account"]["expiresAt"] == 1893456000000
-    rows = await account_rows()
+    rows = await account_rows(kleis)
     assert len(rows) == 1
-    assert kleis.services.vault.open(rows[0]["refresh_token_enc"]) == "sk-ant-ort01-fake-import-refresh"
+    assert kleis.unseal(rows[0]["refresh_token_enc"]) == "sk-ant-ort01-fake-import-refresh"
     _, listing = await kleis.admin("GET", "/admin/accounts", expect=200)
     assert [a["id"] for a in listing["accounts"]] == [first["account"]["id"]]
 
@@ -480,7 +478,7 @@ async def test_rate_limited_account_fails_over_and_cools_down(db_url, start_klei
     assert views[second["id"]]["status"] == "ok"
 
     async def saved():
-        rows = {r["id"]: r for r in await account_rows()}
+        rows = {r["id"]: r for r in await account_rows(kleis)}
         return rows[first["id"]]["cooldown_until"] is not None and rows
 
     rows = await wait_for(saved)
@@ -520,12 +518,12 @@ async def test_expiring_token_is_refreshed_once_under_concurrency(db_url, start_
     assert len(tokens) == 1 and tokens != {f"Bearer {grant['access_token']}"}
     assert grant["refresh_token"] in claude_fake.used_refresh_tokens
 
-    (row,) = await account_rows()
+    (row,) = await account_rows(kleis)
     assert row["id"] == account["id"]
     assert row["last_refresh_status"] == "success" and row["status"] == "ok"
     assert row["expires_at"] > int(time.time() * 1000) + 3000_000
-    assert "Bearer " + kleis.services.vault.open(row["access_token_enc"]) in tokens
-    assert kleis.services.vault.open(row["refresh_token_enc"]) in claude_fake.refresh_tokens  # rotated and saved
+    assert "Bearer " + kleis.unseal(row["access_token_enc"]) in tokens
+    assert kleis.unseal(row["refresh_token_enc"]) in claude_fake.refresh_tokens  # rotated and saved
     assert row["refresh_lock_token"] is None
     bucket = only_bucket(await kleis.buckets())
     assert (bucket["request_count"], bucket["success_count"]) == (5, 5)
@@ -548,8 +546,8 @@ async def test_upstream_401_forces_one_refresh_and_a_retry(start_kleis, claude_f
     refused = [c for c in calls if c.headers["authorization"] == f"Bearer {old}"]
     accepted = [c for c in calls if c.headers["authorization"] != f"Bearer {old}"]
     assert len(accepted) == 3 and 1 <= len(refused) <= 3
-    (row,) = await account_rows()
-    assert "Bearer " + kleis.services.vault.open(row["access_token_enc"]) == accepted[0].headers["authorization"]
+    (row,) = await account_rows(kleis)
+    assert "Bearer " + kleis.unseal(row["access_token_enc"]) == accepted[0].headers["authorization"]
     bucket = only_bucket(await kleis.buckets())
     assert (bucket["request_count"], bucket["success_count"], bucket["auth_error_count"]) == (3, 3, 0)
 
@@ -570,7 +568,7 @@ async def test_dead_refresh_token_marks_the_account_needs_reauth(db_url, start_k
     assert claude_fake.refresh_calls == 1  # the second request did not hammer the token endpoint
     assert claude_fake.calls("/v1/messages") == []
 
-    (row,) = await account_rows()
+    (row,) = await account_rows(kleis)
     assert (row["id"], row["status"], row["last_refresh_status"]) == (account["id"], "needs_reauth", "failed")
     assert "invalid_grant" in row["last_error"]
     _, listing = await kleis.admin("GET", "/admin/accounts", expect=200)

@@ -17,7 +17,6 @@ from pathlib import Path
 import openai
 import pytest
 
-import kleis as kleis_app
 from tests.conftest import wait_for
 from tests.fakes import Reply
 from tests.fakes.copilot import FakeCopilot, chat_stream_reply, error_reply, responses_stream_reply
@@ -44,9 +43,8 @@ def sdk(sdk_clients):
     return lambda kleis, key: sdk_clients(openai.AsyncOpenAI(base_url=kleis.url + "/copilot/v1", api_key=key, max_retries=0))
 
 
-async def account_rows() -> list[dict]:
-    return list(await kleis_app.ProviderAccountRow.select().where(
-        kleis_app.ProviderAccountRow.provider == "copilot").dicts().aio_execute())
+async def account_rows(kleis) -> list[dict]:
+    return await kleis.rows("provider_accounts", provider="copilot")
 
 
 def buckets_by_endpoint(rows: list[dict]) -> dict[str, dict]:
@@ -330,9 +328,9 @@ async def test_device_login_completes_in_the_background(db_url, start_kleis, cop
                                  expect=200)
     assert again["status"] == "complete" and again["account"]["id"] == account["id"]
 
-    (row,) = await account_rows()
+    (row,) = await account_rows(kleis)
     assert (row["id"], row["account_id"], row["status"]) == (account["id"], "4242", "ok")
-    token = kleis.services.vault.open(row["access_token_enc"])
+    token = kleis.unseal(row["access_token_enc"])
     assert token in copilot_fake.users and token not in json.dumps(done)
     key, _ = await kleis.create_key()
     async with http.post(kleis.url + CHAT, json={"model": "gpt-4.1", "messages": [{"role": "user", "content": "x"}]},
@@ -361,7 +359,7 @@ async def test_device_login_denied(start_kleis, copilot_fake):
     failed = await login_status(kleis, login["state"], "failed")
     assert "denied" in failed["message"] and "start the login again" in failed["message"]
     assert "account" not in failed
-    assert await account_rows() == []
+    assert await account_rows(kleis) == []
     status, err = await kleis.admin("GET", "/admin/accounts/copilot/oauth/no-such-state")
     assert status == 404 and err["error"] == "not_found"
 
@@ -375,9 +373,9 @@ async def test_import_github_cli_hosts(db_url, start_kleis, copilot_fake):
     assert enterprise["metadata"]["enterpriseDomain"] == "ghe.example.com"
     _, second = await kleis.admin("POST", "/admin/accounts/copilot/import", {"authFile": hosts}, expect=201)
     assert sorted(a["id"] for a in second["accounts"]) == sorted(a["id"] for a in first["accounts"])
-    rows = await account_rows()
+    rows = await account_rows(kleis)
     assert len(rows) == 3
-    stored = {kleis.services.vault.open(r["refresh_token_enc"]) for r in rows}
+    stored = {kleis.unseal(r["refresh_token_enc"]) for r in rows}
     assert stored == {"gho_fakeOctoToken00000000000000000000", "gho_fakeMonaToken00000000000000000000",
                       "gho_fakeHubotToken0000000000000000000"}
 
@@ -385,7 +383,7 @@ async def test_import_github_cli_hosts(db_url, start_kleis, copilot_fake):
     _, one = await kleis.admin("POST", "/admin/accounts/copilot/import", {"authFile": legacy, "label": "old gh"},
                                expect=201)
     assert [a["label"] for a in one["accounts"]] == ["old gh"]
-    assert len(await account_rows()) == 4
+    assert len(await account_rows(kleis)) == 4
     status, err = await kleis.admin("POST", "/admin/accounts/copilot/import", {"authFile": "github.com:\n"})
     assert status == 400 and "hosts.yml" in err["message"]
 
@@ -429,7 +427,7 @@ async def test_rate_limited_account_fails_over_on_both_endpoints(db_url, start_k
         f"Bearer {grant_a['access_token']}", f"Bearer {grant_b['access_token']}"]
 
     async def saved():
-        rows = {r["id"]: r for r in await account_rows()}
+        rows = {r["id"]: r for r in await account_rows(kleis)}
         return rows if "503" in (rows[first["id"]]["last_error"] or "") else None
 
     rows = await wait_for(saved)

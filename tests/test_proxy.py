@@ -19,7 +19,7 @@ import aiohttp
 import openai
 import pytest
 
-from kleis import ApiKeyRow, ProviderAccountRow
+from runtime import ManualClock
 from tests.conftest import DATA, wait_for
 from tests.fakes import Reply
 from tests.fakes.codex import FakeCodex
@@ -106,8 +106,9 @@ async def setup(start_kleis, fake: FakeCodex, accounts: int = 1, **config):
     return kleis, key, imported
 
 
-async def account_row(account_id: str) -> dict:
-    return await ProviderAccountRow.select().where(ProviderAccountRow.id == account_id).dicts().aio_first()
+async def account_row(kleis, account_id: str) -> dict:
+    (row,) = await kleis.rows("provider_accounts", id=account_id)
+    return row
 
 
 async def usage_rows(kleis) -> list[dict]:
@@ -141,12 +142,11 @@ def last_event_json(raw: bytes) -> dict:
 
 
 async def test_key_auth_failures_are_401_and_not_recorded(start_kleis, codex_fake):
-    kleis, key, _ = await setup(start_kleis, codex_fake)
+    kleis, key, _ = await setup(start_kleis, codex_fake, clock=ManualClock())
     revoked, revoked_view = await kleis.create_key(label="old")
     await kleis.admin("POST", f"/admin/keys/{revoked_view['id']}/revoke", expect=200)
-    expired, expired_view = await kleis.create_key(label="expiring")
-    await ApiKeyRow.update(expires_at=now_ms() - 1000).where(ApiKeyRow.id == expired_view["id"]).aio_execute()
-    await kleis.services.keys.load()
+    expired, _ = await kleis.create_key(label="expiring", expiresAt=kleis.clock.now() + 60_000)
+    kleis.clock.advance(60_000)  # the key expires; the accounts' tokens are still good for an hour
 
     message = assert_error(await send(kleis), 401, "authentication_error", "missing_api_key")
     assert "Authorization: Bearer" in message and "x-api-key" in message
@@ -336,12 +336,12 @@ async def test_expiring_token_is_refreshed_before_use_and_stored_encrypted(start
     used = call.headers["authorization"].removeprefix("Bearer ")
     assert used != grant["access_token"] and codex_fake.access_tokens[used]["exp"] > time.time() + 3000
 
-    row = await account_row(account["id"])
+    row = await account_row(kleis, account["id"])
     assert row["status"] == "ok" and row["last_refresh_status"] == "success"
     assert row["expires_at"] > now_ms() + 3000_000
     for secret in (grant["access_token"], grant["refresh_token"], used):
         assert secret not in row["access_token_enc"] and secret not in row["refresh_token_enc"]
-    assert kleis.services.vault.open(row["access_token_enc"]) == used
+    assert kleis.unseal(row["access_token_enc"]) == used
     # The next request uses the stored token: no second refresh.
     assert (await send(kleis, key)).status == 200
     assert codex_fake.refresh_calls == 1
@@ -380,7 +380,7 @@ async def test_upstream_401_forces_one_refresh_and_retries(start_kleis, codex_fa
     assert first.json == second.json  # the same request, retried
     (row,) = await usage_rows(kleis)
     assert row["success_count"] == 1 and row["auth_error_count"] == 0
-    assert (await account_row(account["id"]))["last_refresh_status"] == "success"
+    assert (await account_row(kleis, account["id"]))["last_refresh_status"] == "success"
 
 
 async def test_a_client_leaving_mid_refresh_does_not_break_the_refresh(start_kleis, codex_fake):
@@ -395,7 +395,7 @@ async def test_a_client_leaving_mid_refresh_does_not_break_the_refresh(start_kle
             await send(kleis, key)
 
     async def refreshed():
-        row = await account_row(account["id"])
+        row = await account_row(kleis, account["id"])
         return row["last_refresh_status"] == "success" and row["refresh_lock_token"] is None and row
 
     row = await wait_for(refreshed, timeout=3)  # the refresh finished and released its lease
@@ -405,7 +405,7 @@ async def test_a_client_leaving_mid_refresh_does_not_break_the_refresh(start_kle
     assert answer.status == 200, answer.raw
     assert codex_fake.refresh_calls == 1  # the stored tokens are used, not refreshed again
     used = upstream_calls(codex_fake)[-1].headers["authorization"].removeprefix("Bearer ")
-    assert kleis.services.vault.open(row["access_token_enc"]) == used
+    assert kleis.unseal(row["access_token_enc"]) == used
     rows = await usage_rows(kleis)
     assert sum(r["cancelled_count"] for r in rows) == 1 and sum(r["success_count"] for r in rows) == 1
 
@@ -425,7 +425,7 @@ async def test_rejected_refresh_token_needs_reauth(db_url, start_kleis, codex_fa
     message = assert_error(answer, 403, "permission_error", "account_needs_reauth")
     assert "log in again" in message and "accounts login codex" in message
     assert codex_fake.refresh_calls == 1
-    row = await account_row(account["id"])
+    row = await account_row(kleis, account["id"])
     assert row["status"] == "needs_reauth" and row["last_refresh_status"] == "failed"
     assert "invalid_grant" in row["last_error"]
     _, listed = await kleis.admin("GET", "/admin/accounts", expect=200)
@@ -453,7 +453,7 @@ async def test_usage_limit_fails_over_and_cools_the_account(db_url, start_kleis,
     cooling = kleis.services.pool.accounts[first["id"]]
     assert before + 119_000 <= cooling.cooldown_until <= now_ms() + 120_000
     assert cooling.cooldown_kind == "window"
-    row = await wait_for(lambda: _cooled_row(first["id"]))
+    row = await wait_for(lambda: _cooled_row(kleis, first["id"]))
     assert row["cooldown_until"] == cooling.cooldown_until and row["cooldown_kind"] == "window"
     assert "429" in row["last_error"]
     _, listed = await kleis.admin("GET", "/admin/accounts", expect=200)
@@ -471,8 +471,8 @@ async def test_usage_limit_fails_over_and_cools_the_account(db_url, start_kleis,
     assert account_seen(codex_fake) == "acct_1"
 
 
-async def _cooled_row(account_id: str) -> dict | None:
-    row = await account_row(account_id)
+async def _cooled_row(kleis, account_id: str) -> dict | None:
+    row = await account_row(kleis, account_id)
     return row if row["cooldown_until"] else None
 
 
@@ -531,7 +531,7 @@ async def test_refresh_failure_cools_the_account_and_fails_over(start_kleis, cod
     assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == ["acct_2"]
     state = kleis.services.pool.accounts[first["id"]]
     assert state.cooling(now_ms()) and state.status == "ok"  # transient: no new login needed
-    row = await account_row(first["id"])
+    row = await account_row(kleis, first["id"])
     assert row["status"] == "ok" and row["last_refresh_status"] == "failed"
 
 
@@ -547,7 +547,7 @@ async def test_account_needing_reauth_is_skipped(start_kleis, codex_fake):
         answer = await send(kleis, key)
         assert answer.status == 200 and answer.headers["x-kleis-account"] == second["id"]
     assert codex_fake.refresh_calls == 1
-    assert (await account_row(first["id"]))["status"] == "needs_reauth"
+    assert (await account_row(kleis, first["id"]))["status"] == "needs_reauth"
 
 
 async def test_failover_order_is_primary_then_priority_then_newest(start_kleis, codex_fake):
@@ -814,7 +814,7 @@ async def test_client_disconnect_cancels_upstream_and_counts_as_cancelled(db_url
         await wait_for(lambda: codex_fake.open_streams == 1)
         resp.close()  # drop the connection mid-stream
     await wait_for(lambda: codex_fake.cancelled == 1, timeout=3)
-    await wait_for(lambda: kleis.app.ctx.proxy.open_streams == 0, timeout=3)
+    await wait_for(lambda: kleis.services.proxy.open_streams == 0, timeout=3)
     assert codex_fake.open_streams == 0
     (row,) = await usage_rows(kleis)
     assert (row["request_count"], row["cancelled_count"], row["success_count"], row["incomplete_count"]) == (1, 1, 0, 0)
@@ -970,8 +970,9 @@ async def test_opencode_turns_are_reshaped_for_the_backend(start_kleis, codex_fa
 
 async def test_a_request_with_a_fresh_token_makes_no_database_round_trip(start_kleis, codex_fake, monkeypatch):
     kleis, key, _ = await setup(start_kleis, codex_fake)
-    kleis.services.tasks["cache-invalidation"].cancel()  # its 1 s poll would count as noise
-    db = kleis.services.db
+    for task in kleis.services.background.named("cache-invalidation"):
+        task.cancel()  # its 1 s poll would count as noise
+    db = kleis.services.store.db
     real = db.aio_execute_sql
     queries: list[str] = []
 

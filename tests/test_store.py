@@ -1,10 +1,14 @@
-"""Storage: schema.sql is the only schema, the models match it, on SQLite and PostgreSQL."""
+"""Storage: schema.sql is the only schema, the models match it, on SQLite and PostgreSQL; each
+store is its own (two in one process share nothing); writes are additive and never lost."""
 
 import sqlite3
 
 import pytest
 
 import kleis
+from providers import Tokens, Usage
+from settings import ConfigError, Vault, load_settings
+from usage import Outcome
 
 
 def sqlite_columns(path) -> dict[str, list[str]]:
@@ -13,110 +17,131 @@ def sqlite_columns(path) -> dict[str, list[str]]:
         return {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in tables}
 
 
+async def started(tmp_path, url, name: str = "config.toml") -> kleis.Instance:
+    path = tmp_path / name
+    path.write_text(f'[security]\nsecret_key = "{"x" * 32}"\n[database]\nurl = "{url}"\n'
+                    '[models]\nsource_url = ""\n')
+    instance = kleis.Instance(load_settings(path, env={}))
+    await instance.open()
+    return instance
+
+
 async def test_models_match_schema_sqlite(tmp_path):
-    kleis_db = await started(tmp_path, f"sqlite:///{tmp_path}/k.db")
+    instance = await started(tmp_path, f"sqlite:///{tmp_path}/k.db")
     columns = sqlite_columns(tmp_path / "k.db")
-    for model in kleis.MODELS:
-        table = model._meta.table_name
-        assert [f.column_name for f in model._meta.sorted_fields] == columns[table], table
+    for table, names in instance.store.model_columns().items():
+        assert names == columns[table], table
     with sqlite3.connect(tmp_path / "k.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    await kleis_db.close()
+    await instance.close()
 
 
 async def test_models_match_schema_postgresql(tmp_path, pg_url):
     import psycopg
 
-    services = await started(tmp_path, pg_url)
+    instance = await started(tmp_path, pg_url)
     with psycopg.connect(pg_url) as conn:
-        for model in kleis.MODELS:
-            table = model._meta.table_name
+        for table, names in instance.store.model_columns().items():
             rows = conn.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = %s ORDER BY ordinal_position",
                 (table,)).fetchall()
-            assert [f.column_name for f in model._meta.sorted_fields] == [r[0] for r in rows], table
-    await services.close()
-
-
-async def started(tmp_path, url):
-    path = tmp_path / "config.toml"
-    path.write_text(f'[security]\nsecret_key = "{"x" * 32}"\n[database]\nurl = "{url}"\n'
-                    '[models]\nsource_url = ""\n')
-    services = kleis.Services.build(kleis.load_settings(path, env={}))
-    await services.open()
-    return services
+            assert names == [r[0] for r in rows], table
+    await instance.close()
 
 
 async def test_schema_is_idempotent_and_migrations_are_recorded(tmp_path, db_url, monkeypatch):
-    services = await started(tmp_path, db_url)
-    await services.close()
+    import store
+
+    instance = await started(tmp_path, db_url)
+    await instance.close()
     # A second start applies schema.sql again without error and keeps data.
-    services = await started(tmp_path, db_url)
-    key, _ = await kleis.create_key(services, {"label": "x"})
-    await services.close()
+    instance = await started(tmp_path, db_url)
+    key, _ = await instance.keys.create(label="x")
+    await instance.close()
     # A migration added later runs once on an existing database and is recorded.
     migrations = tmp_path / "migrations"
     migrations.mkdir()
     (migrations / "001_add_note.sql").write_text("ALTER TABLE api_keys ADD COLUMN note TEXT;")
-    monkeypatch.setattr(kleis, "MIGRATIONS_DIR", migrations)
-    services = await started(tmp_path, db_url)
-    rows = list(await kleis.SchemaMigrationRow.select().aio_execute())
-    assert [r.version for r in rows] == ["001_add_note"]
-    await services.keys.load()
-    assert services.keys.authenticate(key, services.now()) is not None
-    await services.close()
-    services = await started(tmp_path, db_url)  # not run twice
-    assert len(list(await kleis.SchemaMigrationRow.select().aio_execute())) == 1
-    await services.close()
+    monkeypatch.setattr(store, "MIGRATIONS_DIR", migrations)
+    instance = await started(tmp_path, db_url)
+    assert await instance.store.migrations() == ["001_add_note"]
+    assert instance.keys.authenticate(key) is not None
+    await instance.close()
+    instance = await started(tmp_path, db_url)  # not run twice
+    assert await instance.store.migrations() == ["001_add_note"]
+    await instance.close()
+
+
+async def test_two_instances_in_one_process_share_nothing(tmp_path, db_url):
+    """Each instance owns its database: a key made through one is not in the other's, and
+    closing one leaves the other working."""
+    first = await started(tmp_path, db_url, "first.toml")
+    second = await started(tmp_path, f"sqlite:///{tmp_path}/second.db", "second.toml")
+    key, record = await first.keys.create(label="only-in-first")
+    await second.keys.load()
+    assert second.keys.authenticate(key) is None and await second.store.rows("api_keys") == []
+    assert [r["id"] for r in await first.store.rows("api_keys")] == [record.id]
+    await second.close()
+    other, _ = await first.keys.create(label="after-close")  # the first's pool is untouched
+    await first.keys.load()
+    assert first.keys.authenticate(other) is not None and len(await first.store.rows("api_keys")) == 2
+    await first.close()
 
 
 async def test_tokens_are_encrypted_at_rest(tmp_path, db_url):
-    services = await started(tmp_path, db_url)
-    tokens = kleis.Tokens(access_token="at-plain-123", refresh_token="rt-plain-456",
-                          expires_at=services.now() + 3_600_000, account_id="acct")
-    account = await services.pool.upsert("codex", tokens)
-    row = await kleis.ProviderAccountRow.select().where(kleis.ProviderAccountRow.id == account.id).aio_first()
-    assert "at-plain-123" not in row.access_token_enc and "rt-plain-456" not in row.refresh_token_enc
-    assert services.vault.open(row.access_token_enc) == "at-plain-123"
+    instance = await started(tmp_path, db_url)
+    now = instance.clock.now()
+    tokens = Tokens(access_token="at-plain-123", refresh_token="rt-plain-456", expires_at=now + 3_600_000,
+                    account_id="acct")
+    account = await instance.pool.upsert("codex", tokens)
+    (row,) = await instance.store.rows("provider_accounts", id=account.id)
+    assert "at-plain-123" not in row["access_token_enc"] and "rt-plain-456" not in row["refresh_token_enc"]
+    assert instance.store.vault.open(row["access_token_enc"]) == "at-plain-123"
     # Upserting the same identity updates, never duplicates.
-    await services.pool.upsert("codex", kleis.Tokens("at-2", "rt-2", services.now() + 3_600_000, account_id="acct"))
-    assert len(list(await kleis.ProviderAccountRow.select().aio_execute())) == 1
-    assert services.pool.accounts[account.id].access_token == "at-2"
+    await instance.pool.upsert("codex", Tokens("at-2", "rt-2", now + 3_600_000, account_id="acct"))
+    assert len(await instance.store.rows("provider_accounts")) == 1
+    assert instance.pool.accounts[account.id].access_token == "at-2"
     # A wrong secret key cannot read them and says what happened.
-    with pytest.raises(kleis.ConfigError, match="secret_key changed"):
-        kleis.Vault("another-secret-key-123").open(row.access_token_enc)
-    await services.close()
+    with pytest.raises(ConfigError, match="secret_key changed"):
+        Vault("another-secret-key-123").open(row["access_token_enc"])
+    await instance.close()
+
+
+def outcome(status: int, **extra) -> Outcome:
+    return Outcome(key_id="k", provider="codex", endpoint="responses", model="m", account_id="a", status=status,
+                   source="upstream", **extra)
 
 
 async def test_usage_upserts_are_additive(tmp_path, db_url):
-    services = await started(tmp_path, db_url)
-    queue = services.usage
-    usage = kleis.providers.Usage(input_tokens=10, output_tokens=5, cache_read_tokens=2)
+    instance = await started(tmp_path, db_url)
+    queue = instance.usage
+    usage = Usage(input_tokens=10, output_tokens=5, cache_read_tokens=2)
     for status in (200, 200, 429, 502):
-        queue.record(kleis.Outcome(key_id="k", provider="codex", endpoint="responses", model="m", account_id="a",
-                                   status=status, source="upstream", ttfb_ms=10, duration_ms=30, usage=usage))
+        queue.record(outcome(status, ttfb_ms=10, duration_ms=30, usage=usage))
     await queue.flush()
-    queue.record(kleis.Outcome(key_id="k", provider="codex", endpoint="responses", model="m", account_id="a",
-                               status=200, source="upstream", ttfb_ms=50, duration_ms=60, usage=usage))
+    queue.record(outcome(200, ttfb_ms=50, duration_ms=60, usage=usage))
     await queue.flush()
-    rows = list(await kleis.UsageBucketRow.select().dicts().aio_execute())
+    rows = await instance.store.rows("request_usage_buckets")
     if len(rows) == 2:  # the minute turned between the two flushes
         rows = [{k: sum(r[k] for r in rows) if isinstance(rows[0][k], int) else rows[0][k] for k in rows[0]}]
     row = rows[0]
     assert (row["request_count"], row["success_count"], row["rate_limit_count"], row["server_error_count"],
             row["upstream_error_count"]) == (5, 3, 1, 1, 1)
     assert (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]) == (50, 25, 10)
-    assert row["total_latency_ms"] == 90 and row["total_duration_ms"] == 180
-    await services.close()
+    assert row["total_latency_ms"] == 90 and row["total_duration_ms"] == 180 and row["max_latency_ms"] == 50
+    await instance.close()
 
 
 async def test_flush_failure_keeps_the_rows(tmp_path):
-    services = await started(tmp_path, f"sqlite:///{tmp_path}/k.db")
-    queue = services.usage
-    queue.record(kleis.Outcome(key_id="k", provider="codex", endpoint="responses", status=200, source="upstream"))
-    await services.db.aio_execute_sql("ALTER TABLE request_usage_buckets RENAME TO broken")
+    instance = await started(tmp_path, f"sqlite:///{tmp_path}/k.db")
+    queue = instance.usage
+    queue.record(outcome(200))
+    await instance.store.db.aio_execute_sql("ALTER TABLE request_usage_buckets RENAME TO broken")
     assert await queue.flush() == 0
     assert queue.depth == 1 and queue.flush_failures == 1
-    await services.db.aio_execute_sql("ALTER TABLE broken RENAME TO request_usage_buckets")
+    queue.record(outcome(500))  # arrives while the first is waiting: merged, not lost
+    await instance.store.db.aio_execute_sql("ALTER TABLE broken RENAME TO request_usage_buckets")
     assert await queue.flush() == 1 and queue.depth == 0
-    await services.close()
+    (row,) = await instance.store.rows("request_usage_buckets")
+    assert (row["request_count"], row["success_count"], row["server_error_count"]) == (2, 1, 1)
+    await instance.close()

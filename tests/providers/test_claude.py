@@ -195,7 +195,7 @@ async def test_finish_login_without_account_uses_mode_label_and_fingerprint(ctx,
     login = await claude.start_login(ctx, "state-5", {"mode": "console"})
     tokens = await claude.finish_login(ctx, "state-5", login.data, await approve(ctx, login))
     assert tokens.label == "claude-console"
-    assert tokens.account_id == claude.fingerprint(tokens.refresh_token)
+    assert tokens.account_id == providers.token_fingerprint(tokens.refresh_token)
     assert tokens.account_id.startswith("rt:") and len(tokens.account_id) == 27
     assert tokens.metadata == {"mode": "console"}
 
@@ -250,7 +250,7 @@ def test_import_claude_code_credentials(ctx):
     assert tokens.access_token == "sk-ant-oat01-fake-import-access"
     assert tokens.refresh_token == "sk-ant-ort01-fake-import-refresh"
     assert tokens.expires_at == 1893456000000
-    assert tokens.account_id == claude.fingerprint("sk-ant-ort01-fake-import-refresh")
+    assert tokens.account_id == providers.token_fingerprint("sk-ant-ort01-fake-import-refresh")
     assert tokens.label == "claude-max"
     assert tokens.metadata == {"mode": "max", "source": "claude-code", "plan": "max"}
     again = claude.import_auth(ctx, json.loads(content))
@@ -262,7 +262,7 @@ def test_import_opencode_auth(ctx):
     assert tokens.access_token == "sk-ant-oat01-fake-opencode-access"
     assert tokens.refresh_token == "sk-ant-ort01-fake-opencode-refresh"
     assert tokens.expires_at == 1893456000000
-    assert tokens.account_id == claude.fingerprint("sk-ant-ort01-fake-opencode-refresh")
+    assert tokens.account_id == providers.token_fingerprint("sk-ant-ort01-fake-opencode-refresh")
     assert tokens.label == "claude-opencode"
 
 
@@ -273,7 +273,7 @@ def test_import_both_formats_and_seconds_expiry(ctx):
     }
     first, second = claude.import_auth(ctx, content)
     assert (first.refresh_token, first.expires_at, first.label) == ("r1", 1893456000000, "claude-code")
-    assert (second.refresh_token, second.account_id) == ("r2", claude.fingerprint("r2"))
+    assert (second.refresh_token, second.account_id) == ("r2", providers.token_fingerprint("r2"))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,268 @@
+"""Kleis admin API: a Sanic Blueprint under /admin, behind one bearer-token check.
+
+Shapes follow prior art §1.4 (keys never carry the key after creation, accounts never carry
+tokens). Errors use the admin envelope `{"error": code, "message"}`. Handlers validate input
+(validate.py) and call the key, account, login and usage operations; they never touch the
+database themselves.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sanic import Blueprint, Request
+from sanic import response as sanic_response
+
+from accounts import AccountPool, Logins, import_body
+from errors import (
+    AccountNeedsReauth,
+    AdminTokenNotConfigured,
+    BadRequest,
+    NotFound,
+    RefreshFailed,
+    TooManyAttempts,
+    Unauthorized,
+)
+from keys import KEY_FIELDS, Keys, Lockout, bearer, client_address, key_fields, key_view
+from providers import LoadedProvider, ProviderError, ReauthRequired
+from runtime import Clock
+from store import Store
+from usage import UsageQueue, usage_report
+from validate import json_object, opt_bool, opt_int, opt_str
+
+WINDOW_DEFAULT_MS, WINDOW_MIN_MS, WINDOW_MAX_MS = 86_400_000, 60_000, 90 * 86_400_000
+ACCOUNT_IMPORT_FIELDS = ("accessToken", "refreshToken", "expiresAt", "accountId", "label", "metadata", "authFile",
+                         "priority")
+
+
+class AdminAuth:
+    """The admin bearer token, compared in constant time, with a lockout per client address."""
+
+    def __init__(self, token: str, lockout: Lockout, trust_forwarded: bool):
+        self.token, self.lockout, self.trust_forwarded = token, lockout, trust_forwarded
+
+    def check(self, request: Request, token: str | None = None) -> None:
+        """Raises unless the request carries the admin token (or `token`, when given and set)."""
+        given = bearer(request.headers)
+        if token and hmac.compare_digest(given.encode(), token.encode()):
+            return
+        if not self.token:
+            raise AdminTokenNotConfigured()
+        address = client_address(request.headers, request.ip, self.trust_forwarded)
+        wait = self.lockout.retry_after(address)
+        if wait:
+            raise TooManyAttempts(f"too many invalid admin token attempts; retry in {wait} s", wait)
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            self.lockout.fail(address)
+            raise Unauthorized()
+        self.lockout.succeed(address)
+
+
+def window_ms(request: Request) -> int:
+    """The `windowMs` query parameter (default one day)."""
+    raw = request.args.get("windowMs")
+    if raw is None:
+        return WINDOW_DEFAULT_MS
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not WINDOW_MIN_MS <= int(raw) <= WINDOW_MAX_MS:
+        raise BadRequest(f"windowMs must be an integer from {WINDOW_MIN_MS} to {WINDOW_MAX_MS}")
+    return int(raw)
+
+
+class AdminApi:
+    """The admin handlers, with the collaborators they use. `base_url(request)` is the URL
+    clients should use (for key snippets)."""
+
+    def __init__(self, *, keys: Keys, pool: AccountPool, logins: Logins, usage: UsageQueue, store: Store,
+                 providers: Mapping[str, LoadedProvider], clock: Clock, base_url: Callable[[Request], str]):
+        self.keys, self.pool, self.logins, self.usage, self.store = keys, pool, logins, usage, store
+        self.providers, self.clock, self.base_url = providers, clock, base_url
+
+    def provider(self, name: str) -> LoadedProvider:
+        provider = self.providers.get(name)
+        if provider is None:
+            raise NotFound(f"unknown provider {name!r}; configured: {', '.join(self.providers)}")
+        return provider
+
+    def account_view(self, account_id: str) -> dict:
+        return self.pool.get(account_id).view(self.clock.now())
+
+    def key_fields(self, request: Request, partial: bool) -> dict:
+        body = json_object(request.body, KEY_FIELDS)
+        return key_fields(body, partial=partial, providers=list(self.providers),
+                          account_providers=self.pool.provider_of(), now=self.clock.now())
+
+    # ── accounts and providers ──
+    async def list_accounts(self, request):
+        now = self.clock.now()
+        return {"accounts": [a.view(now) for a in self.pool.listed()], "providers": self.pool.provider_status()}
+
+    async def list_providers(self, request):
+        return {"providers": self.pool.provider_status()}
+
+    async def patch_provider(self, request, name):
+        provider = self.provider(name)
+        enabled = opt_bool(json_object(request.body, ["enabled"], ["enabled"]), "enabled")
+        return {"provider": await self.pool.set_provider_enabled(provider.name, enabled), "updated": True}
+
+    async def oauth_start(self, request, name):
+        provider = self.provider(name)
+        options = json_object(request.body, ["options"]).get("options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest("options must be an object")
+        return await self.logins.start(provider, options)
+
+    async def oauth_complete(self, request, name):
+        provider = self.provider(name)
+        body = json_object(request.body, ["state", "code"], ["state"])
+        state = opt_str(body, "state", 200)
+        login = await self.logins.pending(provider, state)
+        if login.method == "device":
+            return await self.oauth_status(request, name, state)
+        code = opt_str(body, "code", 4000)
+        if not code:
+            raise BadRequest("code is required: paste the code or the full callback URL")
+        account = await self.logins.finish_code(provider, state, code)
+        return {"account": account.view(self.clock.now())}
+
+    async def oauth_status(self, request, name, state):
+        status = await self.logins.status(self.provider(name), state)
+        return (202 if status.status == "pending" else 200), status.view(self.clock.now())
+
+    async def import_account(self, request, name):
+        provider = self.provider(name)
+        body = json_object(request.body, ACCOUNT_IMPORT_FIELDS)
+        accounts = await import_body(self.pool, provider, body, self.clock.now())
+        now = self.clock.now()
+        return 201, {"account": accounts[0].view(now), "accounts": [a.view(now) for a in accounts], "imported": True}
+
+    async def patch_account(self, request, account_id):
+        self.pool.get(account_id)
+        body = json_object(request.body, ["label", "priority", "enabled", "metadata"])
+        fields: dict[str, Any] = {}
+        if "label" in body:
+            fields["label"] = opt_str(body, "label", 160) or ""
+        if body.get("priority") is not None:
+            fields["priority"] = opt_int(body, "priority")
+        if body.get("enabled") is not None:
+            fields["enabled"] = opt_bool(body, "enabled")
+        if "metadata" in body:
+            if not isinstance(body["metadata"], (dict, type(None))):
+                raise BadRequest("metadata must be an object or null")
+            fields["metadata"] = body["metadata"] or {}
+        account = await self.pool.update(account_id, **fields)
+        return {"account": account.view(self.clock.now()), "updated": True}
+
+    async def delete_account(self, request, account_id):
+        await self.pool.delete(account_id)
+        return {"deleted": True}
+
+    async def primary_account(self, request, account_id):
+        return {"account": (await self.pool.set_primary(account_id)).view(self.clock.now())}
+
+    async def clear_cooldown(self, request, account_id):
+        return {"account": (await self.pool.clear_cooldown(account_id)).view(self.clock.now())}
+
+    async def refresh_account(self, request, account_id):
+        account = self.pool.get(account_id)
+        if account.provider not in self.providers:
+            raise BadRequest(f"provider {account.provider} is not enabled in the config")
+        try:
+            account = await self.pool.fresh(account, force=True)
+        except ReauthRequired as exc:
+            raise AccountNeedsReauth(str(exc)) from None
+        except ProviderError as exc:
+            raise RefreshFailed(str(exc)) from None
+        return {"account": account.view(self.clock.now()), "refreshed": True}
+
+    async def account_quota(self, request, account_id):
+        return {"quota": await self.pool.quota(self.pool.get(account_id))}
+
+    async def account_usage(self, request, account_id):
+        self.pool.get(account_id)
+        report = await usage_report(self.store, window_ms(request), self.clock.now(), group="api_key_id",
+                                    provider_account_id=account_id)
+        return {"providerAccountId": account_id, **report}
+
+    # ── keys ──
+    async def list_keys(self, request):
+        base, now = self.base_url(request), self.clock.now()
+        return {"keys": [key_view(r, base, now) for r in self.keys.newest_first()]}
+
+    async def post_key(self, request):
+        key, record = await self.keys.create(**self.key_fields(request, partial=False))
+        return 201, {"key": key_view(record, self.base_url(request), self.clock.now(), key=key)}
+
+    async def patch_key(self, request, key_id):
+        self.keys.get(key_id)
+        record = await self.keys.update(key_id, **self.key_fields(request, partial=True))
+        return {"key": key_view(record, self.base_url(request), self.clock.now()), "updated": True}
+
+    async def revoke_key(self, request, key_id):
+        await self.keys.revoke(key_id)
+        return {"revoked": True}
+
+    async def delete_key(self, request, key_id):
+        await self.keys.delete(key_id)
+        return {"deleted": True}
+
+    async def key_usage(self, request, key_id):
+        self.keys.get(key_id)
+        report = await usage_report(self.store, window_ms(request), self.clock.now(), group="provider_account_id",
+                                    api_key_id=key_id)
+        return {"apiKeyId": key_id, **report}
+
+    async def dashboard(self, request):
+        window, now = window_ms(request), self.clock.now()
+        report = await usage_report(self.store, window, now, group="api_key_id")
+        previous = await usage_report(self.store, window, now - window, until=now - window)
+        report["previousTotals"] = previous["totals"]
+        report["queue"] = {"depth": self.usage.depth, "dropped": self.usage.dropped}
+        return report
+
+    def routes(self) -> list[tuple[str, str, Callable]]:
+        """The admin route table: (method, path under /admin, handler)."""
+        return [
+            ("GET", "/accounts", self.list_accounts),
+            ("GET", "/accounts/providers", self.list_providers),
+            ("PATCH", "/accounts/providers/<name>", self.patch_provider),
+            ("POST", "/accounts/<name>/oauth/start", self.oauth_start),
+            ("POST", "/accounts/<name>/oauth/complete", self.oauth_complete),
+            ("GET", "/accounts/<name>/oauth/<state>", self.oauth_status),
+            ("POST", "/accounts/<name>/import", self.import_account),
+            ("PATCH", "/accounts/<account_id>", self.patch_account),
+            ("DELETE", "/accounts/<account_id>", self.delete_account),
+            ("POST", "/accounts/<account_id>/primary", self.primary_account),
+            ("DELETE", "/accounts/<account_id>/cooldown", self.clear_cooldown),
+            ("POST", "/accounts/<account_id>/refresh", self.refresh_account),
+            ("GET", "/accounts/<account_id>/quota", self.account_quota),
+            ("GET", "/accounts/<account_id>/usage", self.account_usage),
+            ("GET", "/keys", self.list_keys),
+            ("POST", "/keys", self.post_key),
+            ("PATCH", "/keys/<key_id>", self.patch_key),
+            ("POST", "/keys/<key_id>/revoke", self.revoke_key),
+            ("DELETE", "/keys/<key_id>", self.delete_key),
+            ("GET", "/keys/<key_id>/usage", self.key_usage),
+            ("GET", "/usage/dashboard", self.dashboard),
+        ]
+
+
+def blueprint(api: AdminApi, auth: AdminAuth) -> Blueprint:
+    """The /admin Blueprint: every route checks the admin token first, and answers JSON
+    (a handler returns a body, or `(status, body)`) that is never cached."""
+    bp = Blueprint("admin", url_prefix="/admin")
+
+    @bp.on_request
+    async def authenticate(request: Request):
+        auth.check(request)
+
+    for method, path, handler in api.routes():
+
+        async def route(request: Request, _handler=handler, **params):
+            result = await _handler(request, **params)
+            status, body = result if isinstance(result, tuple) else (200, result)
+            return sanic_response.json(body, status=status, headers={"cache-control": "no-store"})
+
+        bp.add_route(route, path, methods=[method], name=handler.__name__)
+    return bp

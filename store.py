@@ -1,0 +1,630 @@
+"""Kleis storage: the only module that knows SQL, peewee and the shape of the tables.
+
+One `Store` per Kleis instance owns its database connection pool and its own model
+classes, so two instances in one process never share state. It speaks in named
+operations (`create_key`, `revoke_key`, `save_refreshed`, `add_usage`, ...) that take and
+return plain records; OAuth tokens and login data are sealed with the instance's `Vault` on
+the way in and opened on the way out, so nothing above this module sees ciphertext.
+
+schema.sql is the only schema (applied at open, then migrations/NNN_*.sql once each); the
+models here are a typed view of it, and a test compares the two on SQLite and PostgreSQL.
+All times are epoch milliseconds. Runtime queries are async (peewee-async).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import peewee
+import peewee_async
+
+from runtime import Clock
+from settings import ConfigError, Vault
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_FILE = HERE / "schema.sql"
+MIGRATIONS_DIR = HERE / "migrations"
+log = logging.getLogger("kleis.store")
+
+# Additive counters of request_usage_buckets, in schema order. `max_latency_ms` and
+# `last_request_at` are kept as maxima, not sums.
+USAGE_COUNTERS = (
+    "request_count", "success_count", "client_error_count", "server_error_count", "auth_error_count",
+    "rate_limit_count", "proxy_error_count", "upstream_error_count", "incomplete_count", "cancelled_count",
+    "total_latency_ms", "total_duration_ms", "input_tokens", "output_tokens", "cache_read_tokens",
+    "cache_write_tokens",
+)  # fmt: skip
+USAGE_DIMENSIONS = ("bucket_start", "api_key_id", "provider_account_id", "provider", "endpoint", "model")
+
+
+# ══ Records ═════════════════════════════════════════════════════════════════
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """An API key as stored (the key itself never is: `key_hash` is its SHA-256)."""
+
+    id: str
+    key_hash: str
+    key_prefix: str
+    discovery_token: str
+    label: str | None
+    provider_scopes: tuple[str, ...] | None
+    model_scopes: tuple[str, ...] | None
+    account_scopes: tuple[str, ...] | None
+    expires_at: int | None
+    revoked_at: int | None
+    created_at: int
+
+    def active(self, now: int) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def status(self, now: int) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "active" if self.active(now) else "expired"
+
+
+@dataclass
+class AccountRecord:
+    """A provider account with its tokens opened (never logged: see __repr__)."""
+
+    id: str
+    provider: str
+    label: str
+    account_id: str | None
+    is_primary: bool
+    enabled: bool
+    priority: int
+    status: str
+    access_token: str
+    refresh_token: str
+    expires_at: int
+    metadata: dict
+    cooldown_until: int | None
+    cooldown_kind: str | None
+    last_error: str | None
+    last_refresh_at: int | None
+    last_refresh_status: str | None
+    created_at: int
+    updated_at: int
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.provider}:{self.label or self.id})"
+
+
+@dataclass(frozen=True)
+class LoginRecord:
+    """A login in progress (an OAuth state) with its data opened."""
+
+    state: str
+    provider: str
+    method: str
+    data: dict = field(repr=False)
+    status: str
+    result_account_id: str | None
+    message: str | None
+    interval_ms: int
+    expires_at: int
+    created_at: int
+
+
+# ══ Models ══════════════════════════════════════════════════════════════════
+
+
+def build_models(db: peewee_async.AioDatabase) -> SimpleNamespace:
+    """Model classes bound to `db` alone (a new set per Store, never global)."""
+
+    class Base(peewee_async.AioModel):
+        class Meta:
+            database = db
+
+    class Account(Base):
+        id = peewee.TextField(primary_key=True)
+        provider = peewee.TextField()
+        label = peewee.TextField(default="")
+        account_id = peewee.TextField(null=True)
+        is_primary = peewee.IntegerField(default=0)
+        enabled = peewee.IntegerField(default=1)
+        priority = peewee.IntegerField(default=0)
+        status = peewee.TextField(default="ok")
+        access_token_enc = peewee.TextField()
+        refresh_token_enc = peewee.TextField()
+        expires_at = peewee.BigIntegerField()
+        metadata_json = peewee.TextField(default="{}")
+        cooldown_until = peewee.BigIntegerField(null=True)
+        cooldown_kind = peewee.TextField(null=True)
+        last_error = peewee.TextField(null=True)
+        last_refresh_at = peewee.BigIntegerField(null=True)
+        last_refresh_status = peewee.TextField(null=True)
+        refresh_lock_token = peewee.TextField(null=True)
+        refresh_lock_expires_at = peewee.BigIntegerField(null=True)
+        created_at = peewee.BigIntegerField()
+        updated_at = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "provider_accounts"
+
+    class ApiKey(Base):
+        id = peewee.TextField(primary_key=True)
+        key_hash = peewee.TextField()
+        key_prefix = peewee.TextField()
+        models_discovery_token = peewee.TextField()
+        label = peewee.TextField(null=True)
+        provider_scope_json = peewee.TextField(null=True)
+        model_scope_json = peewee.TextField(null=True)
+        account_scope_json = peewee.TextField(null=True)
+        expires_at = peewee.BigIntegerField(null=True)
+        revoked_at = peewee.BigIntegerField(null=True)
+        created_at = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "api_keys"
+
+    class OAuthState(Base):
+        state = peewee.TextField(primary_key=True)
+        provider = peewee.TextField()
+        method = peewee.TextField()
+        data_enc = peewee.TextField()
+        status = peewee.TextField(default="pending")
+        result_account_id = peewee.TextField(null=True)
+        message = peewee.TextField(null=True)
+        interval_ms = peewee.BigIntegerField(default=5000)
+        expires_at = peewee.BigIntegerField()
+        created_at = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "oauth_states"
+
+    class UsageBucket(Base):
+        bucket_start = peewee.BigIntegerField()
+        api_key_id = peewee.TextField()
+        provider_account_id = peewee.TextField()
+        provider = peewee.TextField()
+        endpoint = peewee.TextField()
+        model = peewee.TextField(default="")
+        request_count = peewee.IntegerField(default=0)
+        success_count = peewee.IntegerField(default=0)
+        client_error_count = peewee.IntegerField(default=0)
+        server_error_count = peewee.IntegerField(default=0)
+        auth_error_count = peewee.IntegerField(default=0)
+        rate_limit_count = peewee.IntegerField(default=0)
+        proxy_error_count = peewee.IntegerField(default=0)
+        upstream_error_count = peewee.IntegerField(default=0)
+        incomplete_count = peewee.IntegerField(default=0)
+        cancelled_count = peewee.IntegerField(default=0)
+        total_latency_ms = peewee.BigIntegerField(default=0)
+        max_latency_ms = peewee.BigIntegerField(default=0)
+        total_duration_ms = peewee.BigIntegerField(default=0)
+        input_tokens = peewee.BigIntegerField(default=0)
+        output_tokens = peewee.BigIntegerField(default=0)
+        cache_read_tokens = peewee.BigIntegerField(default=0)
+        cache_write_tokens = peewee.BigIntegerField(default=0)
+        last_request_at = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "request_usage_buckets"
+            primary_key = peewee.CompositeKey(*USAGE_DIMENSIONS)
+
+    class CacheVersion(Base):
+        name = peewee.TextField(primary_key=True)
+        version = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "cache_versions"
+
+    class SchemaMigration(Base):
+        version = peewee.TextField(primary_key=True)
+        applied_at = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "schema_migrations"
+
+    all_ = [Account, ApiKey, OAuthState, UsageBucket, CacheVersion, SchemaMigration]
+    return SimpleNamespace(Account=Account, ApiKey=ApiKey, OAuthState=OAuthState, UsageBucket=UsageBucket,
+                           CacheVersion=CacheVersion, SchemaMigration=SchemaMigration, all=all_)
+
+
+def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
+    """A peewee-async database for `sqlite:///<absolute path or :memory:>` or
+    `postgresql://user:password@host:port/db`. Nothing is opened yet."""
+    if url.startswith("sqlite:///"):
+        # aiosqlite opens one connection per acquire; `timeout` is SQLite's busy timeout.
+        return peewee_async.SqliteDatabase(url[len("sqlite:///"):], pool_params={"timeout": 15})
+    parts = urlsplit(url)
+    return peewee_async.Psycopg3Database(
+        unquote(parts.path.lstrip("/")) or "postgres",
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5432,
+        user=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        pool_params={"min_size": 1, "max_size": pool_size},
+    )
+
+
+def schema_statements(text: str) -> list[str]:
+    """A SQL file split into statements (comment lines dropped)."""
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+def _loads(text: str | None, default: Any) -> Any:
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _scope(text: str | None) -> tuple[str, ...] | None:
+    value = _loads(text, None)
+    return tuple(str(v) for v in value) if isinstance(value, list) and value else None
+
+
+# Record field -> column for the fields callers may change directly.
+_KEY_COLUMNS = {"label": "label", "provider_scopes": "provider_scope_json", "model_scopes": "model_scope_json",
+                "account_scopes": "account_scope_json", "expires_at": "expires_at"}
+_ACCOUNT_COLUMNS = {"label", "priority", "enabled", "metadata", "cooldown_until", "cooldown_kind", "last_error",
+                    "status"}
+
+
+# ══ Store ═══════════════════════════════════════════════════════════════════
+
+
+class Store:
+    """The database of one Kleis instance. `open()` connects and applies the schema;
+    `close()` closes its pool. Every method is a coroutine unless noted."""
+
+    def __init__(self, url: str, vault: Vault, clock: Clock | None = None, pool_size: int = 10,
+                 migrations_dir: Path | None = None):
+        self.url = url
+        self.vault = vault
+        self.clock = clock or Clock()
+        self.migrations_dir = migrations_dir or MIGRATIONS_DIR
+        self.db = connect(url, pool_size)
+        self.m = build_models(self.db)
+        self.is_sqlite = isinstance(self.db, peewee.SqliteDatabase)
+
+    # ── lifecycle ──
+    async def open(self) -> None:
+        """Connect, create missing tables, run migrations not yet recorded. A fresh database
+        gets the full schema.sql, so its migrations are recorded without running."""
+        await self.db.aio_connect()
+        db = self.db
+        fresh = "provider_accounts" not in await db.aio_get_tables()
+        if self.is_sqlite:
+            await db.aio_execute_sql("PRAGMA journal_mode=WAL")
+        async with db.aio_connection():
+            for statement in schema_statements(SCHEMA_FILE.read_text()):
+                await db.aio_execute_sql(statement)
+            done = {r.version for r in await self.m.SchemaMigration.select().aio_execute()}
+            for path in sorted(self.migrations_dir.glob("[0-9][0-9][0-9]_*.sql")):
+                if path.stem in done:
+                    continue
+                if not fresh:
+                    for statement in schema_statements(path.read_text()):
+                        await db.aio_execute_sql(statement)
+                await self.m.SchemaMigration.insert(version=path.stem, applied_at=self.clock.now()).aio_execute()
+
+    async def close(self) -> None:
+        await self.db.aio_close()
+
+    async def ping(self) -> None:
+        """Raises when the database does not answer."""
+        await self.db.aio_execute_sql("SELECT 1")
+
+    def model_columns(self) -> dict[str, list[str]]:
+        """Not async. Table -> column names as the models see them (for the schema test)."""
+        return {m._meta.table_name: [f.column_name for f in m._meta.sorted_fields] for m in self.m.all}
+
+    async def migrations(self) -> list[str]:
+        return [r.version for r in await self.m.SchemaMigration.select().order_by(self.m.SchemaMigration.version)
+                .aio_execute()]
+
+    # ── cache versions (cross-instance invalidation) ──
+    async def bump_version(self, name: str) -> None:
+        """Tell every instance (this one included) that cached `name` rows changed."""
+        V = self.m.CacheVersion
+        await V.insert(name=name, version=1).on_conflict(
+            conflict_target=[V.name], update={V.version: V.version + 1}).aio_execute()
+
+    async def read_versions(self) -> dict[str, int]:
+        return {r.name: r.version for r in await self.m.CacheVersion.select().aio_execute()}
+
+    # ── API keys ──
+    @staticmethod
+    def _key(row) -> KeyRecord:
+        return KeyRecord(
+            id=row.id, key_hash=row.key_hash, key_prefix=row.key_prefix, discovery_token=row.models_discovery_token,
+            label=row.label, provider_scopes=_scope(row.provider_scope_json), model_scopes=_scope(row.model_scope_json),
+            account_scopes=_scope(row.account_scope_json), expires_at=row.expires_at, revoked_at=row.revoked_at,
+            created_at=row.created_at,
+        )  # fmt: skip
+
+    @staticmethod
+    def _key_columns(fields: Mapping[str, Any]) -> dict[str, Any]:
+        columns = {}
+        for name, value in fields.items():
+            column = _KEY_COLUMNS[name]  # KeyError: a programming error, not input
+            columns[column] = _dumps(list(value) if value else None) if column.endswith("_json") else value
+        return columns
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return [self._key(r) for r in await self.m.ApiKey.select().aio_execute()]
+
+    async def create_key(self, key_id: str, key_hash: str, key_prefix: str, discovery_token: str,
+                         **fields: Any) -> None:
+        """`fields`: label, provider_scopes, model_scopes, account_scopes, expires_at."""
+        await self.m.ApiKey.insert(id=key_id, key_hash=key_hash, key_prefix=key_prefix,
+                                   models_discovery_token=discovery_token, created_at=self.clock.now(),
+                                   **self._key_columns(fields)).aio_execute()
+
+    async def update_key(self, key_id: str, **fields: Any) -> None:
+        if fields:
+            K = self.m.ApiKey
+            await K.update(**self._key_columns(fields)).where(K.id == key_id).aio_execute()
+
+    async def revoke_key(self, key_id: str, at: int) -> bool:
+        """False when the key does not exist or was already revoked."""
+        K = self.m.ApiKey
+        return bool(await K.update(revoked_at=at).where((K.id == key_id) & K.revoked_at.is_null()).aio_execute())
+
+    async def delete_key(self, key_id: str) -> None:
+        """The key and its usage rows, in one transaction."""
+        async with self.db.aio_atomic():
+            await self.m.UsageBucket.delete().where(self.m.UsageBucket.api_key_id == key_id).aio_execute()
+            await self.m.ApiKey.delete().where(self.m.ApiKey.id == key_id).aio_execute()
+
+    # ── provider accounts ──
+    def _account(self, row) -> AccountRecord:
+        return AccountRecord(
+            id=row.id, provider=row.provider, label=row.label, account_id=row.account_id,
+            is_primary=bool(row.is_primary), enabled=bool(row.enabled), priority=row.priority, status=row.status,
+            access_token=self.vault.open(row.access_token_enc), refresh_token=self.vault.open(row.refresh_token_enc),
+            expires_at=row.expires_at, metadata=_loads(row.metadata_json, {}) or {},
+            cooldown_until=row.cooldown_until, cooldown_kind=row.cooldown_kind, last_error=row.last_error,
+            last_refresh_at=row.last_refresh_at, last_refresh_status=row.last_refresh_status,
+            created_at=row.created_at, updated_at=row.updated_at,
+        )  # fmt: skip
+
+    def _sealed(self, access_token: str, refresh_token: str) -> dict[str, str]:
+        return {"access_token_enc": self.vault.seal(access_token), "refresh_token_enc": self.vault.seal(refresh_token)}
+
+    async def list_accounts(self) -> list[AccountRecord]:
+        """Every account; one whose tokens cannot be opened (secret key changed) is logged and
+        left out rather than stopping the others."""
+        out = []
+        for row in await self.m.Account.select().aio_execute():
+            try:
+                out.append(self._account(row))
+            except ConfigError as exc:
+                log.error("account %s (%s): %s", row.id, row.provider, exc)
+        return out
+
+    async def get_account(self, account_id: str) -> AccountRecord | None:
+        A = self.m.Account
+        row = await A.select().where(A.id == account_id).aio_first()
+        return None if row is None else self._account(row)
+
+    async def find_account(self, provider: str, account_id: str) -> AccountRecord | None:
+        """The account of `provider` with that provider-side identity."""
+        A = self.m.Account
+        row = await A.select().where((A.provider == provider) & (A.account_id == account_id)).aio_first()
+        return None if row is None else self._account(row)
+
+    async def insert_account(self, account_id: str, provider: str, label: str, provider_account_id: str | None,
+                             access_token: str, refresh_token: str, expires_at: int, metadata: dict,
+                             priority: int = 0) -> None:
+        """A new account; it is primary when its provider has none, and disabled when the
+        provider was switched off (some sibling disabled)."""
+        A = self.m.Account
+        now = self.clock.now()
+        siblings = list(await A.select(A.is_primary, A.enabled).where(A.provider == provider).aio_execute())
+        await A.insert(
+            id=account_id, provider=provider, label=label, account_id=provider_account_id,
+            is_primary=0 if any(r.is_primary for r in siblings) else 1,
+            enabled=1 if all(r.enabled for r in siblings) else 0, priority=priority, status="ok",
+            metadata_json=_dumps(metadata or {}), expires_at=expires_at, created_at=now, updated_at=now,
+            **self._sealed(access_token, refresh_token),
+        ).aio_execute()  # fmt: skip
+
+    async def replace_login(self, account_id: str, access_token: str, refresh_token: str, expires_at: int,
+                            metadata: dict, label: str | None = None, priority: int | None = None) -> None:
+        """New tokens from a login or import for an existing account: clears needs_reauth, the
+        cooldown and any refresh lease; keeps the label unless one is given."""
+        A = self.m.Account
+        values: dict[str, Any] = dict(
+            self._sealed(access_token, refresh_token), expires_at=expires_at, metadata_json=_dumps(metadata),
+            status="ok", cooldown_until=None, cooldown_kind=None, last_error=None, refresh_lock_token=None,
+            refresh_lock_expires_at=None, updated_at=self.clock.now())
+        if label:
+            values["label"] = label
+        if priority is not None:
+            values["priority"] = priority
+        await A.update(**values).where(A.id == account_id).aio_execute()
+
+    async def update_account(self, account_id: str, **fields: Any) -> None:
+        """`fields`: label, priority, enabled, metadata, cooldown_until, cooldown_kind,
+        last_error, status."""
+        unknown = set(fields) - _ACCOUNT_COLUMNS
+        if unknown:
+            raise TypeError(f"update_account: unknown fields {sorted(unknown)}")
+        values: dict[str, Any] = {k: v for k, v in fields.items() if k not in ("metadata", "enabled")}
+        if "metadata" in fields:
+            values["metadata_json"] = _dumps(fields["metadata"] or {})
+        if "enabled" in fields:
+            values["enabled"] = int(fields["enabled"])
+        values["updated_at"] = self.clock.now()
+        A = self.m.Account
+        await A.update(**values).where(A.id == account_id).aio_execute()
+
+    async def set_primary(self, provider: str, account_id: str) -> None:
+        A = self.m.Account
+        async with self.db.aio_atomic():
+            # Two statements: the partial unique index allows one primary per provider.
+            await A.update(is_primary=0).where((A.provider == provider) & (A.is_primary == 1)).aio_execute()
+            await A.update(is_primary=1, updated_at=self.clock.now()).where(A.id == account_id).aio_execute()
+
+    async def delete_account(self, account_id: str, next_primary: str | None = None) -> None:
+        """Delete an account; `next_primary` takes over as its provider's primary."""
+        A = self.m.Account
+        async with self.db.aio_atomic():
+            await A.delete().where(A.id == account_id).aio_execute()
+            if next_primary:
+                await A.update(is_primary=1).where(A.id == next_primary).aio_execute()
+
+    async def set_provider_enabled(self, provider: str, enabled: bool) -> None:
+        A = self.m.Account
+        await A.update(enabled=int(enabled), updated_at=self.clock.now()).where(A.provider == provider).aio_execute()
+
+    # ── refresh lease (one refresh per account across instances) ──
+    async def take_refresh_lease(self, account_id: str, lease: str, lease_ms: int) -> bool:
+        """True when this caller now holds the account's refresh lease for `lease_ms`."""
+        A = self.m.Account
+        now = self.clock.now()
+        free = A.refresh_lock_token.is_null() | (A.refresh_lock_expires_at <= now)
+        taken = await A.update(refresh_lock_token=lease, refresh_lock_expires_at=now + lease_ms).where(
+            (A.id == account_id) & free).aio_execute()
+        return bool(taken)
+
+    async def release_refresh_lease(self, account_id: str, lease: str) -> None:
+        A = self.m.Account
+        await A.update(refresh_lock_token=None, refresh_lock_expires_at=None).where(
+            (A.id == account_id) & (A.refresh_lock_token == lease)).aio_execute()
+
+    async def save_refreshed(self, account_id: str, lease: str, access_token: str, refresh_token: str,
+                             expires_at: int, metadata: dict) -> bool:
+        """Commit refreshed tokens and release the lease in one statement, only while `lease`
+        is still ours; False when the lease was lost (the tokens were not saved)."""
+        A = self.m.Account
+        now = self.clock.now()
+        written = await A.update(
+            **self._sealed(access_token, refresh_token), expires_at=expires_at, metadata_json=_dumps(metadata),
+            status="ok", last_refresh_at=now, last_refresh_status="success", last_error=None,
+            refresh_lock_token=None, refresh_lock_expires_at=None, updated_at=now,
+        ).where((A.id == account_id) & (A.refresh_lock_token == lease)).aio_execute()
+        return bool(written)
+
+    async def save_refresh_failure(self, account_id: str, lease: str, message: str, needs_reauth: bool) -> None:
+        """Record a failed refresh (and `needs_reauth`) and release the lease."""
+        A = self.m.Account
+        now = self.clock.now()
+        values: dict[str, Any] = dict(last_refresh_at=now, last_refresh_status="failed", last_error=message,
+                                      refresh_lock_token=None, refresh_lock_expires_at=None, updated_at=now)
+        if needs_reauth:
+            values["status"] = "needs_reauth"
+        await A.update(**values).where((A.id == account_id) & (A.refresh_lock_token == lease)).aio_execute()
+
+    async def reseal(self, new_vault: Vault) -> int:
+        """Re-encrypt every token and login with `new_vault` in one transaction; afterwards
+        this store uses it. Returns the number of accounts."""
+        A, S = self.m.Account, self.m.OAuthState
+        count = 0
+        async with self.db.aio_atomic():
+            for row in await A.select().aio_execute():
+                await A.update(
+                    access_token_enc=new_vault.seal(self.vault.open(row.access_token_enc)),
+                    refresh_token_enc=new_vault.seal(self.vault.open(row.refresh_token_enc)),
+                ).where(A.id == row.id).aio_execute()
+                count += 1
+            for row in await S.select().aio_execute():
+                await S.update(data_enc=new_vault.seal(self.vault.open(row.data_enc))).where(
+                    S.state == row.state).aio_execute()
+        self.vault = new_vault
+        return count
+
+    # ── logins (OAuth states) ──
+    def _login(self, row) -> LoginRecord:
+        return LoginRecord(state=row.state, provider=row.provider, method=row.method,
+                           data=json.loads(self.vault.open(row.data_enc)), status=row.status,
+                           result_account_id=row.result_account_id, message=row.message,
+                           interval_ms=row.interval_ms, expires_at=row.expires_at, created_at=row.created_at)
+
+    async def create_login(self, state: str, provider: str, method: str, data: dict, interval_ms: int,
+                           expires_at: int) -> None:
+        await self.m.OAuthState.insert(state=state, provider=provider, method=method,
+                                       data_enc=self.vault.seal(json.dumps(data)), interval_ms=interval_ms,
+                                       expires_at=expires_at, created_at=self.clock.now()).aio_execute()
+
+    async def get_login(self, state: str, provider: str | None = None) -> LoginRecord | None:
+        S = self.m.OAuthState
+        where = S.state == state
+        if provider is not None:
+            where &= S.provider == provider
+        row = await S.select().where(where).aio_first()
+        return None if row is None else self._login(row)
+
+    async def take_login(self, state: str) -> bool:
+        """Delete a login; True only for the one caller that deleted it (single use)."""
+        return bool(await self.m.OAuthState.delete().where(self.m.OAuthState.state == state).aio_execute())
+
+    async def finish_login(self, state: str, status: str, message: str | None = None,
+                           account_id: str | None = None) -> None:
+        S = self.m.OAuthState
+        await S.update(status=status, message=message, result_account_id=account_id).where(
+            S.state == state).aio_execute()
+
+    # ── usage ──
+    async def add_usage(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Add bucket rows (USAGE_DIMENSIONS, USAGE_COUNTERS, max_latency_ms, last_request_at)
+        to what is stored, in one transaction: counters are summed, the two maxima kept."""
+        U = self.m.UsageBucket
+        rows = list(rows)
+        greatest = peewee.fn.MAX if self.is_sqlite else peewee.fn.GREATEST
+        update = {getattr(U, n): getattr(U, n) + peewee.EXCLUDED[n] for n in USAGE_COUNTERS}
+        update[U.max_latency_ms] = greatest(U.max_latency_ms, peewee.EXCLUDED.max_latency_ms)
+        update[U.last_request_at] = greatest(U.last_request_at, peewee.EXCLUDED.last_request_at)
+        target = [getattr(U, n) for n in USAGE_DIMENSIONS]
+        async with self.db.aio_atomic():
+            for i in range(0, len(rows), 400):
+                await U.insert_many(rows[i:i + 400]).on_conflict(conflict_target=target, update=update).aio_execute()
+
+    async def usage_sums(self, since: int, until: int | None = None, group_by: tuple[str, ...] = (),
+                         **equal: str) -> list[dict]:
+        """Summed counters (plus max of max_latency_ms and last_request_at) of the buckets
+        starting in [since, until), filtered by `equal` (dimension=value), one dict per group."""
+        U = self.m.UsageBucket
+        where = U.bucket_start >= since
+        if until is not None:
+            where &= U.bucket_start < until
+        for name, value in equal.items():
+            if name not in USAGE_DIMENSIONS:
+                raise TypeError(f"usage_sums: unknown dimension {name}")
+            where &= getattr(U, name) == value
+        columns = [getattr(U, n) for n in group_by]
+        query = U.select(
+            *columns, *[peewee.fn.SUM(getattr(U, n)).alias(n) for n in USAGE_COUNTERS],
+            peewee.fn.MAX(U.max_latency_ms).alias("max_latency_ms"),
+            peewee.fn.MAX(U.last_request_at).alias("last_request_at"),
+        ).where(where)
+        if columns:
+            query = query.group_by(*columns)
+        return list(await query.dicts().aio_execute())
+
+    async def rows(self, table: str, **equal: Any) -> list[dict]:
+        """Every row of `table` as stored, columns by name, filtered by `equal`
+        (column=value): what an operator would see with SQL (tests, diagnostics)."""
+        model = next(m for m in self.m.all if m._meta.table_name == table)
+        query = model.select()
+        for column, value in equal.items():
+            query = query.where(getattr(model, column) == value)
+        return list(await query.dicts().aio_execute())
+
+    async def purge(self, usage_before: int | None, logins_before: int) -> None:
+        """Drop usage buckets older than `usage_before` (None: keep) and logins that
+        expired before `logins_before`."""
+        if usage_before is not None:
+            await self.m.UsageBucket.delete().where(self.m.UsageBucket.bucket_start < usage_before).aio_execute()
+        await self.m.OAuthState.delete().where(self.m.OAuthState.expires_at < logins_before).aio_execute()
