@@ -26,8 +26,13 @@ test: $(VENV)/.ok                       ## run the whole suite; pass ARGS="-k us
 check: $(VENV)/.ok                      ## validate config.toml and the providers, then exit
 	$(BIN)/python kleis.py check --config config.toml
 
-lint: $(VENV)/.ok                       ## ruff check
+lint: $(VENV)/.ok                       ## ruff check and ruff format --check (what CI enforces)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(VENV)/.ok                        ## ruff format, then ruff check --fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: $(VENV)/.ok                      ## benchmark Kleis against a bare pass-through (needs wrk)
 	@command -v wrk >/dev/null || (apt-get install -y wrk >/dev/null 2>&1 || echo "wrk not installed; using the Python load generator")

@@ -70,8 +70,15 @@ class AccountState(AccountRecord):
     """One account as cached in memory (a store record plus what the pool asks of it)."""
 
     def adapter_view(self) -> Account:
-        return Account(id=self.id, label=self.label, account_id=self.account_id, access_token=self.access_token,
-                       refresh_token=self.refresh_token, expires_at=self.expires_at, metadata=self.metadata)
+        return Account(
+            id=self.id,
+            label=self.label,
+            account_id=self.account_id,
+            access_token=self.access_token,
+            refresh_token=self.refresh_token,
+            expires_at=self.expires_at,
+            metadata=self.metadata,
+        )
 
     def cooling(self, now: int) -> bool:
         return self.cooldown_until is not None and self.cooldown_until > now
@@ -145,8 +152,9 @@ def duration_seconds(value: str, now: int) -> float | None:
     return sum(float(n) * scale[u] for n, u in parts)
 
 
-def upstream_cooldown(provider: LoadedProvider, status: int, headers: Mapping[str, str], body: bytes,
-                      now: int) -> Cooldown:
+def upstream_cooldown(
+    provider: LoadedProvider, status: int, headers: Mapping[str, str], body: bytes, now: int
+) -> Cooldown:
     """How long to rest an account after the upstream refused with `status`: the adapter's
     own reading of its reset hints first, then the standard headers, then a default (60 s
     for a 429, 10 s for a 5xx)."""
@@ -170,7 +178,9 @@ def upstream_cooldown(provider: LoadedProvider, status: int, headers: Mapping[st
 class AccountPool:
     """Accounts in memory: selection, stickiness, cooldowns, refresh, and every write."""
 
-    def __init__(self, store: Store, providers: Mapping[str, LoadedProvider], clock: Clock, background: Background):
+    def __init__(
+        self, store: Store, providers: Mapping[str, LoadedProvider], clock: Clock, background: Background
+    ):
         self.store = store
         self.providers = providers
         self.clock = clock
@@ -213,7 +223,11 @@ class AccountPool:
 
     def configured(self) -> set[str]:
         """Providers that have at least one enabled account (discovery lists only those)."""
-        return {p for p, items in self.by_provider.items() if p in self.providers and any(a.enabled for a in items)}
+        return {
+            p
+            for p, items in self.by_provider.items()
+            if p in self.providers and any(a.enabled for a in items)
+        }
 
     def get(self, account_id: str) -> AccountState:
         account = self.accounts.get(account_id)
@@ -241,8 +255,14 @@ class AccountPool:
         for name in self.providers:
             items = self.by_provider.get(name, [])
             enabled = sum(1 for a in items if a.enabled)
-            result.append({"provider": name, "enabled": enabled > 0, "accountCount": len(items),
-                           "enabledAccountCount": enabled})
+            result.append(
+                {
+                    "provider": name,
+                    "enabled": enabled > 0,
+                    "accountCount": len(items),
+                    "enabledAccountCount": enabled,
+                }
+            )
         return result
 
     # ── selection ──
@@ -253,14 +273,19 @@ class AccountPool:
             accounts = [a for a in accounts if a.id in scoped]
             if not accounts:
                 raise AccountScopeMissing(
-                    f"this API key is limited to accounts that do not include any {provider} account")
+                    f"this API key is limited to accounts that do not include any {provider} account"
+                )
         enabled = [a for a in accounts if a.enabled]
         if not enabled and accounts:
-            raise NoAccount(f"every {provider} account is disabled in Kleis; enable one on the admin page "
-                            f'(PATCH /admin/accounts/<id> {{"enabled": true}})')
+            raise NoAccount(
+                f"every {provider} account is disabled in Kleis; enable one on the admin page "
+                f'(PATCH /admin/accounts/<id> {{"enabled": true}})'
+            )
         if not enabled:
-            raise NoAccount(f"no {provider} account is configured in Kleis; add one on the admin page or with "
-                            f"`python kleis.py accounts login {provider}`")
+            raise NoAccount(
+                f"no {provider} account is configured in Kleis; add one on the admin page or with "
+                f"`python kleis.py accounts login {provider}`"
+            )
         return enabled
 
     def choose(self, provider: str, key: KeyRecord, session: str | None) -> list[AccountState]:
@@ -274,16 +299,19 @@ class AccountPool:
             if cooling:
                 seconds = max(1, -(-(min(a.cooldown_until for a in cooling) - now) // 1000))
                 if any(a.cooldown_kind != "error" for a in cooling):
-                    raise AccountsCoolingDown(f"every {provider} account is rate limited; retry in {seconds} s",
-                                              seconds)
+                    raise AccountsCoolingDown(
+                        f"every {provider} account is rate limited; retry in {seconds} s", seconds
+                    )
                 # Not a rate limit: the provider failed or was unreachable a moment ago.
                 last = max(cooling, key=lambda a: a.cooldown_until).last_error or "an upstream error"
                 raise AccountsUnavailable(
-                    f"every {provider} account failed a moment ago ({last}); retry in {seconds} s", seconds)
+                    f"every {provider} account failed a moment ago ({last}); retry in {seconds} s", seconds
+                )
             labels = ", ".join(a.label or a.id for a in enabled)
             raise AccountNeedsReauth(
-                f"the {provider} account(s) {labels} need a new login: their refresh token was rejected; log in "
-                f"again on the admin page or with `python kleis.py accounts login {provider}`")
+                f"the {provider} account(s) {labels} need a new login: their refresh token was rejected; "
+                f"log in again on the admin page or with `python kleis.py accounts login {provider}`"
+            )
         if session:
             sticky = self.sticky.get((key.id, provider, session))
             if sticky and now - sticky[1] < STICKY_TTL_MS:
@@ -304,7 +332,9 @@ class AccountPool:
             self.sticky.popitem(last=False)
 
     # ── cooldowns ──
-    def cool_down(self, account: AccountState, cooldown: Cooldown, reason: str, kind: str | None = None) -> None:
+    def cool_down(
+        self, account: AccountState, cooldown: Cooldown, reason: str, kind: str | None = None
+    ) -> None:
         """Rest an account after a 429/5xx/connection failure: in memory now, in the database
         in the background.
 
@@ -315,23 +345,35 @@ class AccountPool:
         account.cooldown_until = self.clock.now() + int(seconds * 1000)
         account.cooldown_kind = "window" if cooldown.window_exhausted else (kind or "transient")
         account.last_error = reason[:500]
-        log.warning("%s account %s cooling down %.0f s (%s): %s", account.provider, account.label or account.id,
-                    seconds, account.cooldown_kind, reason[:200])
+        log.warning(
+            "%s account %s cooling down %.0f s (%s): %s",
+            account.provider,
+            account.label or account.id,
+            seconds,
+            account.cooldown_kind,
+            reason[:200],
+        )
         values = (account.cooldown_until, account.cooldown_kind, account.last_error)
         previous = self._cooldown_writes.get(account.id)
         write = self._save_cooldown(account.id, *values, after=previous[0] if previous else None)
         task = self.background.start(f"cooldown-{account.id}", write)
         self._cooldown_writes[account.id] = (task, values)
-        task.add_done_callback(lambda t, i=account.id: self._cooldown_writes.get(i, (None,))[0] is t
-                               and self._cooldown_writes.pop(i))
+        task.add_done_callback(
+            lambda t, i=account.id: (
+                self._cooldown_writes.get(i, (None,))[0] is t and self._cooldown_writes.pop(i)
+            )
+        )
 
-    async def _save_cooldown(self, account_id: str, until: int, kind: str, error: str,
-                             after: asyncio.Task | None) -> None:
+    async def _save_cooldown(
+        self, account_id: str, until: int, kind: str, error: str, after: asyncio.Task | None
+    ) -> None:
         if after is not None:  # keep one account's writes in order
             with contextlib.suppress(Exception):
                 await asyncio.shield(after)
         try:
-            await self.store.update_account(account_id, cooldown_until=until, cooldown_kind=kind, last_error=error)
+            await self.store.update_account(
+                account_id, cooldown_until=until, cooldown_kind=kind, last_error=error
+            )
         except Exception as exc:  # a lost cooldown only costs one more failed try
             log.warning("could not save cooldown of account %s: %s", account_id, exc)
 
@@ -348,8 +390,14 @@ class AccountPool:
         return await self.update(account_id, cooldown_until=None, cooldown_kind=None)
 
     # ── refresh ──
-    async def fresh(self, account: AccountState, *, force: bool = False, seen_token: str | None = None,
-                    skew: int = REFRESH_SKEW_MS) -> AccountState:
+    async def fresh(
+        self,
+        account: AccountState,
+        *,
+        force: bool = False,
+        seen_token: str | None = None,
+        skew: int = REFRESH_SKEW_MS,
+    ) -> AccountState:
         """The account with a token valid for at least `skew` ms (refreshing if needed).
 
         `force` refreshes regardless of expiry unless the token changed since `seen_token`
@@ -359,12 +407,19 @@ class AccountPool:
             current = self.accounts.get(account.id, account)
             if self._fresh_enough(current, force, seen_token, skew):
                 return current
-            if not force and current.access_token != account.access_token and current.expires_at > self.clock.now():
+            if (
+                not force
+                and current.access_token != account.access_token
+                and current.expires_at > self.clock.now()
+            ):
                 return current  # refreshed while we waited for the lock: one refresh serves every waiter
             # A client that goes away must not cancel a refresh half-way: the provider may have
             # rotated the refresh token already, and the database lease would stay taken.
-            task = self.background.start(f"refresh-{account.id}",
-                                         self._refresh_with_lease(current, force, seen_token, skew), report=False)
+            task = self.background.start(
+                f"refresh-{account.id}",
+                self._refresh_with_lease(current, force, seen_token, skew),
+                report=False,
+            )
             return await asyncio.shield(task)
 
     def _fresh_enough(self, account: AccountState, force: bool, seen_token: str | None, skew: int) -> bool:
@@ -380,8 +435,9 @@ class AccountPool:
         self._merge(latest)
         return latest
 
-    async def _refresh_with_lease(self, account: AccountState, force: bool, seen_token: str | None,
-                                  skew: int) -> AccountState:
+    async def _refresh_with_lease(
+        self, account: AccountState, force: bool, seen_token: str | None, skew: int
+    ) -> AccountState:
         provider = self.providers[account.provider]
         lease = new_id()
         deadline = self.clock.monotonic() + LEASE_WAIT_S
@@ -390,15 +446,17 @@ class AccountPool:
             latest = await self._reread(account.id)
             now = self.clock.now()
             if self._fresh_enough(latest, force, seen_token, skew) or (
-                    not force and latest.access_token != account.access_token and latest.expires_at > now):
+                not force and latest.access_token != account.access_token and latest.expires_at > now
+            ):
                 if got:
                     await self.store.release_refresh_lease(account.id, lease)
                 return latest  # another instance refreshed it meanwhile
             if got:
                 break
             if self.clock.monotonic() > deadline:
-                raise ProviderError(f"{account.provider} account {account.label}: a refresh is already in progress "
-                                    f"elsewhere")
+                raise ProviderError(
+                    f"{account.provider} account {account.label}: a refresh is already in progress elsewhere"
+                )
             await asyncio.sleep(0.2)  # another instance holds the lease; wait for it
         try:
             tokens = await provider.module.refresh(provider.ctx, latest.adapter_view())
@@ -425,12 +483,18 @@ class AccountPool:
             await self._refresh_failed(latest, lease, "refresh returned unusable tokens", reauth=False)
             raise ProviderError(f"{account.provider} refresh returned unusable tokens")
         metadata = {**latest.metadata, **tokens.metadata}
-        written = await self.store.save_refreshed(latest.id, lease, tokens.access_token, tokens.refresh_token,
-                                                  tokens.expires_at, metadata)
+        written = await self.store.save_refreshed(
+            latest.id, lease, tokens.access_token, tokens.refresh_token, tokens.expires_at, metadata
+        )
         if not written:
-            log.warning("%s account %s: refresh lease lost; new tokens were not saved", latest.provider, latest.label)
+            log.warning(
+                "%s account %s: refresh lease lost; new tokens were not saved", latest.provider, latest.label
+            )
         latest.access_token, latest.refresh_token, latest.expires_at = (
-            tokens.access_token, tokens.refresh_token, tokens.expires_at)
+            tokens.access_token,
+            tokens.refresh_token,
+            tokens.expires_at,
+        )
         latest.metadata, latest.status, latest.last_refresh_at = metadata, "ok", self.clock.now()
         latest.last_refresh_status, latest.last_error = "success", None
         self._merge(latest)
@@ -441,7 +505,11 @@ class AccountPool:
     async def _refresh_failed(self, account: AccountState, lease: str, message: str, reauth: bool) -> None:
         message = message[:500]
         await self.store.save_refresh_failure(account.id, lease, message, needs_reauth=reauth)
-        account.last_refresh_at, account.last_refresh_status, account.last_error = self.clock.now(), "failed", message
+        account.last_refresh_at, account.last_refresh_status, account.last_error = (
+            self.clock.now(),
+            "failed",
+            message,
+        )
         if reauth:
             account.status = "needs_reauth"
             log.warning("%s account %s needs a new login: %s", account.provider, account.label, message)
@@ -451,14 +519,20 @@ class AccountPool:
     async def refresh_due(self) -> None:
         """Background: refresh every enabled account expiring within five minutes."""
         for account in list(self.accounts.values()):
-            if not account.enabled or account.status == "needs_reauth" or account.provider not in self.providers:
+            if (
+                not account.enabled
+                or account.status == "needs_reauth"
+                or account.provider not in self.providers
+            ):
                 continue
             if account.expires_at - self.clock.now() > BACKGROUND_SKEW_MS:
                 continue
             try:
                 await self.fresh(account, skew=BACKGROUND_SKEW_MS)
             except (ProviderError, NoAccount) as exc:
-                log.warning("background refresh of %s account %s failed: %s", account.provider, account.label, exc)
+                log.warning(
+                    "background refresh of %s account %s failed: %s", account.provider, account.label, exc
+                )
             except Exception:
                 log.exception("background refresh of %s account %s crashed", account.provider, account.label)
 
@@ -482,20 +556,36 @@ class AccountPool:
         return result
 
     # ── writes ──
-    async def upsert(self, provider: str, tokens: Tokens, *, label: str | None = None,
-                     priority: int | None = None) -> AccountState:
+    async def upsert(
+        self, provider: str, tokens: Tokens, *, label: str | None = None, priority: int | None = None
+    ) -> AccountState:
         """Insert an account or update the one with the same provider-side identity (never a
         duplicate). An edited label survives a re-login; new tokens clear needs_reauth."""
         existing = await self.store.find_account(provider, tokens.account_id) if tokens.account_id else None
         if existing is not None:
-            await self.store.replace_login(existing.id, tokens.access_token, tokens.refresh_token, tokens.expires_at,
-                                           {**existing.metadata, **tokens.metadata}, label=label, priority=priority)
+            await self.store.replace_login(
+                existing.id,
+                tokens.access_token,
+                tokens.refresh_token,
+                tokens.expires_at,
+                {**existing.metadata, **tokens.metadata},
+                label=label,
+                priority=priority,
+            )
             account_id = existing.id
         else:
             account_id = new_id()
-            await self.store.insert_account(account_id, provider, label or tokens.label or f"{provider}-account",
-                                            tokens.account_id, tokens.access_token, tokens.refresh_token,
-                                            tokens.expires_at, tokens.metadata or {}, priority or 0)
+            await self.store.insert_account(
+                account_id,
+                provider,
+                label or tokens.label or f"{provider}-account",
+                tokens.account_id,
+                tokens.access_token,
+                tokens.refresh_token,
+                tokens.expires_at,
+                tokens.metadata or {},
+                priority or 0,
+            )
         await self.changed()
         return self.accounts[account_id]
 
@@ -516,8 +606,10 @@ class AccountPool:
         account = self.get(account_id)
         successor = None
         if account.is_primary:
-            rest = sorted((a for a in self.by_provider.get(account.provider, []) if a.id != account_id),
-                          key=lambda a: (not a.enabled, a.priority, -a.created_at))
+            rest = sorted(
+                (a for a in self.by_provider.get(account.provider, []) if a.id != account_id),
+                key=lambda a: (not a.enabled, a.priority, -a.created_at),
+            )
             successor = rest[0].id if rest else None
         await self.store.delete_account(account_id, successor)
         await self.changed()
@@ -543,8 +635,13 @@ class LoginStatus:
     account: AccountState | None = None
 
     def view(self, now: int) -> dict:
-        body: dict[str, Any] = {"state": self.state, "provider": self.provider, "method": self.method,
-                                "status": self.status, "message": self.message}
+        body: dict[str, Any] = {
+            "state": self.state,
+            "provider": self.provider,
+            "method": self.method,
+            "status": self.status,
+            "message": self.message,
+        }
         if self.account is not None:
             body["account"] = self.account.view(now)
         return body
@@ -564,13 +661,23 @@ class Logins:
         state = secrets.token_urlsafe(32)
         login: Login = await provider.module.start_login(provider.ctx, state, options)
         expires_at = self.clock.now() + int(login.expires_in * 1000)
-        await self.store.create_login(state, provider.name, login.method, login.data, int(login.interval * 1000),
-                                      expires_at)
+        await self.store.create_login(
+            state, provider.name, login.method, login.data, int(login.interval * 1000), expires_at
+        )
         if login.method == "device":
-            self.background.start(f"login-{provider.name}", self._poll_device(provider, state), wait_on_stop=False)
-        return {"state": state, "provider": provider.name, "method": login.method, "authorizationUrl": login.url,
-                "instructions": login.instructions, "userCode": login.user_code, "interval": login.interval,
-                "expiresAt": expires_at}
+            self.background.start(
+                f"login-{provider.name}", self._poll_device(provider, state), wait_on_stop=False
+            )
+        return {
+            "state": state,
+            "provider": provider.name,
+            "method": login.method,
+            "authorizationUrl": login.url,
+            "instructions": login.instructions,
+            "userCode": login.user_code,
+            "interval": login.interval,
+            "expiresAt": expires_at,
+        }
 
     async def pending(self, provider: LoadedProvider, state: str):
         login = await self.store.get_login(state, provider.name)
@@ -613,7 +720,9 @@ class Logins:
             account = await self.pool.upsert(provider.name, tokens)
             await self.store.finish_login(state, "complete", None, account.id)
             return
-        await self.store.finish_login(state, "failed", "the login expired before it was approved; start it again")
+        await self.store.finish_login(
+            state, "failed", "the login expired before it was approved; start it again"
+        )
 
     async def status(self, provider: LoadedProvider, state: str) -> LoginStatus:
         login = await self.store.get_login(state, provider.name)
@@ -648,8 +757,14 @@ def identified(found: Iterable[Tokens]) -> list[Tokens]:
     return found
 
 
-async def import_auth(pool: AccountPool, provider: LoadedProvider, content: dict | str, *, label: str | None = None,
-                      priority: int | None = None) -> list[AccountState]:
+async def import_auth(
+    pool: AccountPool,
+    provider: LoadedProvider,
+    content: dict | str,
+    *,
+    label: str | None = None,
+    priority: int | None = None,
+) -> list[AccountState]:
     """Import every account in an official client's auth file (its JSON object or text)."""
     found = identified(provider.module.import_auth(provider.ctx, content))
     if not found:
@@ -657,7 +772,9 @@ async def import_auth(pool: AccountPool, provider: LoadedProvider, content: dict
     return [await pool.upsert(provider.name, t, label=label, priority=priority) for t in found]
 
 
-async def import_body(pool: AccountPool, provider: LoadedProvider, body: dict, now: int) -> list[AccountState]:
+async def import_body(
+    pool: AccountPool, provider: LoadedProvider, body: dict, now: int
+) -> list[AccountState]:
     """The admin import: `authFile` (an official client's file, object or text) or explicit
     `accessToken`, `refreshToken`, `expiresAt` (+ `accountId`, `metadata`); `label`,
     `priority` for either."""
@@ -677,8 +794,14 @@ async def import_body(pool: AccountPool, provider: LoadedProvider, body: dict, n
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise BadRequest("metadata must be an object")
-    tokens = Tokens(access_token=body["accessToken"].strip(), refresh_token=body["refreshToken"].strip(),
-                    expires_at=expires_at, account_id=opt_str(body, "accountId"), label=label, metadata=metadata)
+    tokens = Tokens(
+        access_token=body["accessToken"].strip(),
+        refresh_token=body["refreshToken"].strip(),
+        expires_at=expires_at,
+        account_id=opt_str(body, "accountId"),
+        label=label,
+        metadata=metadata,
+    )
     return [await pool.upsert(provider.name, tokens, label=label, priority=priority)]
 
 
@@ -693,17 +816,27 @@ async def import_config(pool: AccountPool, entries: Iterable[AccountImport], res
             continue
         try:
             if entry.auth_file:
-                found = identified(provider.module.import_auth(provider.ctx, read_auth_file(resolve(entry.auth_file))))
+                found = identified(
+                    provider.module.import_auth(provider.ctx, read_auth_file(resolve(entry.auth_file)))
+                )
             else:
-                found = [Tokens(access_token=entry.access_token, refresh_token=entry.refresh_token,
-                                expires_at=epoch_ms(entry.expires_at) or 0, label=entry.label or None,
-                                account_id=entry.account_id or f"config:{entry.label or i}")]
+                found = [
+                    Tokens(
+                        access_token=entry.access_token,
+                        refresh_token=entry.refresh_token,
+                        expires_at=epoch_ms(entry.expires_at) or 0,
+                        label=entry.label or None,
+                        account_id=entry.account_id or f"config:{entry.label or i}",
+                    )
+                ]
         except (OSError, ProviderError, ValueError) as exc:
             log.warning("[accounts.%d]: cannot import %s: %s", i, entry.auth_file or "tokens", exc)
             continue
         for tokens in found:
-            current = next((a for a in pool.by_provider.get(provider.name, []) if a.account_id == tokens.account_id),
-                           None)
+            current = next(
+                (a for a in pool.by_provider.get(provider.name, []) if a.account_id == tokens.account_id),
+                None,
+            )
             if current is not None and current.expires_at >= tokens.expires_at:
                 continue
             await pool.upsert(provider.name, tokens, label=entry.label or None, priority=entry.priority)

@@ -33,8 +33,16 @@ from usage import UsageQueue, usage_report
 from validate import json_object, opt_bool, opt_int, opt_str
 
 WINDOW_DEFAULT_MS, WINDOW_MIN_MS, WINDOW_MAX_MS = 86_400_000, 60_000, 90 * 86_400_000
-ACCOUNT_IMPORT_FIELDS = ("accessToken", "refreshToken", "expiresAt", "accountId", "label", "metadata", "authFile",
-                         "priority")
+ACCOUNT_IMPORT_FIELDS = (
+    "accessToken",
+    "refreshToken",
+    "expiresAt",
+    "accountId",
+    "label",
+    "metadata",
+    "authFile",
+    "priority",
+)
 
 
 class AdminAuth:
@@ -65,7 +73,11 @@ def window_ms(request: Request) -> int:
     raw = request.args.get("windowMs")
     if raw is None:
         return WINDOW_DEFAULT_MS
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12 or not WINDOW_MIN_MS <= int(raw) <= WINDOW_MAX_MS:
+    if (
+        not (raw.isascii() and raw.isdigit())
+        or len(raw) > 12
+        or not WINDOW_MIN_MS <= int(raw) <= WINDOW_MAX_MS
+    ):
         raise BadRequest(f"windowMs must be an integer from {WINDOW_MIN_MS} to {WINDOW_MAX_MS}")
     return int(raw)
 
@@ -74,8 +86,18 @@ class AdminApi:
     """The admin handlers, with the collaborators they use. `base_url(request)` is the URL
     clients should use (for key snippets)."""
 
-    def __init__(self, *, keys: Keys, pool: AccountPool, logins: Logins, usage: UsageQueue, store: Store,
-                 providers: Mapping[str, LoadedProvider], clock: Clock, base_url: Callable[[Request], str]):
+    def __init__(
+        self,
+        *,
+        keys: Keys,
+        pool: AccountPool,
+        logins: Logins,
+        usage: UsageQueue,
+        store: Store,
+        providers: Mapping[str, LoadedProvider],
+        clock: Clock,
+        base_url: Callable[[Request], str],
+    ):
         self.keys, self.pool, self.logins, self.usage, self.store = keys, pool, logins, usage, store
         self.providers, self.clock, self.base_url = providers, clock, base_url
 
@@ -90,13 +112,21 @@ class AdminApi:
 
     def key_fields(self, request: Request, partial: bool) -> dict:
         body = json_object(request.body, KEY_FIELDS)
-        return key_fields(body, partial=partial, providers=list(self.providers),
-                          account_providers=self.pool.provider_of(), now=self.clock.now())
+        return key_fields(
+            body,
+            partial=partial,
+            providers=list(self.providers),
+            account_providers=self.pool.provider_of(),
+            now=self.clock.now(),
+        )
 
     # ── accounts and providers ──
     async def list_accounts(self, request):
         now = self.clock.now()
-        return {"accounts": [a.view(now) for a in self.pool.listed()], "providers": self.pool.provider_status()}
+        return {
+            "accounts": [a.view(now) for a in self.pool.listed()],
+            "providers": self.pool.provider_status(),
+        }
 
     async def list_providers(self, request):
         return {"providers": self.pool.provider_status()}
@@ -135,7 +165,11 @@ class AdminApi:
         body = json_object(request.body, ACCOUNT_IMPORT_FIELDS)
         accounts = await import_body(self.pool, provider, body, self.clock.now())
         now = self.clock.now()
-        return 201, {"account": accounts[0].view(now), "accounts": [a.view(now) for a in accounts], "imported": True}
+        return 201, {
+            "account": accounts[0].view(now),
+            "accounts": [a.view(now) for a in accounts],
+            "imported": True,
+        }
 
     async def patch_account(self, request, account_id):
         self.pool.get(account_id)
@@ -181,8 +215,13 @@ class AdminApi:
 
     async def account_usage(self, request, account_id):
         self.pool.get(account_id)
-        report = await usage_report(self.store, window_ms(request), self.clock.now(), group="api_key_id",
-                                    provider_account_id=account_id)
+        report = await usage_report(
+            self.store,
+            window_ms(request),
+            self.clock.now(),
+            group="api_key_id",
+            provider_account_id=account_id,
+        )
         return {"providerAccountId": account_id, **report}
 
     # ── keys ──
@@ -209,8 +248,9 @@ class AdminApi:
 
     async def key_usage(self, request, key_id):
         self.keys.get(key_id)
-        report = await usage_report(self.store, window_ms(request), self.clock.now(), group="provider_account_id",
-                                    api_key_id=key_id)
+        report = await usage_report(
+            self.store, window_ms(request), self.clock.now(), group="provider_account_id", api_key_id=key_id
+        )
         return {"apiKeyId": key_id, **report}
 
     async def dashboard(self, request):

@@ -107,19 +107,30 @@ def base_url(settings: Settings) -> str:
 async def keys_command(args, kleis, console: Console, settings: Settings) -> int:
     now = kleis.clock.now()
     if args.keys_command == "create":
-        body = {"label": args.label, "providerScopes": args.provider or None, "modelScopes": args.model or None,
-                "accountScopes": args.account or None,
-                "expiresAt": now + int(args.expires_days * 86_400_000) if args.expires_days else None}
-        fields = key_fields(body, partial=False, providers=list(kleis.providers),
-                            account_providers=kleis.pool.provider_of(), now=now)
+        body = {
+            "label": args.label,
+            "providerScopes": args.provider or None,
+            "modelScopes": args.model or None,
+            "accountScopes": args.account or None,
+            "expiresAt": now + int(args.expires_days * 86_400_000) if args.expires_days else None,
+        }
+        fields = key_fields(
+            body,
+            partial=False,
+            providers=list(kleis.providers),
+            account_providers=kleis.pool.provider_of(),
+            now=now,
+        )
         key, record = await kleis.keys.create(**fields)
         view = key_view(record, base_url(settings), now, key=key)
         if args.json:
             print_json(view)
         else:
             console.print(f"[bold]API key[/bold] (shown once): [bold yellow]{key}[/bold yellow]")
-            console.print(f'OpenCode:\n  export OPENCODE_MODELS_URL="{view["scopedModelsUrl"]}"\n'
-                          f'  export KLEIS_API_KEY="{key}"')
+            console.print(
+                f'OpenCode:\n  export OPENCODE_MODELS_URL="{view["scopedModelsUrl"]}"\n'
+                f'  export KLEIS_API_KEY="{key}"'
+            )
         return 0
     if args.keys_command == "list":
         records = kleis.keys.newest_first()
@@ -128,8 +139,16 @@ async def keys_command(args, kleis, console: Console, settings: Settings) -> int
             return 0
         table = Table("id", "prefix", "label", "status", "providers", "models", "expires", "created")
         for r in records:
-            table.add_row(r.id, r.key_prefix + "…", r.label or "", r.status(now), ",".join(r.provider_scopes or ["all"]),
-                          ",".join(r.model_scopes or ["all"]), fmt_time(r.expires_at), fmt_time(r.created_at))
+            table.add_row(
+                r.id,
+                r.key_prefix + "…",
+                r.label or "",
+                r.status(now),
+                ",".join(r.provider_scopes or ["all"]),
+                ",".join(r.model_scopes or ["all"]),
+                fmt_time(r.expires_at),
+                fmt_time(r.created_at),
+            )
         console.print(table)
         return 0
     record = kleis.keys.find(args.id)
@@ -149,14 +168,23 @@ async def accounts_command(args, kleis, console: Console, settings: Settings) ->
             return 0
         table = Table("id", "provider", "label", "primary", "status", "expires", "last error")
         for v in views:
-            table.add_row(v["id"], v["provider"], v["label"], "yes" if v["isPrimary"] else "", v["status"],
-                          fmt_time(v["expiresAt"]), (v["lastError"] or "")[:60])
+            table.add_row(
+                v["id"],
+                v["provider"],
+                v["label"],
+                "yes" if v["isPrimary"] else "",
+                v["status"],
+                fmt_time(v["expiresAt"]),
+                (v["lastError"] or "")[:60],
+            )
         console.print(table)
         return 0
     if sub in ("login", "import"):
         provider = kleis.providers.get(args.provider)
         if provider is None:
-            raise CliError(f"unknown or disabled provider {args.provider!r}; enabled: {', '.join(kleis.providers)}")
+            raise CliError(
+                f"unknown or disabled provider {args.provider!r}; enabled: {', '.join(kleis.providers)}"
+            )
         if sub == "import":
             try:
                 content = await asyncio.to_thread(read_auth_file, args.file)
@@ -166,7 +194,9 @@ async def accounts_command(args, kleis, console: Console, settings: Settings) ->
         else:
             accounts = [await login(kleis, provider, args, console)]
         for account in accounts:
-            console.print(f"[green]✓[/green] {account.provider} account [bold]{account.label}[/bold] ({account.id})")
+            console.print(
+                f"[green]✓[/green] {account.provider} account [bold]{account.label}[/bold] ({account.id})"
+            )
         return 0
     account = pool.find(args.id)
     if sub == "refresh":
@@ -201,7 +231,9 @@ async def login(kleis, provider, args, console: Console):
 
 
 async def usage_command(args, kleis, console: Console, settings: Settings) -> int:
-    report = await usage_report(kleis.store, int(args.hours * 3_600_000), kleis.clock.now(), group="api_key_id")
+    report = await usage_report(
+        kleis.store, int(args.hours * 3_600_000), kleis.clock.now(), group="api_key_id"
+    )
     if args.json:
         print_json(report)
         return 0
@@ -209,9 +241,15 @@ async def usage_command(args, kleis, console: Console, settings: Settings) -> in
     labels = {r.id: r.label or r.key_prefix for r in kleis.keys.by_id.values()}
     for row in report["byKey"]:
         rate = row["successRate"]
-        table.add_row(labels.get(row["apiKeyId"], row["apiKeyId"]), str(row["requestCount"]),
-                      "-" if rate is None else str(rate), str(row["inputTokens"]), str(row["outputTokens"]),
-                      str(row["cacheReadTokens"]), str(row["avgLatencyMs"]))
+        table.add_row(
+            labels.get(row["apiKeyId"], row["apiKeyId"]),
+            str(row["requestCount"]),
+            "-" if rate is None else str(rate),
+            str(row["inputTokens"]),
+            str(row["outputTokens"]),
+            str(row["cacheReadTokens"]),
+            str(row["avgLatencyMs"]),
+        )
     console.print(table)
     return 0
 
@@ -227,8 +265,12 @@ async def rotate_secret_command(args, kleis, console: Console, settings: Setting
     return 0
 
 
-COMMANDS = {"keys": keys_command, "accounts": accounts_command, "usage": usage_command,
-            "rotate-secret": rotate_secret_command}
+COMMANDS = {
+    "keys": keys_command,
+    "accounts": accounts_command,
+    "usage": usage_command,
+    "rotate-secret": rotate_secret_command,
+}
 
 
 # ══ Parsing and dispatch ════════════════════════════════════════════════════
@@ -236,7 +278,9 @@ COMMANDS = {"keys": keys_command, "accounts": accounts_command, "usage": usage_c
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
     common.add_argument("--config", default=argparse.SUPPRESS, help="config file")
     top = argparse.ArgumentParser(prog="kleis", description="Kleis OAuth account proxy")
     top.add_argument("--config", help="config file (default: $KLEIS_CONFIG or ./config.toml)")
@@ -247,7 +291,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     sub.add_parser("init", parents=[common], help="create the config file if missing")
     sub.add_parser("check", parents=[common], help="validate the config and providers, then exit")
-    keys = sub.add_parser("keys", parents=[common], help="API keys").add_subparsers(dest="keys_command", required=True)
+    keys = sub.add_parser("keys", parents=[common], help="API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
     create = keys.add_parser("create", parents=[common], help="create a key (shown once)")
     create.add_argument("--label")
     create.add_argument("--provider", action="append", help="limit to a provider (repeatable)")
@@ -257,9 +303,12 @@ def parser() -> argparse.ArgumentParser:
     keys.add_parser("list", parents=[common], help="list keys")
     keys.add_parser("revoke", parents=[common], help="revoke a key by id or prefix").add_argument("id")
     accounts = sub.add_parser("accounts", parents=[common], help="provider accounts").add_subparsers(
-        dest="accounts_command", required=True)
+        dest="accounts_command", required=True
+    )
     accounts.add_parser("list", parents=[common])
-    login_ = accounts.add_parser("login", parents=[common], help="log in to a provider (browser code or device flow)")
+    login_ = accounts.add_parser(
+        "login", parents=[common], help="log in to a provider (browser code or device flow)"
+    )
     login_.add_argument("provider")
     login_.add_argument("--mode", help="codex: browser|headless; claude: max|console")
     login_.add_argument("--enterprise-domain", help="copilot: GitHub Enterprise host")
@@ -292,20 +341,33 @@ def main(root: Root, argv: list[str] | None = None) -> int:
             if command == "init":
                 return 0
         if command == "systemd-unit":
-            print(SYSTEMD_UNIT.format(cwd=root.script.parent, python=sys.executable, script=root.script,
-                                      config=path.resolve(), data=path.resolve().parent))
+            print(
+                SYSTEMD_UNIT.format(
+                    cwd=root.script.parent,
+                    python=sys.executable,
+                    script=root.script,
+                    config=path.resolve(),
+                    data=path.resolve().parent,
+                )
+            )
             return 0
         settings = load_settings(path)
         setup_logging(settings.server.log_level)
         if command == "check":
             root.check(settings)
-            console.print(f"[green]ok[/green]: {path} is valid; providers: "
-                          f"{', '.join(n for n, p in settings.providers.items() if p.enabled)}")
+            console.print(
+                f"[green]ok[/green]: {path} is valid; providers: "
+                f"{', '.join(n for n, p in settings.providers.items() if p.enabled)}"
+            )
             return 0
         if command in COMMANDS:
             return asyncio.run(run_command(root, settings, args, console))
-        root.serve(settings, getattr(args, "host", None) or settings.server.host,
-                   getattr(args, "port", None) or settings.server.port, path)
+        root.serve(
+            settings,
+            getattr(args, "host", None) or settings.server.host,
+            getattr(args, "port", None) or settings.server.port,
+            path,
+        )
         return 0
     except ConfigError as exc:
         print(f"kleis: {exc}", file=sys.stderr)
@@ -318,4 +380,3 @@ def main(root: Root, argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-

@@ -37,7 +37,11 @@ class Keys:
     async def load(self) -> None:
         by_hash, by_id, by_token = {}, {}, {}
         for record in await self.store.list_keys():
-            by_hash[record.key_hash], by_id[record.id], by_token[record.discovery_token] = record, record, record
+            by_hash[record.key_hash], by_id[record.id], by_token[record.discovery_token] = (
+                record,
+                record,
+                record,
+            )
         self.by_hash, self.by_id, self.by_token = by_hash, by_id, by_token
 
     async def changed(self) -> None:
@@ -105,8 +109,9 @@ class Keys:
         await self.changed()
 
 
-def key_fields(body: dict, *, partial: bool, providers: Collection[str], account_providers: Mapping[str, str],
-               now: int) -> dict[str, Any]:
+def key_fields(
+    body: dict, *, partial: bool, providers: Collection[str], account_providers: Mapping[str, str], now: int
+) -> dict[str, Any]:
     """Checked key fields from an admin/CLI body (camelCase names of KEY_FIELDS). On `partial`
     (PATCH) absent fields are left out; otherwise they are set to their defaults.
     `account_providers` maps every existing account id to its provider."""
@@ -117,8 +122,10 @@ def key_fields(body: dict, *, partial: bool, providers: Collection[str], account
     if provider_scopes:
         unknown = [p for p in provider_scopes if p not in providers]
         if unknown:
-            raise BadRequest(f"providerScopes: unknown provider(s) {', '.join(unknown)}; "
-                             f"configured: {', '.join(providers)}")
+            raise BadRequest(
+                f"providerScopes: unknown provider(s) {', '.join(unknown)}; "
+                f"configured: {', '.join(providers)}"
+            )
     if "providerScopes" in body or not partial:
         values["provider_scopes"] = provider_scopes
     if "modelScopes" in body or not partial:
@@ -192,8 +199,14 @@ class Lockout:
     """Counts failed attempts per client address; `max_failures` within `window_seconds`
     blocks the address for `lockout_seconds`. Times come from `now` (epoch ms)."""
 
-    def __init__(self, max_failures: int, lockout_seconds: int, now: Callable[[], int], window_seconds: int = 60):
-        self.max_failures, self.lockout_ms, self.window_ms = max_failures, lockout_seconds * 1000, window_seconds * 1000
+    def __init__(
+        self, max_failures: int, lockout_seconds: int, now: Callable[[], int], window_seconds: int = 60
+    ):
+        self.max_failures, self.lockout_ms, self.window_ms = (
+            max_failures,
+            lockout_seconds * 1000,
+            window_seconds * 1000,
+        )
         self.now = now
         self._entries: dict[str, list[int]] = {}  # address -> [failures, window start, blocked until]
 

@@ -112,7 +112,9 @@ def load_providers(settings: Settings) -> dict[str, LoadedProvider]:
             continue
         where = f"[providers.{name}]"
         if section.entry not in available:
-            raise ConfigError(f"{where} entry: {section.entry!r} not found; available: {', '.join(available)}")
+            raise ConfigError(
+                f"{where} entry: {section.entry!r} not found; available: {', '.join(available)}"
+            )
         try:
             module = import_entry(section.entry, plugins_dir)
         except Exception as exc:
@@ -120,12 +122,16 @@ def load_providers(settings: Settings) -> dict[str, LoadedProvider]:
         missing = [c for c in providers.REQUIRED_CONSTANTS if not hasattr(module, c)]
         missing += [f for f in providers.REQUIRED_FUNCTIONS if not callable(getattr(module, f, None))]
         if missing or module.CONTRACT != providers.API:
-            raise ConfigError(f"{where} entry: {section.entry}.py does not meet contract v{providers.API}"
-                              f" (missing: {', '.join(missing) or 'none'}; CONTRACT={getattr(module, 'CONTRACT', None)})")
+            raise ConfigError(
+                f"{where} entry: {section.entry}.py does not meet contract v{providers.API}"
+                f" (missing: {', '.join(missing) or 'none'}; CONTRACT={getattr(module, 'CONTRACT', None)})"
+            )
         options = {}
         for key, value in section.options.items():
             if key not in module.OPTIONS:
-                raise ConfigError(f"{where} {key}: unknown key (known: enabled, entry, {', '.join(module.OPTIONS)})")
+                raise ConfigError(
+                    f"{where} {key}: unknown key (known: enabled, entry, {', '.join(module.OPTIONS)})"
+                )
             options[key] = check_value(f"providers.{name}", key, value, module.OPTIONS[key])
         for path in module.ROUTES:
             if path in routes:
@@ -169,8 +175,13 @@ def relay_headers(upstream: Mapping[str, str], sse: bool) -> dict[str, str]:
     headers = {k: v for k, v in upstream.items() if k.lower() not in RESPONSE_HEADER_DROP}
     if sse:
         headers = {k: v for k, v in headers.items() if k.lower() not in ("cache-control", "content-type")}
-        headers.update({"cache-control": "no-cache, no-transform", "x-accel-buffering": "no",
-                        "content-type": "text/event-stream; charset=utf-8"})
+        headers.update(
+            {
+                "cache-control": "no-cache, no-transform",
+                "x-accel-buffering": "no",
+                "content-type": "text/event-stream; charset=utf-8",
+            }
+        )
     return headers
 
 
@@ -180,7 +191,9 @@ def parse_proxy_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidJson(f"the request body is not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})") from None
+        raise InvalidJson(
+            f"the request body is not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     model = body.get("model")
@@ -192,8 +205,16 @@ def parse_proxy_body(raw: bytes) -> dict:
 class Proxy:
     """The request path shared by every provider route. `http` is set when the instance opens."""
 
-    def __init__(self, settings: ServerSettings, keys: Keys, pool: AccountPool, usage: UsageQueue, metrics: Metrics,
-                 lockout: Lockout, clock: Clock):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        keys: Keys,
+        pool: AccountPool,
+        usage: UsageQueue,
+        metrics: Metrics,
+        lockout: Lockout,
+        clock: Clock,
+    ):
         self.settings, self.keys, self.pool, self.usage, self.metrics = settings, keys, pool, usage, metrics
         self.lockout, self.clock = lockout, clock
         self.http: aiohttp.ClientSession | None = None
@@ -227,8 +248,13 @@ class Proxy:
             raise ModelNotAllowed(f"this API key is not allowed to use model {raw_model}")
         model = discovery.strip_prefix(raw_model, prefixes)
         body["model"] = model
-        preq = ProxyRequest(endpoint=endpoint, headers=client_headers(request), query=request.query_string,
-                            body=body, api_key_id=key.id)
+        preq = ProxyRequest(
+            endpoint=endpoint,
+            headers=client_headers(request),
+            query=request.query_string,
+            body=body,
+            api_key_id=key.id,
+        )
         outcome = Outcome(key_id=key.id, provider=provider.name, endpoint=endpoint, model=model)
         try:
             return await self._forward(request, provider, preq, key, outcome, started)
@@ -245,8 +271,15 @@ class Proxy:
             self.usage.record(outcome)
             self.metrics.observe(outcome)
 
-    async def _forward(self, request: Request, provider: LoadedProvider, preq: ProxyRequest, key: KeyRecord,
-                       outcome: Outcome, started: float):
+    async def _forward(
+        self,
+        request: Request,
+        provider: LoadedProvider,
+        preq: ProxyRequest,
+        key: KeyRecord,
+        outcome: Outcome,
+        started: float,
+    ):
         pool = self.pool
         session = provider.module.session_key(preq)
         accounts = pool.choose(provider.name, key, session)
@@ -272,8 +305,12 @@ class Proxy:
                 body = await self._read_error(resp)
                 relay = (resp.status, resp.headers, body)
                 cooldown = upstream_cooldown(provider, resp.status, resp.headers, body, self.clock.now())
-                pool.cool_down(account, cooldown, f"upstream answered HTTP {resp.status}",
-                               kind="transient" if resp.status == 429 else "error")
+                pool.cool_down(
+                    account,
+                    cooldown,
+                    f"upstream answered HTTP {resp.status}",
+                    kind="transient" if resp.status == 429 else "error",
+                )
                 continue
             pool.stick(provider.name, key, session, account)
             return await self._stream(request, provider, preq, resp, account, outcome, started)
@@ -284,24 +321,36 @@ class Proxy:
             out_headers["x-kleis-provider"] = provider.name
             return sanic_response.raw(body, status=status, headers=out_headers)
         if isinstance(failure, ReauthRequired):
-            raise AccountNeedsReauth(f"{provider.name}: {failure}; log in again on the admin page or with "
-                                     f"`python kleis.py accounts login {provider.name}`")
+            raise AccountNeedsReauth(
+                f"{provider.name}: {failure}; log in again on the admin page or with "
+                f"`python kleis.py accounts login {provider.name}`"
+            )
         if isinstance(failure, UpstreamFailure) and failure.timeout:
             raise UpstreamTimeout(f"{provider.name}: {failure}")
         raise UpstreamUnavailable(f"{provider.name}: {failure or 'no account could serve the request'}")
 
-    async def _send(self, provider: LoadedProvider, account: AccountState, preq: ProxyRequest) -> aiohttp.ClientResponse:
+    async def _send(
+        self, provider: LoadedProvider, account: AccountState, preq: ProxyRequest
+    ) -> aiohttp.ClientResponse:
         """Send the prepared request; returns once the upstream's status line and headers came."""
         upstream = provider.module.prepare(provider.ctx, account.adapter_view(), preq)
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout,
-                                        sock_connect=self.settings.connect_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.settings.connect_timeout, sock_connect=self.settings.connect_timeout
+        )
         try:
             async with asyncio.timeout(self.settings.first_byte_timeout):
-                return await self.http.request("POST", upstream.url, headers=upstream.headers, data=upstream.body,
-                                               timeout=timeout, allow_redirects=False)
+                return await self.http.request(
+                    "POST",
+                    upstream.url,
+                    headers=upstream.headers,
+                    data=upstream.body,
+                    timeout=timeout,
+                    allow_redirects=False,
+                )
         except TimeoutError:
-            raise UpstreamFailure(f"no answer from upstream within {self.settings.first_byte_timeout:g} s",
-                                  timeout=True) from None
+            raise UpstreamFailure(
+                f"no answer from upstream within {self.settings.first_byte_timeout:g} s", timeout=True
+            ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(f"cannot reach upstream ({type(exc).__name__})") from None
 
@@ -318,8 +367,16 @@ class Proxy:
         finally:
             resp.release()
 
-    async def _stream(self, request: Request, provider: LoadedProvider, preq: ProxyRequest,
-                      resp: aiohttp.ClientResponse, account: AccountState, outcome: Outcome, started: float):
+    async def _stream(
+        self,
+        request: Request,
+        provider: LoadedProvider,
+        preq: ProxyRequest,
+        resp: aiohttp.ClientResponse,
+        account: AccountState,
+        outcome: Outcome,
+        started: float,
+    ):
         loop = asyncio.get_running_loop()
         settings = self.settings
         outcome.status, outcome.source = resp.status, "upstream"
@@ -340,7 +397,11 @@ class Proxy:
             out = await request.respond(status=resp.status, headers=headers)
             outcome.ttfb_ms = int((loop.time() - started) * 1000)
             deadline = started + settings.response_timeout
-            keepalive = settings.keepalive_interval if transformer.is_sse and settings.keepalive_interval > 0 else None
+            keepalive = (
+                settings.keepalive_interval
+                if transformer.is_sse and settings.keepalive_interval > 0
+                else None
+            )
             content = resp.content
             silent_since = loop.time()
             problem = None
@@ -387,8 +448,13 @@ class Proxy:
                 problem = "upstream stream ended without its final event"
             if problem is not None and resp.status < 400:
                 outcome.incomplete = True
-                log.warning("%s stream incomplete (account %s, model %s): %s", provider.name, account.label,
-                            outcome.model, problem)
+                log.warning(
+                    "%s stream incomplete (account %s, model %s): %s",
+                    provider.name,
+                    account.label,
+                    outcome.model,
+                    problem,
+                )
                 if transformer.is_sse:
                     await out.send(transformer.error_event(f"Kleis: {problem}"))
                 else:  # a JSON body has no error event: break the connection so the cut shows
@@ -426,7 +492,9 @@ def key_scopes(key: KeyRecord | None, pool: AccountPool) -> discovery.Scopes | N
         return None
     account_providers = None
     if key.account_scopes is not None:
-        account_providers = frozenset(pool.accounts[a].provider for a in key.account_scopes if a in pool.accounts)
+        account_providers = frozenset(
+            pool.accounts[a].provider for a in key.account_scopes if a in pool.accounts
+        )
     return discovery.Scopes(
         providers=frozenset(key.provider_scopes) if key.provider_scopes is not None else None,
         models=key.model_scopes,
@@ -437,14 +505,22 @@ def key_scopes(key: KeyRecord | None, pool: AccountPool) -> discovery.Scopes | N
 class Registry:
     """The models.dev registry as each key sees it, for /api.json and the SDK model lists."""
 
-    def __init__(self, catalogue: discovery.Catalogue, providers: Mapping[str, LoadedProvider], pool: AccountPool,
-                 settings: ServerSettings):
+    def __init__(
+        self,
+        catalogue: discovery.Catalogue,
+        providers: Mapping[str, LoadedProvider],
+        pool: AccountPool,
+        settings: ServerSettings,
+    ):
         self.catalogue, self.providers, self.pool, self.settings = catalogue, providers, pool, settings
 
     def routes(self) -> list[discovery.Route]:
         configured = self.pool.configured()
-        return [discovery.Route.from_module(name, p.module, p.options)
-                for name, p in self.providers.items() if name in configured]
+        return [
+            discovery.Route.from_module(name, p.module, p.options)
+            for name, p in self.providers.items()
+            if name in configured
+        ]
 
     def build(self, request: Request, key: KeyRecord | None) -> dict:
         base = external_base(request, self.settings)
@@ -454,7 +530,9 @@ class Registry:
         """api.json from the memoised JSON (a rebuild + dump costs ~2 ms of CPU on a public route)."""
         base = external_base(request, self.settings)
         body = self.catalogue.registry_json(self.routes(), base, key_scopes(key, self.pool))
-        return sanic_response.raw(body, content_type="application/json", headers={"cache-control": "no-store"})
+        return sanic_response.raw(
+            body, content_type="application/json", headers={"cache-control": "no-store"}
+        )
 
 
 # ══ Instance ════════════════════════════════════════════════════════════════
@@ -474,7 +552,7 @@ class Instance:
         self.background = Background(log)
         url = settings.database.url
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            url = f"sqlite:///{settings.resolve(url[len('sqlite:///'):])}"
+            url = f"sqlite:///{settings.resolve(url[len('sqlite:///') :])}"
         self.store = Store(url, Vault(settings.security.secret_key), clock)
         self.keys = Keys(self.store, clock)
         self.pool = AccountPool(self.store, self.providers, clock, self.background)
@@ -483,13 +561,28 @@ class Instance:
         self.metrics = Metrics()
         sec = settings.security
         self.admin_lockout = Lockout(sec.admin_max_failures, sec.admin_lockout_seconds, clock.now)
-        self.proxy = Proxy(settings.server, self.keys, self.pool, self.usage, self.metrics,
-                           Lockout(sec.key_max_failures, sec.key_lockout_seconds, clock.now), clock)
-        cache_dir = settings.resolve(".") if not url.startswith("sqlite:///") else Path(url[len("sqlite:///"):]).parent
+        self.proxy = Proxy(
+            settings.server,
+            self.keys,
+            self.pool,
+            self.usage,
+            self.metrics,
+            Lockout(sec.key_max_failures, sec.key_lockout_seconds, clock.now),
+            clock,
+        )
+        cache_dir = (
+            settings.resolve(".")
+            if not url.startswith("sqlite:///")
+            else Path(url[len("sqlite:///") :]).parent
+        )
         self.catalogue = discovery.Catalogue(
-            snapshot_path=discovery.SNAPSHOT_PATH, cache_path=cache_dir / "models-cache.json",
-            source_url=settings.models.source_url, refresh_hours=settings.models.refresh_hours,
-            log=logging.getLogger("kleis.models"), now=lambda: clock.now() / 1000)
+            snapshot_path=discovery.SNAPSHOT_PATH,
+            cache_path=cache_dir / "models-cache.json",
+            source_url=settings.models.source_url,
+            refresh_hours=settings.models.refresh_hours,
+            log=logging.getLogger("kleis.models"),
+            now=lambda: clock.now() / 1000,
+        )
         self.registry = Registry(self.catalogue, self.providers, self.pool, settings.server)
         self.http: aiohttp.ClientSession | None = None
         self.versions: dict[str, int] = {}
@@ -501,13 +594,21 @@ class Instance:
             return
         self.opened = True
         await self.store.open()
-        self.http = aiohttp.ClientSession(auto_decompress=True, trust_env=False,
-                                          connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                                          headers={"User-Agent": f"kleis/{VERSION}"}, skip_auto_headers=["User-Agent"])
+        self.http = aiohttp.ClientSession(
+            auto_decompress=True,
+            trust_env=False,
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            headers={"User-Agent": f"kleis/{VERSION}"},
+            skip_auto_headers=["User-Agent"],
+        )
         self.proxy.http = self.http
         for provider in self.providers.values():
-            provider.ctx = Context(http=self.http, options=provider.options, now=self.clock.now,
-                                   log=logging.getLogger(f"kleis.{provider.name}"))
+            provider.ctx = Context(
+                http=self.http,
+                options=provider.options,
+                now=self.clock.now,
+                log=logging.getLogger(f"kleis.{provider.name}"),
+            )
         self.versions = await self.store.read_versions()
         await self.keys.load()
         await self.pool.load()
@@ -598,8 +699,9 @@ def as_kleis_error(exc: Exception, request: Request, max_body_mb: int) -> KleisE
     return KleisError()
 
 
-def create_app(settings: Settings, instance: Instance | None = None, name: str = "kleis",
-               clock: Clock | None = None) -> Sanic:
+def create_app(
+    settings: Settings, instance: Instance | None = None, name: str = "kleis", clock: Clock | None = None
+) -> Sanic:
     """The Sanic app with its one route table. With `instance` given the caller owns its
     lifecycle; otherwise one is built (with `clock`, default the real one) and opened,
     started, stopped and closed by the app's listeners."""
@@ -617,6 +719,7 @@ def create_app(settings: Settings, instance: Instance | None = None, name: str =
     auth = admin.AdminAuth(settings.admin.token, kleis.admin_lockout, settings.server.trust_forwarded)
 
     if owned:
+
         @app.before_server_start
         async def start(app, _loop=None):
             await kleis.open()
@@ -634,12 +737,20 @@ def create_app(settings: Settings, instance: Instance | None = None, name: str =
     async def render_error(request: Request, exc: Exception):
         error = as_kleis_error(exc, request, settings.server.max_body_mb)
         body = error_body(error_style_for(kleis.providers, request.path), error)
-        return sanic_response.json(body, status=error.status, headers={**error.headers, "cache-control": "no-store"})
+        return sanic_response.json(
+            body, status=error.status, headers={**error.headers, "cache-control": "no-store"}
+        )
 
     # ── public routes ──
     async def index(request):
-        return sanic_response.json({"service": "kleis", "version": VERSION, "providers": sorted(kleis.providers),
-                                    "configured": sorted(kleis.pool.configured())})
+        return sanic_response.json(
+            {
+                "service": "kleis",
+                "version": VERSION,
+                "providers": sorted(kleis.providers),
+                "configured": sorted(kleis.pool.configured()),
+            }
+        )
 
     async def healthz(request):
         return sanic_response.json({"ok": True})
@@ -659,8 +770,13 @@ def create_app(settings: Settings, instance: Instance | None = None, name: str =
         for account in kleis.pool.accounts.values():
             status = (account.provider, account.view_status(now))
             accounts[status] = accounts.get(status, 0) + 1
-        text = kleis.metrics.render(open_streams=proxy.open_streams, refresh_outcomes=kleis.pool.refresh_outcomes,
-                                    queue=kleis.usage, now=now, accounts=accounts)
+        text = kleis.metrics.render(
+            open_streams=proxy.open_streams,
+            refresh_outcomes=kleis.pool.refresh_outcomes,
+            queue=kleis.usage,
+            now=now,
+            accounts=accounts,
+        )
         return sanic_response.text(text, content_type="text/plain; version=0.0.4")
 
     async def api_json(request):
@@ -704,12 +820,21 @@ def create_app(settings: Settings, instance: Instance | None = None, name: str =
     for pname, provider in kleis.providers.items():
         for path, endpoint in provider.module.ROUTES.items():
             routes.append(("POST", path, proxy_route(provider, endpoint), f"proxy_{pname}_{endpoint}"))
-        routes.append(("GET", f"{provider.module.BASE_PATH}/models", models_route(provider), f"models_{pname}"))
+        routes.append(
+            ("GET", f"{provider.module.BASE_PATH}/models", models_route(provider), f"models_{pname}")
+        )
     for method, path, handler, route_name in routes:
         app.add_route(handler, path, methods=[method], name=route_name)
-    admin_api = admin.AdminApi(keys=kleis.keys, pool=kleis.pool, logins=kleis.logins, usage=kleis.usage,
-                               store=kleis.store, providers=kleis.providers, clock=kleis.clock,
-                               base_url=lambda request: external_base(request, settings.server))
+    admin_api = admin.AdminApi(
+        keys=kleis.keys,
+        pool=kleis.pool,
+        logins=kleis.logins,
+        usage=kleis.usage,
+        store=kleis.store,
+        providers=kleis.providers,
+        clock=kleis.clock,
+        base_url=lambda request: external_base(request, settings.server),
+    )
     app.blueprint(admin.blueprint(admin_api, auth))
     return app
 

@@ -63,8 +63,9 @@ class Background:
         self._quiet: set[asyncio.Task] = set()
         self._ids = itertools.count(1)
 
-    def start(self, name: str, coro: Coroutine[Any, Any, Any], *, wait_on_stop: bool = True,
-              report: bool = True) -> asyncio.Task:
+    def start(
+        self, name: str, coro: Coroutine[Any, Any, Any], *, wait_on_stop: bool = True, report: bool = True
+    ) -> asyncio.Task:
         """Run `coro` as task `name#N`. `wait_on_stop=False`: stop() cancels it at once
         (a login poller that may run for minutes) instead of letting it finish.
         `report=False`: its failure is the awaiting caller's to handle, not logged here."""

@@ -206,7 +206,9 @@ def load_settings(path: Path, env: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(f"[accounts.{i}] provider: required")
         if not account.auth_file and not account.refresh_token:
             raise ConfigError(f"[accounts.{i}]: give auth_file, or access_token + refresh_token")
-    settings = Settings(**tables, providers=provider_tables, accounts=accounts, base_dir=path.parent.resolve())
+    settings = Settings(
+        **tables, providers=provider_tables, accounts=accounts, base_dir=path.parent.resolve()
+    )
     validate_settings(settings)
     return settings
 
@@ -217,7 +219,9 @@ def validate_settings(s: Settings) -> None:
     if s.server.public_url and not s.server.public_url.startswith(("http://", "https://")):
         raise ConfigError("[server] public_url: must start with http:// or https://")
     if not s.security.secret_key:
-        raise ConfigError("[security] secret_key: required (or set KLEIS_SECRET_KEY); `python kleis.py init` makes one")
+        raise ConfigError(
+            "[security] secret_key: required (or set KLEIS_SECRET_KEY); `python kleis.py init` makes one"
+        )
     if len(s.security.secret_key) < 16:
         raise ConfigError("[security] secret_key: too short; use at least 16 random characters")
     if not s.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
@@ -315,8 +319,10 @@ class Vault:
         try:
             return self._fernet.decrypt(sealed.encode()).decode()
         except InvalidToken:
-            raise ConfigError("stored tokens cannot be decrypted: [security] secret_key changed "
-                              "(use `python kleis.py rotate-secret` to change it)") from None
+            raise ConfigError(
+                "stored tokens cannot be decrypted: [security] secret_key changed "
+                "(use `python kleis.py rotate-secret` to change it)"
+            ) from None
 
 
 def hash_key(key: str) -> str:

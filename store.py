@@ -228,8 +228,15 @@ def build_models(db: peewee_async.AioDatabase) -> SimpleNamespace:
             table_name = "schema_migrations"
 
     all_ = [Account, ApiKey, OAuthState, UsageBucket, CacheVersion, SchemaMigration]
-    return SimpleNamespace(Account=Account, ApiKey=ApiKey, OAuthState=OAuthState, UsageBucket=UsageBucket,
-                           CacheVersion=CacheVersion, SchemaMigration=SchemaMigration, all=all_)
+    return SimpleNamespace(
+        Account=Account,
+        ApiKey=ApiKey,
+        OAuthState=OAuthState,
+        UsageBucket=UsageBucket,
+        CacheVersion=CacheVersion,
+        SchemaMigration=SchemaMigration,
+        all=all_,
+    )
 
 
 def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
@@ -237,7 +244,7 @@ def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
     `postgresql://user:password@host:port/db`. Nothing is opened yet."""
     if url.startswith("sqlite:///"):
         # aiosqlite opens one connection per acquire; `timeout` is SQLite's busy timeout.
-        return peewee_async.SqliteDatabase(url[len("sqlite:///"):], pool_params={"timeout": 15})
+        return peewee_async.SqliteDatabase(url[len("sqlite:///") :], pool_params={"timeout": 15})
     parts = urlsplit(url)
     return peewee_async.Psycopg3Database(
         unquote(parts.path.lstrip("/")) or "postgres",
@@ -274,10 +281,23 @@ def _scope(text: str | None) -> tuple[str, ...] | None:
 
 
 # Record field -> column for the fields callers may change directly.
-_KEY_COLUMNS = {"label": "label", "provider_scopes": "provider_scope_json", "model_scopes": "model_scope_json",
-                "account_scopes": "account_scope_json", "expires_at": "expires_at"}
-_ACCOUNT_COLUMNS = {"label", "priority", "enabled", "metadata", "cooldown_until", "cooldown_kind", "last_error",
-                    "status"}
+_KEY_COLUMNS = {
+    "label": "label",
+    "provider_scopes": "provider_scope_json",
+    "model_scopes": "model_scope_json",
+    "account_scopes": "account_scope_json",
+    "expires_at": "expires_at",
+}
+_ACCOUNT_COLUMNS = {
+    "label",
+    "priority",
+    "enabled",
+    "metadata",
+    "cooldown_until",
+    "cooldown_kind",
+    "last_error",
+    "status",
+}
 
 
 # ══ Store ═══════════════════════════════════════════════════════════════════
@@ -287,8 +307,14 @@ class Store:
     """The database of one Kleis instance. `open()` connects and applies the schema;
     `close()` closes its pool. Every method is a coroutine unless noted."""
 
-    def __init__(self, url: str, vault: Vault, clock: Clock | None = None, pool_size: int = 10,
-                 migrations_dir: Path | None = None):
+    def __init__(
+        self,
+        url: str,
+        vault: Vault,
+        clock: Clock | None = None,
+        pool_size: int = 10,
+        migrations_dir: Path | None = None,
+    ):
         self.url = url
         self.vault = vault
         self.clock = clock or Clock()
@@ -316,7 +342,9 @@ class Store:
                 if not fresh:
                     for statement in schema_statements(path.read_text()):
                         await db.aio_execute_sql(statement)
-                await self.m.SchemaMigration.insert(version=path.stem, applied_at=self.clock.now()).aio_execute()
+                await self.m.SchemaMigration.insert(
+                    version=path.stem, applied_at=self.clock.now()
+                ).aio_execute()
 
     async def close(self) -> None:
         await self.db.aio_close()
@@ -330,15 +358,22 @@ class Store:
         return {m._meta.table_name: [f.column_name for f in m._meta.sorted_fields] for m in self.m.all}
 
     async def migrations(self) -> list[str]:
-        return [r.version for r in await self.m.SchemaMigration.select().order_by(self.m.SchemaMigration.version)
-                .aio_execute()]
+        return [
+            r.version
+            for r in await self.m.SchemaMigration.select()
+            .order_by(self.m.SchemaMigration.version)
+            .aio_execute()
+        ]
 
     # ── cache versions (cross-instance invalidation) ──
     async def bump_version(self, name: str) -> None:
         """Tell every instance (this one included) that cached `name` rows changed."""
         V = self.m.CacheVersion
-        await V.insert(name=name, version=1).on_conflict(
-            conflict_target=[V.name], update={V.version: V.version + 1}).aio_execute()
+        await (
+            V.insert(name=name, version=1)
+            .on_conflict(conflict_target=[V.name], update={V.version: V.version + 1})
+            .aio_execute()
+        )
 
     async def read_versions(self) -> dict[str, int]:
         return {r.name: r.version for r in await self.m.CacheVersion.select().aio_execute()}
@@ -347,11 +382,18 @@ class Store:
     @staticmethod
     def _key(row) -> KeyRecord:
         return KeyRecord(
-            id=row.id, key_hash=row.key_hash, key_prefix=row.key_prefix, discovery_token=row.models_discovery_token,
-            label=row.label, provider_scopes=_scope(row.provider_scope_json), model_scopes=_scope(row.model_scope_json),
-            account_scopes=_scope(row.account_scope_json), expires_at=row.expires_at, revoked_at=row.revoked_at,
+            id=row.id,
+            key_hash=row.key_hash,
+            key_prefix=row.key_prefix,
+            discovery_token=row.models_discovery_token,
+            label=row.label,
+            provider_scopes=_scope(row.provider_scope_json),
+            model_scopes=_scope(row.model_scope_json),
+            account_scopes=_scope(row.account_scope_json),
+            expires_at=row.expires_at,
+            revoked_at=row.revoked_at,
             created_at=row.created_at,
-        )  # fmt: skip
+        )
 
     @staticmethod
     def _key_columns(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -364,12 +406,18 @@ class Store:
     async def list_keys(self) -> list[KeyRecord]:
         return [self._key(r) for r in await self.m.ApiKey.select().aio_execute()]
 
-    async def create_key(self, key_id: str, key_hash: str, key_prefix: str, discovery_token: str,
-                         **fields: Any) -> None:
+    async def create_key(
+        self, key_id: str, key_hash: str, key_prefix: str, discovery_token: str, **fields: Any
+    ) -> None:
         """`fields`: label, provider_scopes, model_scopes, account_scopes, expires_at."""
-        await self.m.ApiKey.insert(id=key_id, key_hash=key_hash, key_prefix=key_prefix,
-                                   models_discovery_token=discovery_token, created_at=self.clock.now(),
-                                   **self._key_columns(fields)).aio_execute()
+        await self.m.ApiKey.insert(
+            id=key_id,
+            key_hash=key_hash,
+            key_prefix=key_prefix,
+            models_discovery_token=discovery_token,
+            created_at=self.clock.now(),
+            **self._key_columns(fields),
+        ).aio_execute()
 
     async def update_key(self, key_id: str, **fields: Any) -> None:
         if fields:
@@ -379,7 +427,9 @@ class Store:
     async def revoke_key(self, key_id: str, at: int) -> bool:
         """False when the key does not exist or was already revoked."""
         K = self.m.ApiKey
-        return bool(await K.update(revoked_at=at).where((K.id == key_id) & K.revoked_at.is_null()).aio_execute())
+        return bool(
+            await K.update(revoked_at=at).where((K.id == key_id) & K.revoked_at.is_null()).aio_execute()
+        )
 
     async def delete_key(self, key_id: str) -> None:
         """The key and its usage rows, in one transaction."""
@@ -390,17 +440,32 @@ class Store:
     # ── provider accounts ──
     def _account(self, row) -> AccountRecord:
         return AccountRecord(
-            id=row.id, provider=row.provider, label=row.label, account_id=row.account_id,
-            is_primary=bool(row.is_primary), enabled=bool(row.enabled), priority=row.priority, status=row.status,
-            access_token=self.vault.open(row.access_token_enc), refresh_token=self.vault.open(row.refresh_token_enc),
-            expires_at=row.expires_at, metadata=_loads(row.metadata_json, {}) or {},
-            cooldown_until=row.cooldown_until, cooldown_kind=row.cooldown_kind, last_error=row.last_error,
-            last_refresh_at=row.last_refresh_at, last_refresh_status=row.last_refresh_status,
-            created_at=row.created_at, updated_at=row.updated_at,
-        )  # fmt: skip
+            id=row.id,
+            provider=row.provider,
+            label=row.label,
+            account_id=row.account_id,
+            is_primary=bool(row.is_primary),
+            enabled=bool(row.enabled),
+            priority=row.priority,
+            status=row.status,
+            access_token=self.vault.open(row.access_token_enc),
+            refresh_token=self.vault.open(row.refresh_token_enc),
+            expires_at=row.expires_at,
+            metadata=_loads(row.metadata_json, {}) or {},
+            cooldown_until=row.cooldown_until,
+            cooldown_kind=row.cooldown_kind,
+            last_error=row.last_error,
+            last_refresh_at=row.last_refresh_at,
+            last_refresh_status=row.last_refresh_status,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
 
     def _sealed(self, access_token: str, refresh_token: str) -> dict[str, str]:
-        return {"access_token_enc": self.vault.seal(access_token), "refresh_token_enc": self.vault.seal(refresh_token)}
+        return {
+            "access_token_enc": self.vault.seal(access_token),
+            "refresh_token_enc": self.vault.seal(refresh_token),
+        }
 
     async def list_accounts(self) -> list[AccountRecord]:
         """Every account; one whose tokens cannot be opened (secret key changed) is logged and
@@ -424,9 +489,18 @@ class Store:
         row = await A.select().where((A.provider == provider) & (A.account_id == account_id)).aio_first()
         return None if row is None else self._account(row)
 
-    async def insert_account(self, account_id: str, provider: str, label: str, provider_account_id: str | None,
-                             access_token: str, refresh_token: str, expires_at: int, metadata: dict,
-                             priority: int = 0) -> None:
+    async def insert_account(
+        self,
+        account_id: str,
+        provider: str,
+        label: str,
+        provider_account_id: str | None,
+        access_token: str,
+        refresh_token: str,
+        expires_at: int,
+        metadata: dict,
+        priority: int = 0,
+    ) -> None:
         """A new account; it is primary when its provider has none, and disabled when the
         provider was switched off (some sibling disabled)."""
         A = self.m.Account
@@ -440,15 +514,31 @@ class Store:
             **self._sealed(access_token, refresh_token),
         ).aio_execute()  # fmt: skip
 
-    async def replace_login(self, account_id: str, access_token: str, refresh_token: str, expires_at: int,
-                            metadata: dict, label: str | None = None, priority: int | None = None) -> None:
+    async def replace_login(
+        self,
+        account_id: str,
+        access_token: str,
+        refresh_token: str,
+        expires_at: int,
+        metadata: dict,
+        label: str | None = None,
+        priority: int | None = None,
+    ) -> None:
         """New tokens from a login or import for an existing account: clears needs_reauth, the
         cooldown and any refresh lease; keeps the label unless one is given."""
         A = self.m.Account
         values: dict[str, Any] = dict(
-            self._sealed(access_token, refresh_token), expires_at=expires_at, metadata_json=_dumps(metadata),
-            status="ok", cooldown_until=None, cooldown_kind=None, last_error=None, refresh_lock_token=None,
-            refresh_lock_expires_at=None, updated_at=self.clock.now())
+            self._sealed(access_token, refresh_token),
+            expires_at=expires_at,
+            metadata_json=_dumps(metadata),
+            status="ok",
+            cooldown_until=None,
+            cooldown_kind=None,
+            last_error=None,
+            refresh_lock_token=None,
+            refresh_lock_expires_at=None,
+            updated_at=self.clock.now(),
+        )
         if label:
             values["label"] = label
         if priority is not None:
@@ -487,7 +577,11 @@ class Store:
 
     async def set_provider_enabled(self, provider: str, enabled: bool) -> None:
         A = self.m.Account
-        await A.update(enabled=int(enabled), updated_at=self.clock.now()).where(A.provider == provider).aio_execute()
+        await (
+            A.update(enabled=int(enabled), updated_at=self.clock.now())
+            .where(A.provider == provider)
+            .aio_execute()
+        )
 
     # ── refresh lease (one refresh per account across instances) ──
     async def take_refresh_lease(self, account_id: str, lease: str, lease_ms: int) -> bool:
@@ -495,34 +589,66 @@ class Store:
         A = self.m.Account
         now = self.clock.now()
         free = A.refresh_lock_token.is_null() | (A.refresh_lock_expires_at <= now)
-        taken = await A.update(refresh_lock_token=lease, refresh_lock_expires_at=now + lease_ms).where(
-            (A.id == account_id) & free).aio_execute()
+        taken = (
+            await A.update(refresh_lock_token=lease, refresh_lock_expires_at=now + lease_ms)
+            .where((A.id == account_id) & free)
+            .aio_execute()
+        )
         return bool(taken)
 
     async def release_refresh_lease(self, account_id: str, lease: str) -> None:
         A = self.m.Account
-        await A.update(refresh_lock_token=None, refresh_lock_expires_at=None).where(
-            (A.id == account_id) & (A.refresh_lock_token == lease)).aio_execute()
+        await (
+            A.update(refresh_lock_token=None, refresh_lock_expires_at=None)
+            .where((A.id == account_id) & (A.refresh_lock_token == lease))
+            .aio_execute()
+        )
 
-    async def save_refreshed(self, account_id: str, lease: str, access_token: str, refresh_token: str,
-                             expires_at: int, metadata: dict) -> bool:
+    async def save_refreshed(
+        self,
+        account_id: str,
+        lease: str,
+        access_token: str,
+        refresh_token: str,
+        expires_at: int,
+        metadata: dict,
+    ) -> bool:
         """Commit refreshed tokens and release the lease in one statement, only while `lease`
         is still ours; False when the lease was lost (the tokens were not saved)."""
         A = self.m.Account
         now = self.clock.now()
-        written = await A.update(
-            **self._sealed(access_token, refresh_token), expires_at=expires_at, metadata_json=_dumps(metadata),
-            status="ok", last_refresh_at=now, last_refresh_status="success", last_error=None,
-            refresh_lock_token=None, refresh_lock_expires_at=None, updated_at=now,
-        ).where((A.id == account_id) & (A.refresh_lock_token == lease)).aio_execute()
+        written = (
+            await A.update(
+                **self._sealed(access_token, refresh_token),
+                expires_at=expires_at,
+                metadata_json=_dumps(metadata),
+                status="ok",
+                last_refresh_at=now,
+                last_refresh_status="success",
+                last_error=None,
+                refresh_lock_token=None,
+                refresh_lock_expires_at=None,
+                updated_at=now,
+            )
+            .where((A.id == account_id) & (A.refresh_lock_token == lease))
+            .aio_execute()
+        )
         return bool(written)
 
-    async def save_refresh_failure(self, account_id: str, lease: str, message: str, needs_reauth: bool) -> None:
+    async def save_refresh_failure(
+        self, account_id: str, lease: str, message: str, needs_reauth: bool
+    ) -> None:
         """Record a failed refresh (and `needs_reauth`) and release the lease."""
         A = self.m.Account
         now = self.clock.now()
-        values: dict[str, Any] = dict(last_refresh_at=now, last_refresh_status="failed", last_error=message,
-                                      refresh_lock_token=None, refresh_lock_expires_at=None, updated_at=now)
+        values: dict[str, Any] = dict(
+            last_refresh_at=now,
+            last_refresh_status="failed",
+            last_error=message,
+            refresh_lock_token=None,
+            refresh_lock_expires_at=None,
+            updated_at=now,
+        )
         if needs_reauth:
             values["status"] = "needs_reauth"
         await A.update(**values).where((A.id == account_id) & (A.refresh_lock_token == lease)).aio_execute()
@@ -534,29 +660,51 @@ class Store:
         count = 0
         async with self.db.aio_atomic():
             for row in await A.select().aio_execute():
-                await A.update(
-                    access_token_enc=new_vault.seal(self.vault.open(row.access_token_enc)),
-                    refresh_token_enc=new_vault.seal(self.vault.open(row.refresh_token_enc)),
-                ).where(A.id == row.id).aio_execute()
+                await (
+                    A.update(
+                        access_token_enc=new_vault.seal(self.vault.open(row.access_token_enc)),
+                        refresh_token_enc=new_vault.seal(self.vault.open(row.refresh_token_enc)),
+                    )
+                    .where(A.id == row.id)
+                    .aio_execute()
+                )
                 count += 1
             for row in await S.select().aio_execute():
-                await S.update(data_enc=new_vault.seal(self.vault.open(row.data_enc))).where(
-                    S.state == row.state).aio_execute()
+                await (
+                    S.update(data_enc=new_vault.seal(self.vault.open(row.data_enc)))
+                    .where(S.state == row.state)
+                    .aio_execute()
+                )
         self.vault = new_vault
         return count
 
     # ── logins (OAuth states) ──
     def _login(self, row) -> LoginRecord:
-        return LoginRecord(state=row.state, provider=row.provider, method=row.method,
-                           data=json.loads(self.vault.open(row.data_enc)), status=row.status,
-                           result_account_id=row.result_account_id, message=row.message,
-                           interval_ms=row.interval_ms, expires_at=row.expires_at, created_at=row.created_at)
+        return LoginRecord(
+            state=row.state,
+            provider=row.provider,
+            method=row.method,
+            data=json.loads(self.vault.open(row.data_enc)),
+            status=row.status,
+            result_account_id=row.result_account_id,
+            message=row.message,
+            interval_ms=row.interval_ms,
+            expires_at=row.expires_at,
+            created_at=row.created_at,
+        )
 
-    async def create_login(self, state: str, provider: str, method: str, data: dict, interval_ms: int,
-                           expires_at: int) -> None:
-        await self.m.OAuthState.insert(state=state, provider=provider, method=method,
-                                       data_enc=self.vault.seal(json.dumps(data)), interval_ms=interval_ms,
-                                       expires_at=expires_at, created_at=self.clock.now()).aio_execute()
+    async def create_login(
+        self, state: str, provider: str, method: str, data: dict, interval_ms: int, expires_at: int
+    ) -> None:
+        await self.m.OAuthState.insert(
+            state=state,
+            provider=provider,
+            method=method,
+            data_enc=self.vault.seal(json.dumps(data)),
+            interval_ms=interval_ms,
+            expires_at=expires_at,
+            created_at=self.clock.now(),
+        ).aio_execute()
 
     async def get_login(self, state: str, provider: str | None = None) -> LoginRecord | None:
         S = self.m.OAuthState
@@ -570,11 +718,15 @@ class Store:
         """Delete a login; True only for the one caller that deleted it (single use)."""
         return bool(await self.m.OAuthState.delete().where(self.m.OAuthState.state == state).aio_execute())
 
-    async def finish_login(self, state: str, status: str, message: str | None = None,
-                           account_id: str | None = None) -> None:
+    async def finish_login(
+        self, state: str, status: str, message: str | None = None, account_id: str | None = None
+    ) -> None:
         S = self.m.OAuthState
-        await S.update(status=status, message=message, result_account_id=account_id).where(
-            S.state == state).aio_execute()
+        await (
+            S.update(status=status, message=message, result_account_id=account_id)
+            .where(S.state == state)
+            .aio_execute()
+        )
 
     # ── usage ──
     async def add_usage(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -589,10 +741,15 @@ class Store:
         target = [getattr(U, n) for n in USAGE_DIMENSIONS]
         async with self.db.aio_atomic():
             for i in range(0, len(rows), 400):
-                await U.insert_many(rows[i:i + 400]).on_conflict(conflict_target=target, update=update).aio_execute()
+                await (
+                    U.insert_many(rows[i : i + 400])
+                    .on_conflict(conflict_target=target, update=update)
+                    .aio_execute()
+                )
 
-    async def usage_sums(self, since: int, until: int | None = None, group_by: tuple[str, ...] = (),
-                         **equal: str) -> list[dict]:
+    async def usage_sums(
+        self, since: int, until: int | None = None, group_by: tuple[str, ...] = (), **equal: str
+    ) -> list[dict]:
         """Summed counters (plus max of max_latency_ms and last_request_at) of the buckets
         starting in [since, until), filtered by `equal` (dimension=value), one dict per group."""
         U = self.m.UsageBucket
@@ -605,7 +762,8 @@ class Store:
             where &= getattr(U, name) == value
         columns = [getattr(U, n) for n in group_by]
         query = U.select(
-            *columns, *[peewee.fn.SUM(getattr(U, n)).alias(n) for n in USAGE_COUNTERS],
+            *columns,
+            *[peewee.fn.SUM(getattr(U, n)).alias(n) for n in USAGE_COUNTERS],
             peewee.fn.MAX(U.max_latency_ms).alias("max_latency_ms"),
             peewee.fn.MAX(U.last_request_at).alias("last_request_at"),
         ).where(where)
@@ -626,5 +784,9 @@ class Store:
         """Drop usage buckets older than `usage_before` (None: keep) and logins that
         expired before `logins_before`."""
         if usage_before is not None:
-            await self.m.UsageBucket.delete().where(self.m.UsageBucket.bucket_start < usage_before).aio_execute()
+            await (
+                self.m.UsageBucket.delete()
+                .where(self.m.UsageBucket.bucket_start < usage_before)
+                .aio_execute()
+            )
         await self.m.OAuthState.delete().where(self.m.OAuthState.expires_at < logins_before).aio_execute()

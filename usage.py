@@ -107,8 +107,14 @@ class UsageQueue:
     def record(self, outcome: Outcome) -> None:
         """Request path: no await, no I/O, never raises."""
         at = self.clock.now()
-        dims = (at - at % MINUTE_MS, outcome.key_id, outcome.account_id, outcome.provider, outcome.endpoint,
-                outcome.model or "")
+        dims = (
+            at - at % MINUTE_MS,
+            outcome.key_id,
+            outcome.account_id,
+            outcome.provider,
+            outcome.endpoint,
+            outcome.model or "",
+        )
         bucket = self.pending.get(dims)
         if bucket is None:
             if len(self.pending) >= self.max_buckets:
@@ -195,8 +201,9 @@ def averaged(sums: Mapping[str, int | None]) -> dict:
     return out
 
 
-async def usage_report(store: Store, window_ms: int, now: int, group: str | None = None,
-                       until: int | None = None, **equal: str) -> dict:
+async def usage_report(
+    store: Store, window_ms: int, now: int, group: str | None = None, until: int | None = None, **equal: str
+) -> dict:
     """Totals, endpoints, models and the last 60 minute buckets of the rows matching `equal`
     (dimension=value) in the window ending `now`; with `group` ("api_key_id" or
     "provider_account_id") also `byKey` / `byAccount`."""
@@ -207,20 +214,32 @@ async def usage_report(store: Store, window_ms: int, now: int, group: str | None
         return await store.usage_sums(since, until, group_by=columns, **equal)
 
     totals = (await grouped())[0]
-    endpoints = [{"provider": r["provider"], "endpoint": r["endpoint"], **averaged(r)}
-                 for r in await grouped("provider", "endpoint")]
-    models = [{"provider": r["provider"], "endpoint": r["endpoint"], "model": r["model"], **averaged(r)}
-              for r in await grouped("provider", "endpoint", "model")]
+    endpoints = [
+        {"provider": r["provider"], "endpoint": r["endpoint"], **averaged(r)}
+        for r in await grouped("provider", "endpoint")
+    ]
+    models = [
+        {"provider": r["provider"], "endpoint": r["endpoint"], "model": r["model"], **averaged(r)}
+        for r in await grouped("provider", "endpoint", "model")
+    ]
     endpoints.sort(key=lambda r: -r["requestCount"])
     models.sort(key=lambda r: (-r["requestCount"], -r["outputTokens"]))
     buckets = [{"bucketStart": r["bucket_start"], **averaged(r)} for r in await grouped("bucket_start")]
     buckets = sorted(buckets, key=lambda r: r["bucketStart"])[-60:]
-    report = {"windowMs": window_ms, "since": now - window_ms, "now": now, "totals": averaged(totals),
-              "endpoints": endpoints, "models": models, "buckets": buckets}
+    report = {
+        "windowMs": window_ms,
+        "since": now - window_ms,
+        "now": now,
+        "totals": averaged(totals),
+        "endpoints": endpoints,
+        "models": models,
+        "buckets": buckets,
+    }
     if group:
         rows = await grouped(group)
         report["byKey" if group == "api_key_id" else "byAccount"] = sorted(
-            ({camel(group): r[group], **averaged(r)} for r in rows), key=lambda r: -r["requestCount"])
+            ({camel(group): r[group], **averaged(r)} for r in rows), key=lambda r: -r["requestCount"]
+        )
     return report
 
 
@@ -238,7 +257,13 @@ class Metrics:
         self.duration: dict[str, list[float]] = {}
 
     def observe(self, outcome: Outcome) -> None:
-        klass = "cancelled" if outcome.cancelled else "incomplete" if outcome.incomplete else f"{outcome.status // 100}xx"
+        klass = (
+            "cancelled"
+            if outcome.cancelled
+            else "incomplete"
+            if outcome.incomplete
+            else f"{outcome.status // 100}xx"
+        )
         key = (outcome.provider, outcome.endpoint, klass)
         self.requests[key] = self.requests.get(key, 0) + 1
         self._add(self.ttfb, outcome.provider, outcome.ttfb_ms / 1000)
@@ -254,12 +279,19 @@ class Metrics:
         row[-2] += 1
         row[-1] += seconds
 
-    def render(self, open_streams: int, refresh_outcomes: Mapping[str, int], queue: UsageQueue, now: int,
-               accounts: Mapping[tuple[str, str], int]) -> str:
+    def render(
+        self,
+        open_streams: int,
+        refresh_outcomes: Mapping[str, int],
+        queue: UsageQueue,
+        now: int,
+        accounts: Mapping[tuple[str, str], int],
+    ) -> str:
         """The exposition text; `accounts` counts accounts by (provider, status)."""
         lines = ["# TYPE kleis_requests_total counter"]
         for (provider, endpoint, klass), count in sorted(self.requests.items()):
-            lines.append(f'kleis_requests_total{{provider="{provider}",endpoint="{endpoint}",status="{klass}"}} {count}')
+            labels = f'provider="{provider}",endpoint="{endpoint}",status="{klass}"'
+            lines.append(f"kleis_requests_total{{{labels}}} {count}")
         for name, table in (("kleis_ttfb_seconds", self.ttfb), ("kleis_duration_seconds", self.duration)):
             lines.append(f"# TYPE {name} histogram")
             for provider, row in sorted(table.items()):
@@ -273,11 +305,16 @@ class Metrics:
         for outcome, count in sorted(refresh_outcomes.items()):
             lines.append(f'kleis_refresh_total{{outcome="{outcome}"}} {count}')
         lag = max(0, now - queue.last_flush_ms) / 1000
-        lines += ["# TYPE kleis_usage_queue_depth gauge", f"kleis_usage_queue_depth {queue.depth}",
-                  "# TYPE kleis_usage_dropped_total counter", f"kleis_usage_dropped_total {queue.dropped}",
-                  "# TYPE kleis_usage_flush_failures_total counter",
-                  f"kleis_usage_flush_failures_total {queue.flush_failures}",
-                  "# TYPE kleis_usage_flush_lag_seconds gauge", f"kleis_usage_flush_lag_seconds {lag:.3f}"]
+        lines += [
+            "# TYPE kleis_usage_queue_depth gauge",
+            f"kleis_usage_queue_depth {queue.depth}",
+            "# TYPE kleis_usage_dropped_total counter",
+            f"kleis_usage_dropped_total {queue.dropped}",
+            "# TYPE kleis_usage_flush_failures_total counter",
+            f"kleis_usage_flush_failures_total {queue.flush_failures}",
+            "# TYPE kleis_usage_flush_lag_seconds gauge",
+            f"kleis_usage_flush_lag_seconds {lag:.3f}",
+        ]
         lines.append("# TYPE kleis_accounts gauge")
         for (provider, status), count in sorted(accounts.items()):
             lines.append(f'kleis_accounts{{provider="{provider}",status="{status}"}} {count}')

@@ -2,8 +2,9 @@
 
 A provider is a module in this folder (or in `[server] plugins_dir`) whose name is its entry
 name. Kleis imports it, checks it against this contract at start-up and refuses to start when
-something is missing. Adapters describe and transform; the core (`kleis.py` and its sibling modules) owns routing,
-API keys, account choice, refresh locking, failover, usage and error rendering.
+something is missing. Adapters describe and transform; the core (`kleis.py` and its sibling
+modules) owns routing, API keys, account choice, refresh locking, failover, usage and error
+rendering.
 
 An adapter module declares:
 

@@ -13,7 +13,13 @@ from urllib.parse import parse_qs, urlsplit
 from . import LoginFailed, ProviderError, ReauthRequired
 
 # OAuth error codes that mean the refresh token itself is dead.
-DEAD_REFRESH = {"invalid_grant", "refresh_token_reused", "refresh_token_expired", "invalid_token", "unauthorized_client"}
+DEAD_REFRESH = {
+    "invalid_grant",
+    "refresh_token_reused",
+    "refresh_token_expired",
+    "invalid_token",
+    "unauthorized_client",
+}
 
 
 def b64url(raw: bytes) -> str:
@@ -75,17 +81,31 @@ def oauth_error_code(body: Any) -> str:
     return str(body.get("code") or "")
 
 
-async def call_json(ctx, method: str, url: str, *, what: str, json_body: Mapping | None = None,
-                    form: Mapping | None = None, headers: Mapping | None = None,
-                    timeout: float = 30) -> tuple[int, dict]:
+async def call_json(
+    ctx,
+    method: str,
+    url: str,
+    *,
+    what: str,
+    json_body: Mapping | None = None,
+    form: Mapping | None = None,
+    headers: Mapping | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict]:
     """One upstream call: (status, JSON object or {}). Transport failures raise ProviderError
     naming `what`, never a URL with secrets or a token."""
     import aiohttp  # the adapters get the session through ctx; the import is only for errors
 
     send_headers = {"Accept": "application/json", **(headers or {})}
     try:
-        async with ctx.http.request(method, url, data=form, json=json_body, headers=send_headers,
-                                    timeout=aiohttp.ClientTimeout(total=timeout, connect=10)) as resp:
+        async with ctx.http.request(
+            method,
+            url,
+            data=form,
+            json=json_body,
+            headers=send_headers,
+            timeout=aiohttp.ClientTimeout(total=timeout, connect=10),
+        ) as resp:
             text = await resp.text()
             status = resp.status
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -97,13 +117,23 @@ async def call_json(ctx, method: str, url: str, *, what: str, json_body: Mapping
     return status, body if isinstance(body, dict) else {}
 
 
-async def token_request(ctx, url: str, *, form: Mapping | None = None, json_body: Mapping | None = None,
-                        headers: Mapping | None = None, refreshing: bool = False, what: str = "token") -> dict:
+async def token_request(
+    ctx,
+    url: str,
+    *,
+    form: Mapping | None = None,
+    json_body: Mapping | None = None,
+    headers: Mapping | None = None,
+    refreshing: bool = False,
+    what: str = "token",
+) -> dict:
     """POST to a token endpoint and return the JSON object.
 
     Dead refresh tokens raise ReauthRequired, other 4xx LoginFailed (or ProviderError while
     refreshing), 5xx and transport errors ProviderError. Messages never include tokens."""
-    status, body = await call_json(ctx, "POST", url, what=what, json_body=json_body, form=form, headers=headers)
+    status, body = await call_json(
+        ctx, "POST", url, what=what, json_body=json_body, form=form, headers=headers
+    )
     if 200 <= status < 300:
         return body
     code = oauth_error_code(body)

@@ -14,11 +14,15 @@ from . import Usage
 from ._sse import EventSplitter, event_json, is_sse, marked_events, sse_frame, tail_events_start, to_int
 
 # Responses API: events that end a response (and carry its usage).
-RESPONSES_TERMINAL = re.compile(
-    rb'"type":\s*"(response\.(?:completed|done|failed|incomplete)|error)"'
+RESPONSES_TERMINAL = re.compile(rb'"type":\s*"(response\.(?:completed|done|failed|incomplete)|error)"')
+RESPONSES_MARKERS = (
+    b"response.completed",
+    b"response.done",
+    b"response.incomplete",
+    b"response.failed",
+    b'"type":"error"',
+    b'"type": "error"',
 )
-RESPONSES_MARKERS = (b"response.completed", b"response.done", b"response.incomplete", b"response.failed",
-                     b'"type":"error"', b'"type": "error"')
 CHAT_MARKERS = (b"[DONE]", b'"usage":{', b'"usage": {', b'"finish_reason":"', b'"finish_reason": "')
 CHAT_USAGE = re.compile(rb'"usage":\s*\{')
 CHAT_FINISH = re.compile(rb'"finish_reason":\s*"')
@@ -30,8 +34,11 @@ def _usage(usage: Mapping | None, input_key: str, output_key: str, details_key: 
         return None
     details = usage.get(details_key) or {}
     cached = to_int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
-    return Usage(input_tokens=max(to_int(usage.get(input_key)) - cached, 0),
-                 output_tokens=to_int(usage.get(output_key)), cache_read_tokens=cached)
+    return Usage(
+        input_tokens=max(to_int(usage.get(input_key)) - cached, 0),
+        output_tokens=to_int(usage.get(output_key)),
+        cache_read_tokens=cached,
+    )
 
 
 def responses_usage(usage: Mapping | None) -> Usage | None:
@@ -59,7 +66,7 @@ def terminal_usage(event: bytes) -> Usage | None:
     at = event.rfind(b'"usage":')
     if at < 0:
         return None
-    text = event[at + 8:].decode("utf-8", "replace").lstrip()
+    text = event[at + 8 :].decode("utf-8", "replace").lstrip()
     try:
         value, _ = _DECODER.raw_decode(text)
     except ValueError:

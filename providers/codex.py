@@ -119,8 +119,12 @@ async def start_login(ctx: Context, state: str, options: dict) -> Login:
 
 
 async def _start_device_login(ctx: Context) -> Login:
-    body = await token_request(ctx, f"{_auth_url(ctx)}/api/accounts/deviceauth/usercode",
-                               json_body={"client_id": ctx.options["client_id"]}, what="Codex device code")
+    body = await token_request(
+        ctx,
+        f"{_auth_url(ctx)}/api/accounts/deviceauth/usercode",
+        json_body={"client_id": ctx.options["client_id"]},
+        what="Codex device code",
+    )
     device_auth_id = body.get("device_auth_id")
     user_code = body.get("user_code") or body.get("usercode")
     if not isinstance(device_auth_id, str) or not isinstance(user_code, str):
@@ -133,8 +137,12 @@ async def _start_device_login(ctx: Context) -> Login:
         instructions=f"Open {url} and enter the code {user_code}",
         user_code=user_code,
         interval=interval,
-        data={"mode": "headless", "device_auth_id": device_auth_id, "user_code": user_code,
-              "interval": interval},
+        data={
+            "mode": "headless",
+            "device_auth_id": device_auth_id,
+            "user_code": user_code,
+            "interval": interval,
+        },
     )
 
 
@@ -149,7 +157,9 @@ async def finish_login(ctx: Context, state: str, data: dict, code: str) -> Token
 async def poll_login(ctx: Context, data: dict) -> Tokens:
     """One poll of the device flow; LoginPending until the user approves the code."""
     status, body = await call_json(
-        ctx, "POST", f"{_auth_url(ctx)}/api/accounts/deviceauth/token",
+        ctx,
+        "POST",
+        f"{_auth_url(ctx)}/api/accounts/deviceauth/token",
         json_body={"device_auth_id": data["device_auth_id"], "user_code": data["user_code"]},
         what="Codex device login",
     )
@@ -172,23 +182,34 @@ async def poll_login(ctx: Context, data: dict) -> Tokens:
 
 
 async def _exchange_code(ctx: Context, code: str, verifier: str, redirect_uri: str) -> Tokens:
-    body = await token_request(ctx, f"{_auth_url(ctx)}/oauth/token", form={
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": redirect_uri,
-        "client_id": ctx.options["client_id"],
-        "code_verifier": verifier,
-    }, what="Codex login")
+    body = await token_request(
+        ctx,
+        f"{_auth_url(ctx)}/oauth/token",
+        form={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "client_id": ctx.options["client_id"],
+            "code_verifier": verifier,
+        },
+        what="Codex login",
+    )
     return _tokens_from_response(ctx, body)
 
 
 async def refresh(ctx: Context, account: Account) -> Tokens:
     """Rotate the token pair; a dead refresh token raises ReauthRequired (via token_request)."""
-    body = await token_request(ctx, f"{_auth_url(ctx)}/oauth/token", form={
-        "grant_type": "refresh_token",
-        "refresh_token": account.refresh_token,
-        "client_id": ctx.options["client_id"],
-    }, refreshing=True, what="Codex token refresh")
+    body = await token_request(
+        ctx,
+        f"{_auth_url(ctx)}/oauth/token",
+        form={
+            "grant_type": "refresh_token",
+            "refresh_token": account.refresh_token,
+            "client_id": ctx.options["client_id"],
+        },
+        refreshing=True,
+        what="Codex token refresh",
+    )
     return _tokens_from_response(ctx, body, previous=account)
 
 
@@ -198,7 +219,9 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
         try:
             content = json.loads(content)
         except ValueError:
-            raise LoginFailed("the auth file is not JSON; expected ~/.codex/auth.json or OpenCode's auth.json") from None
+            raise LoginFailed(
+                "the auth file is not JSON; expected ~/.codex/auth.json or OpenCode's auth.json"
+            ) from None
     if not isinstance(content, Mapping):
         raise LoginFailed("expected ~/.codex/auth.json or OpenCode's auth.json (a JSON object)")
     found: list[Tokens] = []
@@ -206,10 +229,16 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
     if isinstance(codex_cli, Mapping):
         access, refresh_token = codex_cli.get("access_token"), codex_cli.get("refresh_token")
         if _nonblank(access) and _nonblank(refresh_token):
-            found.append(_build_tokens(
-                ctx, access, refresh_token, _jwt_expiry(ctx, access),
-                id_token=codex_cli.get("id_token"), known_account_id=codex_cli.get("account_id"),
-            ))
+            found.append(
+                _build_tokens(
+                    ctx,
+                    access,
+                    refresh_token,
+                    _jwt_expiry(ctx, access),
+                    id_token=codex_cli.get("id_token"),
+                    known_account_id=codex_cli.get("account_id"),
+                )
+            )
     for key in ("openai", "codex"):
         entry = content.get(key)
         if not isinstance(entry, Mapping) or entry.get("type") != "oauth":
@@ -217,16 +246,21 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
         access, refresh_token = entry.get("access"), entry.get("refresh")
         if _nonblank(access) and _nonblank(refresh_token):
             expires_at = epoch_ms(entry.get("expires")) or _jwt_expiry(ctx, access)
-            found.append(_build_tokens(ctx, access, refresh_token, expires_at,
-                                       known_account_id=entry.get("accountId")))
+            found.append(
+                _build_tokens(ctx, access, refresh_token, expires_at, known_account_id=entry.get("accountId"))
+            )
     if found:
         return found
-    if content.get("OPENAI_API_KEY") or (isinstance(content.get("openai"), Mapping)
-                                         and content["openai"].get("type") == "api"):
-        raise LoginFailed("this auth file holds an OpenAI API key, not a ChatGPT login; "
-                          "log in to Codex with ChatGPT first")
-    raise LoginFailed("no ChatGPT login found; expected ~/.codex/auth.json (with \"tokens\") "
-                      "or OpenCode's auth.json (with an \"openai\" oauth entry)")
+    if content.get("OPENAI_API_KEY") or (
+        isinstance(content.get("openai"), Mapping) and content["openai"].get("type") == "api"
+    ):
+        raise LoginFailed(
+            "this auth file holds an OpenAI API key, not a ChatGPT login; log in to Codex with ChatGPT first"
+        )
+    raise LoginFailed(
+        'no ChatGPT login found; expected ~/.codex/auth.json (with "tokens") '
+        'or OpenCode\'s auth.json (with an "openai" oauth entry)'
+    )
 
 
 # ── Tokens and identity ──────────────────────────────────────────────────────
@@ -237,27 +271,44 @@ def _tokens_from_response(ctx: Context, body: Mapping, previous: Account | None 
     refresh_token = body.get("refresh_token") or (previous.refresh_token if previous else None)
     if not _nonblank(access) or not _nonblank(refresh_token):
         raise ProviderError("Codex token response is missing the access or refresh token")
-    return _build_tokens(ctx, access, refresh_token, expires_at_from(ctx, body),
-                         id_token=body.get("id_token"), previous=previous)
+    return _build_tokens(
+        ctx,
+        access,
+        refresh_token,
+        expires_at_from(ctx, body),
+        id_token=body.get("id_token"),
+        previous=previous,
+    )
 
 
-def _build_tokens(ctx: Context, access: str, refresh_token: str, expires_at: int, *,
-                  id_token: Any = None, known_account_id: Any = None,
-                  previous: Account | None = None) -> Tokens:
+def _build_tokens(
+    ctx: Context,
+    access: str,
+    refresh_token: str,
+    expires_at: int,
+    *,
+    id_token: Any = None,
+    known_account_id: Any = None,
+    previous: Account | None = None,
+) -> Tokens:
     """Tokens with the identity read from the id token (else the access token), falling back
     to what was known before; the id token itself is never kept."""
     claims = jwt_claims(id_token if isinstance(id_token, str) else None) or jwt_claims(access)
     auth = claims.get(AUTH_CLAIM) if isinstance(claims.get(AUTH_CLAIM), Mapping) else {}
     profile = claims.get(PROFILE_CLAIM) if isinstance(claims.get(PROFILE_CLAIM), Mapping) else {}
     organizations = auth.get("organizations") or claims.get("organizations") or []
-    org_ids = [org["id"] for org in organizations
-               if isinstance(org, Mapping) and isinstance(org.get("id"), str)]
+    org_ids = [
+        org["id"] for org in organizations if isinstance(org, Mapping) and isinstance(org.get("id"), str)
+    ]
     before = previous.metadata if previous else {}
 
     account_id = _first_text(
-        claims.get("chatgpt_account_id"), auth.get("chatgpt_account_id"),
-        known_account_id, org_ids[0] if org_ids else None,
-        previous.account_id if previous else None, before.get("chatgptAccountId"),
+        claims.get("chatgpt_account_id"),
+        auth.get("chatgpt_account_id"),
+        known_account_id,
+        org_ids[0] if org_ids else None,
+        previous.account_id if previous else None,
+        before.get("chatgptAccountId"),
     )
     email = _first_text(claims.get("email"), profile.get("email"), before.get("email"))
     return Tokens(
@@ -326,8 +377,9 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     else:
         body.pop("prompt_cache_key", None)  # blank or not a string: only an upstream 400
 
-    return Upstream(url=f"{ctx.options['api_url'].rstrip('/')}/responses", headers=headers,
-                    body=compact_json(body))
+    return Upstream(
+        url=f"{ctx.options['api_url'].rstrip('/')}/responses", headers=headers, body=compact_json(body)
+    )
 
 
 def _input_items(value: Any) -> Any:
@@ -408,8 +460,9 @@ def retry_after(status: int, headers: Mapping, body: bytes) -> Cooldown | None:
         used = _number(lowered.get(f"x-codex-{window}-used-percent"))
         if used is None or used < 100:
             continue
-        seconds = _reset_seconds(lowered.get(f"x-codex-{window}-reset-after-seconds"),
-                                 lowered.get(f"x-codex-{window}-reset-at"))
+        seconds = _reset_seconds(
+            lowered.get(f"x-codex-{window}-reset-after-seconds"), lowered.get(f"x-codex-{window}-reset-at")
+        )
         if seconds is not None:
             resets.append(seconds)
     return Cooldown(max(resets), window_exhausted=True) if resets else None
@@ -474,8 +527,14 @@ async def quota(ctx: Context, account: Account) -> dict:
     chatgpt_account = account.metadata.get("chatgptAccountId") or account.account_id
     if chatgpt_account:
         headers["chatgpt-account-id"] = chatgpt_account
-    status, body = await call_json(ctx, "GET", f"{ctx.options['usage_url'].rstrip('/')}/wham/usage",
-                                    headers=headers, timeout=10, what="Codex usage")
+    status, body = await call_json(
+        ctx,
+        "GET",
+        f"{ctx.options['usage_url'].rstrip('/')}/wham/usage",
+        headers=headers,
+        timeout=10,
+        what="Codex usage",
+    )
     if status != 200:
         raise ProviderError(f"Codex usage request failed (HTTP {status})")
     limits = body.get("rate_limit") if isinstance(body.get("rate_limit"), Mapping) else body
@@ -490,7 +549,9 @@ async def quota(ctx: Context, account: Account) -> dict:
             "hasCredits": credits.get("has_credits"),
             "unlimited": credits.get("unlimited"),
             "balance": credits.get("balance"),
-        } if isinstance(credits, Mapping) else None,
+        }
+        if isinstance(credits, Mapping)
+        else None,
     }
 
 

@@ -62,7 +62,9 @@ SUFFIXES = {"chat_completions": "/chat/completions", "responses": "/responses"}
 DROPPED_HEADERS = {"authorization", "x-api-key", "accept-encoding", "content-length", "host"}
 # Error codes in a Copilot error body that mean the plan's quota is used up, not a short burst.
 QUOTA_CODES = {"quota_exceeded", "insufficient_quota"}
-HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$")
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
 PUBLIC_HOSTS = {"github.com", "www.github.com", "api.github.com"}
 DAY_MS = 86_400_000
 
@@ -152,10 +154,18 @@ async def poll_login(ctx: Context, data: dict) -> Tokens:
         raise LoginFailed("This login has no device code; start the login again.")
     domain = data.get("domain") or None
     github_url, _, _ = endpoints(ctx.options, domain)
-    status, body = await call_json(ctx, "POST", f"{github_url}/login/oauth/access_token",
-                               headers=_github_headers(ctx), what="GitHub token request",
-                               json_body={"client_id": ctx.options["client_id"],
-                                          "device_code": device_code, "grant_type": DEVICE_GRANT})
+    status, body = await call_json(
+        ctx,
+        "POST",
+        f"{github_url}/login/oauth/access_token",
+        headers=_github_headers(ctx),
+        what="GitHub token request",
+        json_body={
+            "client_id": ctx.options["client_id"],
+            "device_code": device_code,
+            "grant_type": DEVICE_GRANT,
+        },
+    )
     error = oauth_error_code(body) if "error" in body else ""
     if error == "authorization_pending":
         raise LoginPending()
@@ -202,22 +212,35 @@ def _tokens(ctx: Context, token: str, domain: str | None, user: dict | None, pre
         label = _text(user.get("email")) or _text(user.get("login"))
     if domain:
         metadata["enterpriseDomain"] = domain
-    return Tokens(access_token=token, refresh_token=token, expires_at=_expires_at(ctx),
-                  account_id=account_id, label=label, metadata=metadata)
+    return Tokens(
+        access_token=token,
+        refresh_token=token,
+        expires_at=_expires_at(ctx),
+        account_id=account_id,
+        label=label,
+        metadata=metadata,
+    )
 
 
 async def _github_user(ctx: Context, token: str, domain: str | None, verify: bool = False) -> dict | None:
     """GET /user; None when it fails. With `verify`, a 401 raises ReauthRequired."""
     _, api_url, _ = endpoints(ctx.options, domain)
-    headers = {**_github_headers(ctx), "Accept": "application/vnd.github+json",
-               "Authorization": f"Bearer {token}"}
+    headers = {
+        **_github_headers(ctx),
+        "Accept": "application/vnd.github+json",
+        "Authorization": f"Bearer {token}",
+    }
     try:
-        status, body = await call_json(ctx, "GET", f"{api_url}/user", headers=headers, what="GitHub user lookup")
+        status, body = await call_json(
+            ctx, "GET", f"{api_url}/user", headers=headers, what="GitHub user lookup"
+        )
     except ProviderError as exc:
         ctx.log.warning("copilot: %s", exc)
         return None
     if status == 401 and verify:
-        raise ReauthRequired("GitHub rejected the Copilot account's token (revoked or expired); log in again.")
+        raise ReauthRequired(
+            "GitHub rejected the Copilot account's token (revoked or expired); log in again."
+        )
     if status != 200:
         ctx.log.warning("copilot: GitHub user lookup answered HTTP %s", status)
         return None
@@ -238,7 +261,9 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
         try:
             content = json.loads(content)
         except ValueError:
-            raise LoginFailed("The file looks like JSON but does not parse; expected OpenCode's auth.json") from None
+            raise LoginFailed(
+                "The file looks like JSON but does not parse; expected OpenCode's auth.json"
+            ) from None
     found = _from_opencode(ctx, content) if isinstance(content, Mapping) else _from_hosts(ctx, str(content))
     if not found:
         raise LoginFailed(
@@ -298,8 +323,14 @@ def _imported(ctx: Context, token: str, login: str | None, domain: str | None) -
         metadata["githubLogin"] = login
     if domain:
         metadata["enterpriseDomain"] = domain
-    return Tokens(access_token=token, refresh_token=token, expires_at=_expires_at(ctx),
-                  account_id=None, label=login, metadata=metadata)
+    return Tokens(
+        access_token=token,
+        refresh_token=token,
+        expires_at=_expires_at(ctx),
+        account_id=None,
+        label=login,
+        metadata=metadata,
+    )
 
 
 YAML_ENTRY = re.compile(r"""^(?P<key>"[^"]*"|'[^']*'|[^\s#'"][^:#]*?)\s*:(?:\s+(?P<value>.*))?$""")
@@ -360,11 +391,13 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in DROPPED_HEADERS}
     headers.pop("copilot-vision-request", None)
     initiator, vision = classify(request.endpoint, request.body)
-    headers.update({
-        "authorization": f"Bearer {account.access_token}",
-        "openai-intent": "conversation-edits",
-        "x-initiator": initiator,
-    })
+    headers.update(
+        {
+            "authorization": f"Bearer {account.access_token}",
+            "openai-intent": "conversation-edits",
+            "x-initiator": initiator,
+        }
+    )
     if vision:
         headers["copilot-vision-request"] = "true"
     headers.setdefault("content-type", "application/json")
@@ -388,7 +421,8 @@ def classify(endpoint: str, body: Mapping) -> tuple[str, bool]:
     if not isinstance(items, list) or not items:
         return "user", False  # a plain string input is a user prompt without images
     vision = any(
-        isinstance(item, Mapping) and isinstance(item.get("content"), list)
+        isinstance(item, Mapping)
+        and isinstance(item.get("content"), list)
         and any(isinstance(part, Mapping) and part.get("type") == image for part in item["content"])
         for item in items
     )

@@ -60,8 +60,10 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # ══ Payloads (shared by the fake upstream and the clients) ══════════════════
 
-WORDS = ("the quick brown fox jumps over a lazy dog while the proxy streams every token back "
-         "to its client without buffering anything it does not have to").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while the proxy streams every token back "
+    "to its client without buffering anything it does not have to"
+).split()
 
 
 def sse(kind: str, payload: dict) -> bytes:
@@ -71,80 +73,215 @@ def sse(kind: str, payload: dict) -> bytes:
 def codex_events(model: str = "gpt-5.5") -> list[bytes]:
     """A Responses stream of 50 events ending in response.completed with usage."""
     rid, iid = "resp_bench0001", "msg_bench0001"
-    shell = {"id": rid, "object": "response", "created_at": 1767225600, "status": "in_progress",
-             "model": model, "output": [], "usage": None}
+    shell = {
+        "id": rid,
+        "object": "response",
+        "created_at": 1767225600,
+        "status": "in_progress",
+        "model": model,
+        "output": [],
+        "usage": None,
+    }
     text = ""
-    out = [sse("response.created", {"sequence_number": 0, "response": shell}),
-           sse("response.in_progress", {"sequence_number": 1, "response": shell}),
-           sse("response.output_item.added", {"sequence_number": 2, "output_index": 0, "item": {
-               "id": iid, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
-           sse("response.content_part.added", {"sequence_number": 3, "item_id": iid, "output_index": 0,
-                                               "content_index": 0, "part": {"type": "output_text", "text": "",
-                                                                            "annotations": []}})]
+    out = [
+        sse("response.created", {"sequence_number": 0, "response": shell}),
+        sse("response.in_progress", {"sequence_number": 1, "response": shell}),
+        sse(
+            "response.output_item.added",
+            {
+                "sequence_number": 2,
+                "output_index": 0,
+                "item": {
+                    "id": iid,
+                    "type": "message",
+                    "status": "in_progress",
+                    "role": "assistant",
+                    "content": [],
+                },
+            },
+        ),
+        sse(
+            "response.content_part.added",
+            {
+                "sequence_number": 3,
+                "item_id": iid,
+                "output_index": 0,
+                "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []},
+            },
+        ),
+    ]
     for i in range(42):
         delta = " " + WORDS[i % len(WORDS)]
         text += delta
-        out.append(sse("response.output_text.delta", {"sequence_number": 4 + i, "item_id": iid, "output_index": 0,
-                                                      "content_index": 0, "delta": delta, "logprobs": []}))
+        out.append(
+            sse(
+                "response.output_text.delta",
+                {
+                    "sequence_number": 4 + i,
+                    "item_id": iid,
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": delta,
+                    "logprobs": [],
+                },
+            )
+        )
     part = {"type": "output_text", "text": text, "annotations": []}
     item = {"id": iid, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
-    usage = {"input_tokens": 1200, "input_tokens_details": {"cached_tokens": 200}, "output_tokens": 42,
-             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 1242}
-    out += [sse("response.output_text.done", {"sequence_number": 46, "item_id": iid, "output_index": 0,
-                                              "content_index": 0, "text": text, "logprobs": []}),
-            sse("response.content_part.done", {"sequence_number": 47, "item_id": iid, "output_index": 0,
-                                               "content_index": 0, "part": part}),
-            sse("response.output_item.done", {"sequence_number": 48, "output_index": 0, "item": item}),
-            sse("response.completed", {"sequence_number": 49, "response": {
-                **shell, "status": "completed", "output": [item], "usage": usage}})]
+    usage = {
+        "input_tokens": 1200,
+        "input_tokens_details": {"cached_tokens": 200},
+        "output_tokens": 42,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 1242,
+    }
+    out += [
+        sse(
+            "response.output_text.done",
+            {
+                "sequence_number": 46,
+                "item_id": iid,
+                "output_index": 0,
+                "content_index": 0,
+                "text": text,
+                "logprobs": [],
+            },
+        ),
+        sse(
+            "response.content_part.done",
+            {"sequence_number": 47, "item_id": iid, "output_index": 0, "content_index": 0, "part": part},
+        ),
+        sse("response.output_item.done", {"sequence_number": 48, "output_index": 0, "item": item}),
+        sse(
+            "response.completed",
+            {
+                "sequence_number": 49,
+                "response": {**shell, "status": "completed", "output": [item], "usage": usage},
+            },
+        ),
+    ]
     return out
 
 
 def codex_json(model: str = "gpt-5.5") -> bytes:
     text = " ".join(WORDS[i % len(WORDS)] for i in range(42))
-    return json.dumps({"id": "resp_bench0002", "object": "response", "created_at": 1767225600,
-                       "status": "completed", "model": model,
-                       "output": [{"id": "msg_bench0002", "type": "message", "status": "completed",
-                                   "role": "assistant",
-                                   "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-                       "usage": {"input_tokens": 1200, "input_tokens_details": {"cached_tokens": 200},
-                                 "output_tokens": 42, "output_tokens_details": {"reasoning_tokens": 0},
-                                 "total_tokens": 1242}}, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "id": "resp_bench0002",
+            "object": "response",
+            "created_at": 1767225600,
+            "status": "completed",
+            "model": model,
+            "output": [
+                {
+                    "id": "msg_bench0002",
+                    "type": "message",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "usage": {
+                "input_tokens": 1200,
+                "input_tokens_details": {"cached_tokens": 200},
+                "output_tokens": 42,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": 1242,
+            },
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def claude_events(model: str = "claude-sonnet-4-5") -> list[bytes]:
     """A Messages stream of 50 events: text, a tool_use block named mcp_Shell, usage, stop."""
-    out = [sse("message_start", {"message": {
-        "id": "msg_bench0001", "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 1200, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 200,
-                  "output_tokens": 1}}}),
+    out = [
+        sse(
+            "message_start",
+            {
+                "message": {
+                    "id": "msg_bench0001",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {
+                        "input_tokens": 1200,
+                        "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 200,
+                        "output_tokens": 1,
+                    },
+                }
+            },
+        ),
         sse("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
-        sse("ping", {})]
+        sse("ping", {}),
+    ]
     for i in range(39):
-        out.append(sse("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
-                                                                     "text": " " + WORDS[i % len(WORDS)]}}))
-    out += [sse("content_block_stop", {"index": 0}),
-            sse("content_block_start", {"index": 1, "content_block": {
-                "type": "tool_use", "id": "toolu_bench0001", "name": "mcp_Shell", "input": {}}})]
+        out.append(
+            sse(
+                "content_block_delta",
+                {"index": 0, "delta": {"type": "text_delta", "text": " " + WORDS[i % len(WORDS)]}},
+            )
+        )
+    out += [
+        sse("content_block_stop", {"index": 0}),
+        sse(
+            "content_block_start",
+            {
+                "index": 1,
+                "content_block": {
+                    "type": "tool_use",
+                    "id": "toolu_bench0001",
+                    "name": "mcp_Shell",
+                    "input": {},
+                },
+            },
+        ),
+    ]
     for piece in ('{"command":', ' "ls -la', ' /tmp"}'):
-        out.append(sse("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta",
-                                                                     "partial_json": piece}}))
-    out += [sse("content_block_stop", {"index": 1}),
-            sse("message_delta", {"delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                                  "usage": {"output_tokens": 57}}),
-            sse("message_stop", {})]
+        out.append(
+            sse(
+                "content_block_delta",
+                {"index": 1, "delta": {"type": "input_json_delta", "partial_json": piece}},
+            )
+        )
+    out += [
+        sse("content_block_stop", {"index": 1}),
+        sse(
+            "message_delta",
+            {"delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 57}},
+        ),
+        sse("message_stop", {}),
+    ]
     return out
 
 
 def claude_json(model: str = "claude-sonnet-4-5") -> bytes:
-    return json.dumps({"id": "msg_bench0002", "type": "message", "role": "assistant", "model": model,
-                       "content": [{"type": "text", "text": "ok"},
-                                   {"type": "tool_use", "id": "toolu_bench0002", "name": "mcp_Shell",
-                                    "input": {"command": "ls"}}],
-                       "stop_reason": "tool_use", "stop_sequence": None,
-                       "usage": {"input_tokens": 1200, "cache_read_input_tokens": 200, "output_tokens": 57}},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "id": "msg_bench0002",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [
+                {"type": "text", "text": "ok"},
+                {
+                    "type": "tool_use",
+                    "id": "toolu_bench0002",
+                    "name": "mcp_Shell",
+                    "input": {"command": "ls"},
+                },
+            ],
+            "stop_reason": "tool_use",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 1200, "cache_read_input_tokens": 200, "output_tokens": 57},
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 INSTRUCTIONS = ("You are a coding agent running in a terminal. " * 40).strip()
@@ -153,25 +290,56 @@ INSTRUCTIONS = ("You are a coding agent running in a terminal. " * 40).strip()
 def client_body(provider: str, stream: bool) -> bytes:
     """A moderate (~4 KB) agent request, compact JSON."""
     if provider == "codex":
-        body = {"model": "gpt-5.5", "instructions": INSTRUCTIONS, "stream": stream, "store": False,
-                "prompt_cache_key": "bench-session-1",
-                "input": [{"role": "user", "content": [{"type": "input_text", "text": "List the files in /tmp."}]},
-                          {"role": "assistant", "content": [{"type": "output_text", "text": "Sure. " * 50}]},
-                          {"role": "user", "content": [{"type": "input_text", "text": "And now in /var."}]}],
-                "tools": [{"type": "function", "name": "shell", "description": "Run a shell command",
-                           "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
-                                          "required": ["command"]}}],
-                "reasoning": {"effort": "medium"}, "include": ["reasoning.encrypted_content"]}
+        body = {
+            "model": "gpt-5.5",
+            "instructions": INSTRUCTIONS,
+            "stream": stream,
+            "store": False,
+            "prompt_cache_key": "bench-session-1",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "List the files in /tmp."}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "Sure. " * 50}]},
+                {"role": "user", "content": [{"type": "input_text", "text": "And now in /var."}]},
+            ],
+            "tools": [
+                {
+                    "type": "function",
+                    "name": "shell",
+                    "description": "Run a shell command",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"command": {"type": "string"}},
+                        "required": ["command"],
+                    },
+                }
+            ],
+            "reasoning": {"effort": "medium"},
+            "include": ["reasoning.encrypted_content"],
+        }
     else:
-        body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": stream,
-                "system": [{"type": "text", "text": INSTRUCTIONS}],
-                "metadata": {"user_id": "user_abc_account_def_session_bench-session-1"},
-                "messages": [{"role": "user", "content": "List the files in /tmp."},
-                             {"role": "assistant", "content": "Sure. " * 50},
-                             {"role": "user", "content": "And now in /var."}],
-                "tools": [{"name": "Shell", "description": "Run a shell command",
-                           "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
-                                            "required": ["command"]}}]}
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 4096,
+            "stream": stream,
+            "system": [{"type": "text", "text": INSTRUCTIONS}],
+            "metadata": {"user_id": "user_abc_account_def_session_bench-session-1"},
+            "messages": [
+                {"role": "user", "content": "List the files in /tmp."},
+                {"role": "assistant", "content": "Sure. " * 50},
+                {"role": "user", "content": "And now in /var."},
+            ],
+            "tools": [
+                {
+                    "name": "Shell",
+                    "description": "Run a shell command",
+                    "input_schema": {
+                        "type": "object",
+                        "properties": {"command": {"type": "string"}},
+                        "required": ["command"],
+                    },
+                }
+            ],
+        }
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -186,21 +354,29 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+    b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+)
 
 
 def _json_reply(body: bytes, status: str = "200 OK") -> bytes:
-    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-            .encode() + body)
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
 
 
 class Replies:
     def __init__(self) -> None:
         self.events = {"codex": codex_events(), "claude": claude_events()}
         # Fast mode: headers and the whole stream (in 5 HTTP chunks of 10 events) in one write.
-        self.fast = {name: SSE_HEAD + b"".join(_chunk(b"".join(ev[i:i + 10])) for i in range(0, len(ev), 10))
-                     + b"0\r\n\r\n" for name, ev in self.events.items()}
+        self.fast = {
+            name: SSE_HEAD
+            + b"".join(_chunk(b"".join(ev[i : i + 10])) for i in range(0, len(ev), 10))
+            + b"0\r\n\r\n"
+            for name, ev in self.events.items()
+        }
         self.json = {"codex": _json_reply(codex_json()), "claude": _json_reply(claude_json())}
         self.chunks = {name: [_chunk(e) for e in ev] for name, ev in self.events.items()}
 
@@ -240,14 +416,16 @@ class UpstreamProtocol(asyncio.Protocol):
                 name, _, value = line.partition(b":")
                 headers[name.strip().lower()] = value.strip()
             if b"chunked" in headers.get(b"transfer-encoding", b""):
-                self.transport.write(_json_reply(b'{"error":"chunked request bodies unsupported"}', "400 Bad Request"))
+                self.transport.write(
+                    _json_reply(b'{"error":"chunked request bodies unsupported"}', "400 Bad Request")
+                )
                 self.transport.close()
                 return
             length = int(headers.get(b"content-length", b"0") or 0)
             if len(self.buf) < end + 4 + length:
                 return
-            body = bytes(self.buf[end + 4:end + 4 + length])
-            del self.buf[:end + 4 + length]
+            body = bytes(self.buf[end + 4 : end + 4 + length])
+            del self.buf[: end + 4 + length]
             self.handle(method, target.split(b"?", 1)[0], headers, body)
 
     def handle(self, method: bytes, path: bytes, headers: dict, body: bytes) -> None:
@@ -295,7 +473,9 @@ def run_upstream(port: int) -> None:
     UpstreamProtocol.stats = {}
 
     async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(UpstreamProtocol, "127.0.0.1", port, backlog=4096)
+        server = await asyncio.get_running_loop().create_server(
+            UpstreamProtocol, "127.0.0.1", port, backlog=4096
+        )
         async with server:
             await server.serve_forever()
 
@@ -304,8 +484,21 @@ def run_upstream(port: int) -> None:
 
 # ══ Bare pass-through (its own process) ═════════════════════════════════════
 
-HOP_BY_HOP = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                        "upgrade", "accept-encoding", "authorization", "x-api-key", "expect"})
+HOP_BY_HOP = frozenset(
+    {
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "accept-encoding",
+        "authorization",
+        "x-api-key",
+        "expect",
+    }
+)
 
 
 def run_bare(port: int, upstream: str) -> None:
@@ -316,8 +509,10 @@ def run_bare(port: int, upstream: str) -> None:
     app.config.ACCESS_LOG = False
     app.config.AUTO_EXTEND = False
     app.config.KEEP_ALIVE_TIMEOUT = 75
-    targets = {"/openai/v1/responses": upstream + "/responses",
-               "/anthropic/v1/messages": upstream + "/v1/messages?beta=true"}
+    targets = {
+        "/openai/v1/responses": upstream + "/responses",
+        "/anthropic/v1/messages": upstream + "/v1/messages?beta=true",
+    }
 
     @app.before_server_start
     async def start(app, _loop=None):
@@ -332,8 +527,10 @@ def run_bare(port: int, upstream: str) -> None:
         headers["authorization"] = "Bearer upstream-token"
         resp = await app.ctx.http.post(targets[request.path], data=request.body, headers=headers)
         try:
-            out = await request.respond(status=resp.status, headers={
-                "content-type": resp.headers.get("content-type", "application/octet-stream")})
+            out = await request.respond(
+                status=resp.status,
+                headers={"content-type": resp.headers.get("content-type", "application/octet-stream")},
+            )
             async for chunk in resp.content.iter_any():
                 await out.send(chunk)
             await out.eof()
@@ -369,8 +566,15 @@ class Procs:
 
     def start(self, name: str, argv: list[str], log: Path, **kw) -> subprocess.Popen:
         out = open(log, "wb")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent, start_new_session=True, **kw)
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+            **kw,
+        )
         out.close()
         self.items.append((name, proc))
         return proc
@@ -517,8 +721,12 @@ class Wrk:
                 headers["anthropic-version"] = "2023-06-01"
             if cell.delay_ms:
                 headers["x-bench-delay-ms"] = str(cell.delay_ms)
-            lua = [f'local f = io.open("{body}", "rb")', "wrk.body = f:read(\"*a\")", "f:close()",
-                   'wrk.method = "POST"']
+            lua = [
+                f'local f = io.open("{body}", "rb")',
+                'wrk.body = f:read("*a")',
+                "f:close()",
+                'wrk.method = "POST"',
+            ]
             lua += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
             path = self.tmp / f"wrk-{target.name}-{cell.name}.lua"
             path.write_text("\n".join(lua) + "\n")
@@ -527,14 +735,29 @@ class Wrk:
 
     def run(self, target: Target, cell: Cell, conc: int, seconds: float) -> Result:
         url = target.base + target.path(cell.provider)
-        argv = [self.binary, "-t", "1", "-c", str(conc), "-d", f"{int(seconds)}s", "--timeout", "30s", "--latency",
-                "-s", str(self.script(target, cell)), url]
+        argv = [
+            self.binary,
+            "-t",
+            "1",
+            "-c",
+            str(conc),
+            "-d",
+            f"{int(seconds)}s",
+            "--timeout",
+            "30s",
+            "--latency",
+            "-s",
+            str(self.script(target, cell)),
+            url,
+        ]
         t_proxy = cpu_ticks(target.pid) if target.pid else 0
         t_up = cpu_ticks(self.upstream_pid)
         m_busy, m_total = machine_ticks()
         ovf = listen_overflows()
         start = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         try:
             output = proc.stdout.read().decode(errors="replace")
             _, status, usage = os.wait4(proc.pid, 0)
@@ -588,7 +811,10 @@ def run_loadgen(spec: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg["seconds"]
         connector = aiohttp.TCPConnector(limit=0, force_close=False)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+        ) as http:
+
             async def worker() -> None:
                 while loop.time() < deadline:
                     start = time.perf_counter()
@@ -634,10 +860,27 @@ class PyLoad:
         m_busy, m_total = machine_ticks()
         ovf = listen_overflows()
         start = time.monotonic()
-        children = [subprocess.Popen([PY, __file__, "_loadgen", json.dumps({
-            "url": target.base + target.path(cell.provider), "conc": share, "seconds": seconds, "body": str(body),
-            "headers": request_headers(target, cell.provider, cell.delay_ms)})],
-            stdout=subprocess.PIPE, preexec_fn=_die_with_parent) for share in shares]
+        children = [
+            subprocess.Popen(
+                [
+                    PY,
+                    __file__,
+                    "_loadgen",
+                    json.dumps(
+                        {
+                            "url": target.base + target.path(cell.provider),
+                            "conc": share,
+                            "seconds": seconds,
+                            "body": str(body),
+                            "headers": request_headers(target, cell.provider, cell.delay_ms),
+                        }
+                    ),
+                ],
+                stdout=subprocess.PIPE,
+                preexec_fn=_die_with_parent,
+            )
+            for share in shares
+        ]
         outputs, cpu = [], 0.0
         try:
             for child in children:
@@ -681,9 +924,13 @@ async def kleis_setup(base: str, admin: str) -> str:
     expires = int(time.time() * 1000) + 7 * 86_400_000
     async with aiohttp.ClientSession() as http:
         for provider, account in (("codex", "acct_bench"), ("claude", None)):
-            payload = {"accessToken": f"{provider}-access-{secrets.token_hex(8)}",
-                       "refreshToken": f"{provider}-refresh-{secrets.token_hex(8)}",
-                       "expiresAt": expires, "accountId": account, "label": f"bench-{provider}"}
+            payload = {
+                "accessToken": f"{provider}-access-{secrets.token_hex(8)}",
+                "refreshToken": f"{provider}-refresh-{secrets.token_hex(8)}",
+                "expiresAt": expires,
+                "accountId": account,
+                "label": f"bench-{provider}",
+            }
             async with http.post(f"{base}/admin/accounts/{provider}/import", json=payload, headers=hdr) as r:
                 if r.status != 201:
                     raise RuntimeError(f"account import {provider}: {r.status} {await r.text()}")
@@ -712,11 +959,16 @@ async def smoke(targets: list[Target]) -> list[str]:
     async with aiohttp.ClientSession() as http:
         for t in targets:
             for provider, stream in (("codex", True), ("claude", True), ("codex", False)):
-                async with http.post(t.base + t.path(provider), data=client_body(provider, stream),
-                                     headers=request_headers(t, provider)) as r:
+                async with http.post(
+                    t.base + t.path(provider),
+                    data=client_body(provider, stream),
+                    headers=request_headers(t, provider),
+                ) as r:
                     body = await r.read()
                     if r.status != 200:
-                        problems.append(f"{t.name} {provider} stream={stream}: HTTP {r.status} {body[:300]!r}")
+                        problems.append(
+                            f"{t.name} {provider} stream={stream}: HTTP {r.status} {body[:300]!r}"
+                        )
                         continue
                     if stream:
                         terminal = b"response.completed" if provider == "codex" else b"message_stop"
@@ -766,12 +1018,16 @@ async def slow_streams(target: Target, pid: int, count: int, delay_ms: int) -> d
     timeout = aiohttp.ClientTimeout(total=120, sock_connect=30)
     half = count // 2
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+
         async def one(i: int) -> None:
             provider = "codex" if i < half else "claude"
             terminal = b"response.completed" if provider == "codex" else b"message_stop"
             try:
-                async with http.post(target.base + target.path(provider), data=client_body(provider, True),
-                                     headers=request_headers(target, provider, delay_ms)) as r:
+                async with http.post(
+                    target.base + target.path(provider),
+                    data=client_body(provider, True),
+                    headers=request_headers(target, provider, delay_ms),
+                ) as r:
                     body = await r.read()
                     if r.status != 200:
                         results["status"] += 1
@@ -790,12 +1046,20 @@ async def slow_streams(target: Target, pid: int, count: int, delay_ms: int) -> d
         elapsed = time.monotonic() - start
         stop.set()
         await sampler
-    return {**results, "peak_rss_kb": max(peak, 0), "hwm_kb": rss_kb(pid, "VmHWM"), "elapsed": elapsed,
-            "errors": errors[:5]}
+    return {
+        **results,
+        "peak_rss_kb": max(peak, 0),
+        "hwm_kb": rss_kb(pid, "VmHWM"),
+        "elapsed": elapsed,
+        "errors": errors[:5],
+    }
 
 
 EXPECTED_USAGE = {  # per request: (input, output, cache_read) as Kleis should count them
-    ("codex", True): (1000, 42, 200), ("codex", False): (1000, 42, 200), ("claude", True): (1200, 57, 200)}
+    ("codex", True): (1000, 42, 200),
+    ("codex", False): (1000, 42, 200),
+    ("claude", True): (1200, 57, 200),
+}
 
 
 async def exact_batch(target: Target, n: int, conc: int) -> dict:
@@ -807,13 +1071,23 @@ async def exact_batch(target: Target, n: int, conc: int) -> dict:
     sem = asyncio.Semaphore(conc)
     done = {"ok": 0, "bad": 0, "input": 0, "output": 0, "cache_read": 0}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
         async def one(i: int) -> None:
             provider, stream = kinds[i % len(kinds)]
-            async with sem, http.post(target.base + target.path(provider), data=client_body(provider, stream),
-                                      headers=request_headers(target, provider)) as r:
+            async with (
+                sem,
+                http.post(
+                    target.base + target.path(provider),
+                    data=client_body(provider, stream),
+                    headers=request_headers(target, provider),
+                ) as r,
+            ):
                 body = await r.read()
-            terminal = {("codex", True): b"response.completed", ("claude", True): b"message_stop",
-                        ("codex", False): b'"usage"'}[(provider, stream)]
+            terminal = {
+                ("codex", True): b"response.completed",
+                ("claude", True): b"message_stop",
+                ("codex", False): b'"usage"',
+            }[(provider, stream)]
             if r.status == 200 and terminal in body:
                 done["ok"] += 1
                 tokens = EXPECTED_USAGE[(provider, stream)]
@@ -828,11 +1102,23 @@ async def exact_batch(target: Target, n: int, conc: int) -> dict:
 
 
 def usage_sums(db_path: Path) -> dict:
-    columns = ("request_count", "success_count", "cancelled_count", "incomplete_count", "server_error_count",
-               "client_error_count", "auth_error_count", "rate_limit_count", "input_tokens", "output_tokens",
-               "cache_read_tokens")
+    columns = (
+        "request_count",
+        "success_count",
+        "cancelled_count",
+        "incomplete_count",
+        "server_error_count",
+        "client_error_count",
+        "auth_error_count",
+        "rate_limit_count",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+    )
     with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
-        row = db.execute("SELECT " + ", ".join(f"SUM({c})" for c in columns) + " FROM request_usage_buckets").fetchone()
+        row = db.execute(
+            "SELECT " + ", ".join(f"SUM({c})" for c in columns) + " FROM request_usage_buckets"
+        ).fetchone()
     return {c: v or 0 for c, v in zip(columns, row, strict=True)}
 
 
@@ -852,23 +1138,41 @@ def summarize_profile(raw: Path, top: int = 25) -> list[str]:
         for frame in set(frames):
             incl[frame] = incl.get(frame, 0) + n
     out = [f"  {total} samples; top self:"]
-    out += [f"    {100 * n / total:5.1f}%  {f}" for f, n in sorted(selfs.items(), key=lambda kv: -kv[1])[:top]]
+    out += [
+        f"    {100 * n / total:5.1f}%  {f}" for f, n in sorted(selfs.items(), key=lambda kv: -kv[1])[:top]
+    ]
     out.append("  top inclusive (kleis.py / providers / aiohttp / sanic frames):")
     keep = [(f, n) for f, n in incl.items() if re.search(r"kleis\.py|providers/|aiohttp/|sanic/|logging/", f)]
     out += [f"    {100 * n / total:5.1f}%  {f}" for f, n in sorted(keep, key=lambda kv: -kv[1])[:top]]
     return out
 
 
-def profile(pyspy: str, wrk: Wrk, targets: dict, cells: list[Cell], seconds: int, out_dir: Path,
-            say) -> None:
+def profile(pyspy: str, wrk: Wrk, targets: dict, cells: list[Cell], seconds: int, out_dir: Path, say) -> None:
     """py-spy record (raw + flamegraph) of bare and Kleis under the c=128 cells (not timed)."""
     for cell in cells:
         for name in ("bare", "kleis"):
             t = targets[name]
             stem = out_dir / f"profile-{name}-{cell.name}"
-            rec = subprocess.Popen([pyspy, "record", "-p", str(t.pid), "-d", str(seconds + 1), "-r", "250",
-                                    "--nonblocking", "--format", "raw", "-o", f"{stem}.txt"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+            rec = subprocess.Popen(
+                [
+                    pyspy,
+                    "record",
+                    "-p",
+                    str(t.pid),
+                    "-d",
+                    str(seconds + 1),
+                    "-r",
+                    "250",
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "-o",
+                    f"{stem}.txt",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,
+            )
             time.sleep(0.5)
             r = wrk.run(t, cell, 128, seconds)
             _, err = rec.communicate(timeout=seconds + 30)
@@ -889,8 +1193,10 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
 
 def table(results: list[Result]) -> list[str]:
     lines = []
-    head = (f"{'cell':<14} {'c':>4} {'target':<7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
-            f"{'cpu ms/req':>10} {'proxy%':>6} {'up%':>4} {'gen%':>4} {'mach%':>5} {'ovf':>4} {'err':>4}   kleis/bare")
+    head = (
+        f"{'cell':<14} {'c':>4} {'target':<7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+        f"{'cpu ms/req':>10} {'proxy%':>6} {'up%':>4} {'gen%':>4} {'mach%':>5} {'ovf':>4} {'err':>4}   kleis/bare"  # noqa: E501 (report text)
+    )
     lines += [head, "-" * len(head)]
     by_cell: dict[tuple, dict[str, Result]] = {}
     for r in results:
@@ -909,10 +1215,12 @@ def table(results: list[Result]) -> list[str]:
                 cpu = (r.cpu_ms_per_req / b.cpu_ms_per_req) if b.cpu_ms_per_req else float("nan")
                 ok = "ok" if thr >= 0.85 and cpu <= 1.2 else "MISS"
                 note = f"thr {thr:.2f}x  cpu {cpu:.2f}x  {ok}"
-            lines.append(f"{cell:<14} {conc:>4} {name:<7} {r.rps:>8.0f} {r.p50:>8.2f} {r.p99:>8.2f} "
-                         f"{fmt(added):>8} {fmt(r.cpu_ms_per_req, '.3f'):>10} {fmt(r.proxy_cpu_pct, '.0f'):>6} "
-                         f"{r.upstream_cpu_pct:>4.0f} {r.wrk_cpu_pct:>4.0f} {r.machine_pct:>5.0f} {r.overflows:>4} "
-                         f"{r.non2xx + r.errors:>4}   {note}")
+            lines.append(
+                f"{cell:<14} {conc:>4} {name:<7} {r.rps:>8.0f} {r.p50:>8.2f} {r.p99:>8.2f} "
+                f"{fmt(added):>8} {fmt(r.cpu_ms_per_req, '.3f'):>10} {fmt(r.proxy_cpu_pct, '.0f'):>6} "
+                f"{r.upstream_cpu_pct:>4.0f} {r.wrk_cpu_pct:>4.0f} {r.machine_pct:>5.0f} {r.overflows:>4} "
+                f"{r.non2xx + r.errors:>4}   {note}"
+            )
         lines.append("")
     return lines
 
@@ -942,8 +1250,11 @@ def write_kleis_config(path: Path, port: int, db: Path, upstream: str) -> str:
         "models": {"source_url": "", "refresh_hours": 0.0},
         "providers": {
             "codex": {"api_url": upstream, "auth_url": upstream, "usage_url": upstream},
-            "claude": {"api_url": upstream, "token_url": upstream + "/v1/oauth/token",
-                       "usage_url": upstream + "/api/oauth/usage"},
+            "claude": {
+                "api_url": upstream,
+                "token_url": upstream + "/v1/oauth/token",
+                "usage_url": upstream + "/api/oauth/usage",
+            },
             "copilot": {"enabled": False},
         },
     }
@@ -957,19 +1268,33 @@ def main() -> int:
     parser.add_argument("--duration", type=float, help="seconds per measured cell")
     parser.add_argument("--no-slow", action="store_true", help="skip the 1,000 slow streams check")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DB)")
-    parser.add_argument("--pyspy", metavar="PATH", help="also profile bare and Kleis with this py-spy binary "
-                        "(c=128 cells, after the timed ones; output in bench-results/)")
-    parser.add_argument("--kleis-dir", default=str(ROOT), help="the Kleis checkout to run (default: this one)")
-    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
-                        help="load generator: wrk if installed (auto), else 2 aiohttp processes")
+    parser.add_argument(
+        "--pyspy",
+        metavar="PATH",
+        help="also profile bare and Kleis with this py-spy binary "
+        "(c=128 cells, after the timed ones; output in bench-results/)",
+    )
+    parser.add_argument(
+        "--kleis-dir", default=str(ROOT), help="the Kleis checkout to run (default: this one)"
+    )
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator: wrk if installed (auto), else 2 aiohttp processes",
+    )
     parser.add_argument("--only", help="comma-separated cell names to run (default: all)")
     args = parser.parse_args()
     quick = args.quick
     duration = max(1, round(args.duration or (2 if quick else 5)))  # wrk takes whole seconds
     warmup = 1
     concs = (1, 128) if quick else (1, 32, 128)
-    cells = [Cell("codex-stream", "codex", True), Cell("claude-stream", "claude", True),
-             Cell("codex-json", "codex", False), Cell("codex-slow10ms", "codex", True, delay_ms=10)]
+    cells = [
+        Cell("codex-stream", "codex", True),
+        Cell("claude-stream", "claude", True),
+        Cell("codex-json", "codex", False),
+        Cell("codex-slow10ms", "codex", True, delay_ms=10),
+    ]
     slow_count, slow_delay = 1000, (100 if quick else 200)  # 50 events: ~5 s / ~10 s streams
     fd_limit = raise_fd_limit()
 
@@ -990,13 +1315,19 @@ def main() -> int:
         upstream = f"http://127.0.0.1:{up_port}"
         up = procs.start("upstream", [PY, __file__, "_upstream", str(up_port)], tmp / "upstream.log")
         wait_http(upstream + "/healthz", up, 10, tmp / "upstream.log")
-        bare = procs.start("bare", [PY, __file__, "_bare", str(bare_port), upstream], tmp / "bare.log", cwd=ROOT)
+        bare = procs.start(
+            "bare", [PY, __file__, "_bare", str(bare_port), upstream], tmp / "bare.log", cwd=ROOT
+        )
         config = tmp / "config.toml"
         admin = write_kleis_config(config, kleis_port, tmp / "kleis.db", upstream)
         kleis_start = time.monotonic()
         kleis_dir = Path(args.kleis_dir).resolve()
-        kleis = procs.start("kleis", [PY, str(kleis_dir / "kleis.py"), "serve", "--config", str(config)],
-                            tmp / "kleis.log", cwd=kleis_dir)
+        kleis = procs.start(
+            "kleis",
+            [PY, str(kleis_dir / "kleis.py"), "serve", "--config", str(config)],
+            tmp / "kleis.log",
+            cwd=kleis_dir,
+        )
         startup = wait_http(f"http://127.0.0.1:{kleis_port}/healthz", kleis, 30, tmp / "kleis.log")
         startup = time.monotonic() - kleis_start
         _wait_port(bare_port, bare, tmp / "bare.log")
@@ -1004,19 +1335,25 @@ def main() -> int:
         key = asyncio.run(kleis_setup(kleis_base, admin))
         time.sleep(1.0)
         idle_rss = rss_kb(kleis.pid)
-        targets = {"direct": Target("direct", upstream, None),
-                   "bare": Target("bare", f"http://127.0.0.1:{bare_port}", bare.pid),
-                   "kleis": Target("kleis", kleis_base, kleis.pid, auth=key)}
+        targets = {
+            "direct": Target("direct", upstream, None),
+            "bare": Target("bare", f"http://127.0.0.1:{bare_port}", bare.pid),
+            "kleis": Target("kleis", kleis_base, kleis.pid, auth=key),
+        }
         problems = asyncio.run(smoke(list(targets.values())))
         if problems:
             raise RuntimeError("smoke test failed:\n  " + "\n  ".join(problems))
 
-        say(f"Kleis bench  {time.strftime('%Y-%m-%d %H:%M:%S')}  mode={'quick' if quick else 'full'}  "
+        say(
+            f"Kleis bench  {time.strftime('%Y-%m-%d %H:%M:%S')}  mode={'quick' if quick else 'full'}  "
             f"cell={duration:g}s (+{warmup:g}s warm-up)  cores={os.cpu_count()}  load: "
             f"{'wrk -t1' if args.loadgen != 'python' and shutil.which('wrk') else '2 aiohttp processes'}  "
-            f"fd limit={fd_limit}  loadavg {open('/proc/loadavg').read().split()[0]}")
-        say(f"Python {sys.version.split()[0]}; upstream: raw asyncio/uvloop fake; bare: Sanic+aiohttp pass-through; "
-            f"request body ~{len(client_body('codex', True)) // 1024} KB; streams: 50 events")
+            f"fd limit={fd_limit}  loadavg {open('/proc/loadavg').read().split()[0]}"
+        )
+        say(
+            f"Python {sys.version.split()[0]}; upstream: raw asyncio/uvloop fake; bare: Sanic+aiohttp pass-through; "  # noqa: E501 (report text)
+            f"request body ~{len(client_body('codex', True)) // 1024} KB; streams: 50 events"
+        )
         say()
 
         # ── 1,000 slow streams first: the peak RSS then belongs to them ──
@@ -1046,35 +1383,57 @@ def main() -> int:
                     wrk.run(t, cell, conc, warmup)
                     r = wrk.run(t, cell, conc, duration)
                     results.append(r)
-                    print(f"  {cell.name:<14} c={conc:<4} {name:<7} {r.rps:8.0f} req/s  p50 {r.p50:7.2f} ms  "
-                          f"cpu {fmt(r.cpu_ms_per_req, '.3f')} ms/req", flush=True)
+                    print(
+                        f"  {cell.name:<14} c={conc:<4} {name:<7} {r.rps:8.0f} req/s  p50 {r.p50:7.2f} ms  "
+                        f"cpu {fmt(r.cpu_ms_per_req, '.3f')} ms/req",
+                        flush=True,
+                    )
         print()
 
         # ── report ──
         for line in table(results):
             say(line)
-        say("columns: +p50 = p50 minus the direct-to-upstream p50; cpu ms/req = proxy process utime+stime over")
-        say("  the cell / requests the generator completed; proxy%/up%/gen% = CPU of the proxy / fake upstream / load generator (100 = one")
-        say("  core); mach% = whole machine busy (100 = all cores, other tenants included); ovf = TCP accept-queue")
+        say(
+            "columns: +p50 = p50 minus the direct-to-upstream p50; cpu ms/req = proxy process utime+stime over"  # noqa: E501 (report text)
+        )
+        say(
+            "  the cell / requests the generator completed; proxy%/up%/gen% = CPU of the proxy / fake upstream / load generator (100 = one"  # noqa: E501 (report text)
+        )
+        say(
+            "  core); mach% = whole machine busy (100 = all cores, other tenants included); ovf = TCP accept-queue"  # noqa: E501 (report text)
+        )
         say("  overflows in the cell (SYN dropped, client retries after 1 s); err = non-2xx + socket errors")
         say()
         tb = {k: statistics.median(v) for k, v in tt.items()}
         t99 = {k: sorted(v)[int(len(v) * 0.99) - 1] for k, v in tt.items()}
-        say(f"TTFB c=1 (codex stream, first body bytes, n={len(tt['kleis'])}): "
+        say(
+            f"TTFB c=1 (codex stream, first body bytes, n={len(tt['kleis'])}): "
             + "  ".join(f"{k} p50 {tb[k]:.3f} ms p99 {t99[k]:.3f} ms" for k in tt)
             + f"   kleis-bare p50 overhead {tb['kleis'] - tb['bare']:+.3f} ms "
-            + ("ok" if tb["kleis"] - tb["bare"] <= 1.0 else "MISS") + " (target <= 1 ms)")
-        say(f"Kleis start-up to first /healthz: {startup:.2f} s " + ("ok" if startup <= 2 else "MISS") + " (target <= 2 s)")
-        say(f"Kleis idle RSS after start-up: {idle_rss / 1024:.1f} MB " + ("ok" if idle_rss <= 80 * 1024 else "MISS")
-            + " (target <= 80 MB)")
+            + ("ok" if tb["kleis"] - tb["bare"] <= 1.0 else "MISS")
+            + " (target <= 1 ms)"
+        )
+        say(
+            f"Kleis start-up to first /healthz: {startup:.2f} s "
+            + ("ok" if startup <= 2 else "MISS")
+            + " (target <= 2 s)"
+        )
+        say(
+            f"Kleis idle RSS after start-up: {idle_rss / 1024:.1f} MB "
+            + ("ok" if idle_rss <= 80 * 1024 else "MISS")
+            + " (target <= 80 MB)"
+        )
         if slow:
             dropped = slow_count - slow["ok"]
-            say(f"{slow_count} concurrent slow streams through Kleis (50 events x {slow_delay} ms, half codex, half "
+            say(
+                f"{slow_count} concurrent slow streams through Kleis (50 events x {slow_delay} ms, half codex, half "  # noqa: E501 (report text)
                 f"claude): {slow['ok']} completed with terminal event, {dropped} dropped "
                 f"(status {slow['status']}, no terminal {slow['no_terminal']}, errors {slow['error']}) in "
                 f"{slow['elapsed']:.1f} s; peak RSS {slow['peak_rss_kb'] / 1024:.1f} MB (VmHWM "
-                f"{slow['hwm_kb'] / 1024:.1f} MB) " + ("ok" if dropped == 0 and slow["peak_rss_kb"] <= 200 * 1024
-                                                    else "MISS") + " (target <= 200 MB, none dropped)")
+                f"{slow['hwm_kb'] / 1024:.1f} MB) "
+                + ("ok" if dropped == 0 and slow["peak_rss_kb"] <= 200 * 1024 else "MISS")
+                + " (target <= 200 MB, none dropped)"
+            )
             for e in slow["errors"]:
                 say(f"    e.g. {e}")
         say(f"Kleis RSS after all load: {rss_kb(kleis.pid) / 1024:.1f} MB")
@@ -1094,15 +1453,19 @@ def main() -> int:
         time.sleep(2.5)
         after = usage_sums(tmp / "kleis.db")
         delta = {k: after[k] - before[k] for k in after}
-        checks = {"request_count": (delta["request_count"], n_exact),
-                  "success_count": (delta["success_count"], batch["ok"]),
-                  "input_tokens": (delta["input_tokens"], batch["input"]),
-                  "output_tokens": (delta["output_tokens"], batch["output"]),
-                  "cache_read_tokens": (delta["cache_read_tokens"], batch["cache_read"])}
+        checks = {
+            "request_count": (delta["request_count"], n_exact),
+            "success_count": (delta["success_count"], batch["ok"]),
+            "input_tokens": (delta["input_tokens"], batch["input"]),
+            "output_tokens": (delta["output_tokens"], batch["output"]),
+            "cache_read_tokens": (delta["cache_read_tokens"], batch["cache_read"]),
+        }
         ok = batch["ok"] == n_exact and all(got == want for got, want in checks.values())
-        say(f"usage counts (exact batch of {n_exact} requests, {batch['ok']} completed whole per the client): "
+        say(
+            f"usage counts (exact batch of {n_exact} requests, {batch['ok']} completed whole per the client): "  # noqa: E501 (report text)
             + ", ".join(f"{k} +{got} (want {want})" for k, (got, want) in checks.items())
-            + f"  -> {'OK' if ok else 'MISMATCH'}")
+            + f"  -> {'OK' if ok else 'MISMATCH'}"
+        )
         if not ok:
             failures.append("usage counts")
         # Whole run: every request Kleis saw is counted once; wrk cuts in-flight requests when a
@@ -1110,17 +1473,24 @@ def main() -> int:
         stats = json.loads(http_get(upstream + "/_stats", 5)[1])
         from_kleis = sum(v for k, v in stats.items() if k.startswith("kleis:"))
         total = after
-        errors = sum(total[k] for k in ("server_error_count", "client_error_count", "auth_error_count",
-                                        "rate_limit_count"))
+        errors = sum(
+            total[k]
+            for k in ("server_error_count", "client_error_count", "auth_error_count", "rate_limit_count")
+        )
         consistent = total["request_count"] - total["cancelled_count"] <= from_kleis <= total["request_count"]
-        say(f"usage counts (whole run): SUM(request_count)={total['request_count']} (success "
+        say(
+            f"usage counts (whole run): SUM(request_count)={total['request_count']} (success "
             f"{total['success_count']}, cancelled at cell ends {total['cancelled_count']}, incomplete "
             f"{total['incomplete_count']}, errors {errors}); upstream received {from_kleis} from Kleis -> "
-            + ("OK (requests - cancelled <= upstream <= requests)" if consistent else "MISMATCH"))
+            + ("OK (requests - cancelled <= upstream <= requests)" if consistent else "MISMATCH")
+        )
         if not consistent:
             failures.append("usage totals")
-        say(f"total bench time {time.monotonic() - t0:.0f} s; logs in {tmp}" if args.keep else
-            f"total bench time {time.monotonic() - t0:.0f} s")
+        say(
+            f"total bench time {time.monotonic() - t0:.0f} s; logs in {tmp}"
+            if args.keep
+            else f"total bench time {time.monotonic() - t0:.0f} s"
+        )
     except KeyboardInterrupt:
         print("\ninterrupted; stopping processes", file=sys.stderr)
         return 130
@@ -1143,7 +1513,9 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 20
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         if time.monotonic() - start > timeout:
-            raise RuntimeError(f"port {port}: nothing listening after {timeout} s:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"port {port}: nothing listening after {timeout} s:\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.01)
 
 

@@ -122,7 +122,9 @@ class RunningKleis:
     def admin_headers(self) -> dict:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
-    async def admin(self, method: str, path: str, json: Any = None, expect: int | None = None) -> tuple[int, Any]:
+    async def admin(
+        self, method: str, path: str, json: Any = None, expect: int | None = None
+    ) -> tuple[int, Any]:
         async with self.http.request(method, self.url + path, json=json, headers=self.admin_headers) as resp:
             body = await resp.json(content_type=None)
             if expect is not None:
@@ -134,8 +136,13 @@ class RunningKleis:
         return body["key"]["key"], body["key"]
 
     async def import_account(self, provider: str, grant: dict, **extra) -> dict:
-        payload = {"accessToken": grant["access_token"], "refreshToken": grant["refresh_token"],
-                   "expiresAt": grant["expires_at"], "accountId": grant.get("account_id"), **extra}
+        payload = {
+            "accessToken": grant["access_token"],
+            "refreshToken": grant["refresh_token"],
+            "expiresAt": grant["expires_at"],
+            "accountId": grant.get("account_id"),
+            **extra,
+        }
         _, body = await self.admin("POST", f"/admin/accounts/{provider}/import", payload, expect=201)
         return body["account"]
 
@@ -165,12 +172,19 @@ class RunningKleis:
         await self.server.after_stop()
 
 
-def write_config(path: Path, db_url: str, fakes: dict[str, Any], extra: dict | None = None,
-                 secret_key: str | None = None) -> str:
+def write_config(
+    path: Path, db_url: str, fakes: dict[str, Any], extra: dict | None = None, secret_key: str | None = None
+) -> str:
     token = "kla_" + secrets.token_hex(16)
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 8787, "first_byte_timeout": 5, "idle_timeout": 5,
-                   "response_timeout": 30, "connect_timeout": 2},
+        "server": {
+            "host": "127.0.0.1",
+            "port": 8787,
+            "first_byte_timeout": 5,
+            "idle_timeout": 5,
+            "response_timeout": 30,
+            "connect_timeout": 2,
+        },
         "admin": {"token": token},
         "security": {"secret_key": secret_key or secrets.token_urlsafe(24)},
         "database": {"url": db_url},
@@ -203,8 +217,9 @@ async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake, req
     running: list[RunningKleis] = []
     secret_key = secrets.token_urlsafe(24)  # one per test, so a restarted Kleis reads its own tokens
 
-    async def start(db_url: str | None = None, fakes: dict | None = None, clock: Clock | None = None,
-                    **extra) -> RunningKleis:
+    async def start(
+        db_url: str | None = None, fakes: dict | None = None, clock: Clock | None = None, **extra
+    ) -> RunningKleis:
         if fakes is None:
             fakes = {"codex": codex_fake, "claude": claude_fake, "copilot": copilot_fake}
         path = tmp_path / f"config-{len(running)}.toml"
@@ -217,8 +232,16 @@ async def start_kleis(tmp_path, http, codex_fake, claude_fake, copilot_fake, req
         await server.before_start()
         await server.after_start()
         port = server.server.sockets[0].getsockname()[1]
-        instance = RunningKleis(url=f"http://127.0.0.1:{port}", app=app, server=server, services=app.ctx.kleis,
-                                settings=settings, admin_token=token, config_path=path, http=http)
+        instance = RunningKleis(
+            url=f"http://127.0.0.1:{port}",
+            app=app,
+            server=server,
+            services=app.ctx.kleis,
+            settings=settings,
+            admin_token=token,
+            config_path=path,
+            http=http,
+        )
         running.append(instance)
         return instance
 

@@ -4,8 +4,6 @@ import hashlib
 
 import pytest
 
-import kleis
-
 
 async def key_rows(instance) -> list[dict]:
     return await instance.rows("api_keys")
@@ -28,11 +26,18 @@ async def test_public_routes(start_kleis, http):
 
 async def test_admin_token_required_and_constant_answers(start_kleis, http):
     k = await start_kleis()
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + k.admin_token},
-                    {"x-api-key": k.admin_token}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic " + k.admin_token},
+        {"x-api-key": k.admin_token},
+    ):
         async with http.get(k.url + "/admin/keys", headers=headers) as resp:
             assert resp.status == 401
-            assert await resp.json() == {"error": "unauthorized", "message": "missing or invalid admin bearer token"}
+            assert await resp.json() == {
+                "error": "unauthorized",
+                "message": "missing or invalid admin bearer token",
+            }
             assert resp.headers["cache-control"] == "no-store"
     async with http.get(k.url + "/admin/keys", headers={"Authorization": "bEaReR " + k.admin_token}) as resp:
         assert resp.status == 200
@@ -60,12 +65,19 @@ async def test_admin_without_token_configured_is_503(start_kleis, http, monkeypa
 
 async def test_key_lifecycle(start_kleis, http, db_url):
     k = await start_kleis(db_url=db_url)
-    status, body = await k.admin("POST", "/admin/keys", {"label": " laptop ", "providerScopes": ["codex"],
-                                                         "modelScopes": ["gpt-5.5", "gpt-5.5"]})
+    status, body = await k.admin(
+        "POST",
+        "/admin/keys",
+        {"label": " laptop ", "providerScopes": ["codex"], "modelScopes": ["gpt-5.5", "gpt-5.5"]},
+    )
     assert status == 201
     view, key = body["key"], body["key"]["key"]
     assert key.startswith("kleis_") and len(key) == 38 and view["keyPrefix"] == key[:12]
-    assert view["label"] == "laptop" and view["providerScopes"] == ["codex"] and view["modelScopes"] == ["gpt-5.5"]
+    assert (
+        view["label"] == "laptop"
+        and view["providerScopes"] == ["codex"]
+        and view["modelScopes"] == ["gpt-5.5"]
+    )
     assert view["modelsDiscoveryToken"].startswith("kmd_")
     assert view["scopedModelsUrl"] == f"{k.url}/api/{view['modelsDiscoveryToken']}"
     assert view["opencode"]["KLEIS_API_KEY"] == key
@@ -85,12 +97,16 @@ async def test_key_lifecycle(start_kleis, http, db_url):
     assert status == 400 and "revoke it first" in body["message"]
     assert (await k.admin("POST", f"/admin/keys/{view['id']}/revoke"))[1] == {"revoked": True}
     status, body = await k.admin("POST", f"/admin/keys/{view['id']}/revoke")
-    assert status == 404 and body == {"error": "not_found", "message": "API key was not found or already revoked"}
+    assert status == 404 and body == {
+        "error": "not_found",
+        "message": "API key was not found or already revoked",
+    }
     _, listed = await k.admin("GET", "/admin/keys")
     assert listed["keys"][0]["status"] == "revoked"
     # The revoked key no longer authenticates anywhere.
-    async with http.post(k.url + "/openai/v1/responses", json={"model": "gpt-5.5"},
-                         headers={"Authorization": f"Bearer {key}"}) as resp:
+    async with http.post(
+        k.url + "/openai/v1/responses", json={"model": "gpt-5.5"}, headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
         assert resp.status == 401
         assert (await resp.json())["error"]["type"] == "authentication_error"
     assert (await k.admin("DELETE", f"/admin/keys/{view['id']}"))[1] == {"deleted": True}
@@ -108,7 +124,11 @@ async def test_key_lifecycle(start_kleis, http, db_url):
         ("POST", {"providerScopes": ["openai"]}, "providerScopes: unknown provider(s) openai"),
         ("POST", {"providerScopes": "codex"}, "providerScopes must be a list of non-empty strings"),
         ("POST", {"modelScopes": [""]}, "modelScopes must be a list of non-empty strings"),
-        ("POST", {"accountScopes": ["no-such-account"]}, "accountScopes must reference existing provider accounts"),
+        (
+            "POST",
+            {"accountScopes": ["no-such-account"]},
+            "accountScopes must reference existing provider accounts",
+        ),
         ("POST", {"expiresAt": 1000}, "expiresAt must be in the future"),
         ("POST", {"expiresAt": "tomorrow"}, "expiresAt must be an integer"),
         ("PATCH", {"expiresAt": 1_600_000_000}, "expiresAt must be in the future"),
@@ -132,11 +152,18 @@ async def test_unknown_ids_are_404_and_change_nothing(start_kleis):
     k = await start_kleis()
     await k.create_key(label="keep")
     before = await key_rows(k)
-    for method, path in (("PATCH", "/admin/keys/nope"), ("DELETE", "/admin/keys/nope"),
-                         ("POST", "/admin/keys/nope/revoke"), ("GET", "/admin/keys/nope/usage"),
-                         ("PATCH", "/admin/accounts/nope"), ("DELETE", "/admin/accounts/nope"),
-                         ("POST", "/admin/accounts/nope/primary"), ("POST", "/admin/accounts/nope/refresh"),
-                         ("POST", "/admin/accounts/openai/import"), ("POST", "/admin/accounts/nope/oauth/start")):
+    for method, path in (
+        ("PATCH", "/admin/keys/nope"),
+        ("DELETE", "/admin/keys/nope"),
+        ("POST", "/admin/keys/nope/revoke"),
+        ("GET", "/admin/keys/nope/usage"),
+        ("PATCH", "/admin/accounts/nope"),
+        ("DELETE", "/admin/accounts/nope"),
+        ("POST", "/admin/accounts/nope/primary"),
+        ("POST", "/admin/accounts/nope/refresh"),
+        ("POST", "/admin/accounts/openai/import"),
+        ("POST", "/admin/accounts/nope/oauth/start"),
+    ):
         status, body = await k.admin(method, path, {"label": "x"} if method == "PATCH" else None)
         assert status == 404, (method, path, body)
         assert body["error"] == "not_found" and body["message"], body
@@ -150,8 +177,13 @@ async def test_account_scopes_rules(start_kleis, codex_fake, claude_fake):
     c1 = await k.import_account("claude", claude_fake.grant())
     status, body = await k.admin("POST", "/admin/keys", {"accountScopes": [a1["id"], a2["id"]]})
     assert status == 400 and body["message"] == "accountScopes can include at most one account per provider"
-    status, body = await k.admin("POST", "/admin/keys", {"providerScopes": ["codex"], "accountScopes": [c1["id"]]})
-    assert status == 400 and body["message"] == "accountScopes must belong to providers allowed by providerScopes"
+    status, body = await k.admin(
+        "POST", "/admin/keys", {"providerScopes": ["codex"], "accountScopes": [c1["id"]]}
+    )
+    assert (
+        status == 400
+        and body["message"] == "accountScopes must belong to providers allowed by providerScopes"
+    )
     status, body = await k.admin("POST", "/admin/keys", {"accountScopes": [a2["id"], c1["id"]]})
     assert status == 201 and body["key"]["accountScopes"] == [a2["id"], c1["id"]]
 
@@ -187,12 +219,18 @@ async def test_account_admin_routes(start_kleis, codex_fake):
     again = await k.import_account("codex", codex_fake.grant(account_id="a1"))
     assert again["id"] == first["id"] and again["label"] == "renamed"
     _, providers_ = await k.admin("PATCH", "/admin/accounts/providers/codex", {"enabled": False})
-    assert providers_["provider"] == {"provider": "codex", "enabled": False, "accountCount": 2, "enabledAccountCount": 0}
+    assert providers_["provider"] == {
+        "provider": "codex",
+        "enabled": False,
+        "accountCount": 2,
+        "enabledAccountCount": 0,
+    }
     await k.admin("DELETE", f"/admin/accounts/{second['id']}", expect=200)
     _, listed = await k.admin("GET", "/admin/accounts")
     assert [a["label"] for a in listed["accounts"]] == ["renamed"] and listed["accounts"][0]["isPrimary"]
-    status, body = await k.admin("POST", "/admin/accounts/codex/import", {"accessToken": "a", "refreshToken": "r",
-                                                                        "expiresAt": 5})
+    status, body = await k.admin(
+        "POST", "/admin/accounts/codex/import", {"accessToken": "a", "refreshToken": "r", "expiresAt": 5}
+    )
     assert status == 400 and body["message"] == "expiresAt must be in the future"
 
 
@@ -203,7 +241,9 @@ async def test_metrics_needs_a_token_and_counts_requests(start_kleis, http, code
     async with http.get(k.url + "/metrics") as resp:
         assert resp.status == 401
     body = {"model": "gpt-5.5", "input": "hi", "stream": True}
-    async with http.post(k.url + "/openai/v1/responses", json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+    async with http.post(
+        k.url + "/openai/v1/responses", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
         assert resp.status == 200
         await resp.read()
     for token in ("scrape-me", k.admin_token):
@@ -225,7 +265,9 @@ async def test_no_openapi_docs_and_no_cors(start_kleis, http):
     headers = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
     async with http.options(k.url + "/admin/keys", headers=headers) as resp:
         assert "access-control-allow-origin" not in resp.headers
-    async with http.get(k.url + "/admin/keys", headers={**k.admin_headers, "Origin": "https://evil.example"}) as resp:
+    async with http.get(
+        k.url + "/admin/keys", headers={**k.admin_headers, "Origin": "https://evil.example"}
+    ) as resp:
         assert resp.status == 200 and "access-control-allow-origin" not in resp.headers
 
 
@@ -236,16 +278,22 @@ async def test_forwarded_for_is_ignored_unless_trusted(start_kleis, http):
     for i in range(2):
         async with http.get(k.url + "/admin/keys", headers={**bad, "X-Forwarded-For": f"10.0.0.{i}"}) as resp:
             assert resp.status == 401
-    async with http.get(k.url + "/admin/keys", headers={**k.admin_headers, "X-Forwarded-For": "10.0.0.9"}) as resp:
+    async with http.get(
+        k.url + "/admin/keys", headers={**k.admin_headers, "X-Forwarded-For": "10.0.0.9"}
+    ) as resp:
         assert resp.status == 429
     # Trusted (behind the owner's proxy): each forwarded client has its own count.
     t = await start_kleis(server={"trust_forwarded": True}, security={"admin_max_failures": 2})
     for _ in range(2):
         async with http.get(t.url + "/admin/keys", headers={**bad, "X-Forwarded-For": "10.0.0.1"}) as resp:
             assert resp.status == 401
-    async with http.get(t.url + "/admin/keys", headers={**t.admin_headers, "X-Forwarded-For": "10.0.0.1"}) as resp:
+    async with http.get(
+        t.url + "/admin/keys", headers={**t.admin_headers, "X-Forwarded-For": "10.0.0.1"}
+    ) as resp:
         assert resp.status == 429
-    async with http.get(t.url + "/admin/keys", headers={**t.admin_headers, "X-Forwarded-For": "10.0.0.2"}) as resp:
+    async with http.get(
+        t.url + "/admin/keys", headers={**t.admin_headers, "X-Forwarded-For": "10.0.0.2"}
+    ) as resp:
         assert resp.status == 200
 
 
@@ -258,7 +306,9 @@ async def test_account_quota_is_fetched_on_demand_and_cached(start_kleis, codex_
     assert quota["data"]["planType"] == "plus"
     assert quota["data"]["primaryWindow"]["usedPercent"] == 12
     (call,) = codex_fake.calls("/wham/usage")
-    assert call.headers["chatgpt-account-id"] == "acct_q" and call.headers["authorization"].startswith("Bearer ")
+    assert call.headers["chatgpt-account-id"] == "acct_q" and call.headers["authorization"].startswith(
+        "Bearer "
+    )
     await k.admin("GET", f"/admin/accounts/{account['id']}/quota", expect=200)
     assert len(codex_fake.calls("/wham/usage")) == 1  # cached for 60 s
     copilot = await k.import_account("copilot", copilot_fake.grant())

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 import discovery
+from runtime import ManualClock
 from tests.conftest import wait_for
 
 SNAPSHOT: dict = json.loads(discovery.SNAPSHOT_PATH.read_bytes())
@@ -205,7 +206,7 @@ async def test_offline_install_serves_snapshot_and_kleis_follows_accounts(
 async def test_scoped_discovery_applies_key_scopes_to_kleis_only(
     start_kleis, http, codex_fake, claude_fake, copilot_fake, record_property
 ):
-    kleis = await start_kleis()
+    kleis = await start_kleis(clock=ManualClock())
     accounts = await all_accounts(kleis, codex_fake, claude_fake, copilot_fake)
     public = kleis_models(await registry(kleis, http))
 
@@ -252,10 +253,9 @@ async def test_scoped_discovery_applies_key_scopes_to_kleis_only(
     # unknown, malformed, revoked and expired tokens: 404 JSON, nothing cached
     _, revoked = await kleis.create_key(label="revoked")
     await kleis.admin("POST", f"/admin/keys/{revoked['id']}/revoke", expect=200)
-    soon = int(time.time() * 1000) + 400
-    _, expiring = await kleis.create_key(label="expiring", expiresAt=soon)
+    _, expiring = await kleis.create_key(label="expiring", expiresAt=kleis.clock.now() + 60_000)
     assert (await get(http, f"{kleis.url}/api/{expiring['modelsDiscoveryToken']}/api.json"))[0] == 200
-    await asyncio.sleep(max(0.0, soon / 1000 - time.time()) + 0.05)
+    kleis.clock.advance(60_000)
     for token in (
         "kmd_" + "0" * 32,
         "kmd-not-a-token",

@@ -54,8 +54,14 @@ def request_body(model: str = "gpt-5.5", stream: bool = False, **extra) -> dict:
     return body
 
 
-async def send(kleis, key: str | None = None, payload: Any = None, *, headers: dict | None = None,
-               data: bytes | None = None) -> Answer:
+async def send(
+    kleis,
+    key: str | None = None,
+    payload: Any = None,
+    *,
+    headers: dict | None = None,
+    data: bytes | None = None,
+) -> Answer:
     """POST to the Codex route and read the whole answer."""
     sent = {"content-type": "application/json"}
     if key is not None:
@@ -100,8 +106,11 @@ async def setup(start_kleis, fake: FakeCodex, accounts: int = 1, **config):
     kleis = await start_kleis(**config)
     imported = []
     for i in range(1, accounts + 1):
-        imported.append(await kleis.import_account("codex", fake.grant(f"acct_{i}", f"user{i}@example.com"),
-                                                   label=f"acct-{i}"))
+        imported.append(
+            await kleis.import_account(
+                "codex", fake.grant(f"acct_{i}", f"user{i}@example.com"), label=f"acct-{i}"
+            )
+        )
     key, _ = await kleis.create_key(label="laptop")
     return kleis, key, imported
 
@@ -134,7 +143,7 @@ def sse_events(raw: bytes) -> list[bytes]:
 
 def last_event_json(raw: bytes) -> dict:
     event = sse_events(raw)[-1]
-    data = [line[len(b"data: "):] for line in event.split(b"\n") if line.startswith(b"data: ")]
+    data = [line[len(b"data: ") :] for line in event.split(b"\n") if line.startswith(b"data: ")]
     return json.loads(b"\n".join(data))
 
 
@@ -154,21 +163,28 @@ async def test_key_auth_failures_are_401_and_not_recorded(start_kleis, codex_fak
     assert_error(await send(kleis, revoked), 401, "authentication_error", "invalid_api_key")
     assert_error(await send(kleis, expired), 401, "authentication_error", "invalid_api_key")
     # A present but unusable Authorization header is not retried with x-api-key.
-    assert_error(await send(kleis, headers={"authorization": "Basic abc", "x-api-key": key}), 401,
-                 "authentication_error")
+    assert_error(
+        await send(kleis, headers={"authorization": "Basic abc", "x-api-key": key}),
+        401,
+        "authentication_error",
+    )
     assert_error(await send(kleis, headers={"authorization": "Bearer "}), 401, "authentication_error")
 
     assert upstream_calls(codex_fake) == []
     assert await kleis.buckets() == []
 
 
-@pytest.mark.parametrize("headers", [
-    {"authorization": "Bearer {key}"},
-    {"authorization": "bearer {key}"},
-    {"authorization": "BEARER   {key}  "},
-    {"x-api-key": "{key}"},
-    {"x-api-key": "  {key} "},
-], ids=["Bearer", "bearer", "BEARER-spaces", "x-api-key", "x-api-key-spaces"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"authorization": "Bearer {key}"},
+        {"authorization": "bearer {key}"},
+        {"authorization": "BEARER   {key}  "},
+        {"x-api-key": "{key}"},
+        {"x-api-key": "  {key} "},
+    ],
+    ids=["Bearer", "bearer", "BEARER-spaces", "x-api-key", "x-api-key-spaces"],
+)
 async def test_key_accepted_as_bearer_in_any_case_or_x_api_key(start_kleis, codex_fake, headers):
     kleis, key, _ = await setup(start_kleis, codex_fake)
     answer = await send(kleis, headers={k: v.format(key=key) for k, v in headers.items()})
@@ -179,7 +195,9 @@ async def test_key_accepted_as_bearer_in_any_case_or_x_api_key(start_kleis, code
 
 
 async def test_repeated_bad_keys_lock_the_address_out(start_kleis, codex_fake):
-    kleis, key, _ = await setup(start_kleis, codex_fake, security={"key_max_failures": 3, "key_lockout_seconds": 60})
+    kleis, key, _ = await setup(
+        start_kleis, codex_fake, security={"key_max_failures": 3, "key_lockout_seconds": 60}
+    )
     for _ in range(3):
         assert_error(await send(kleis, "kleis_wrong"), 401, "authentication_error")
     locked = await send(kleis, "kleis_wrong")
@@ -223,8 +241,9 @@ async def test_model_scope_accepts_prefixed_candidates_only(start_kleis, codex_f
         assert answer.status == 200, (model, answer.raw)
     assert [c.json["model"] for c in upstream_calls(codex_fake)] == ["gpt-5.5"] * 3
     for model in ("gpt-5.4", "anthropic/gpt-5.5"):
-        message = assert_error(await send(kleis, scoped, request_body(model)), 403, "permission_error",
-                               "model_not_allowed")
+        message = assert_error(
+            await send(kleis, scoped, request_body(model)), 403, "permission_error", "model_not_allowed"
+        )
         assert model in message
     assert len(upstream_calls(codex_fake)) == 3
 
@@ -246,16 +265,20 @@ async def test_account_scope_routes_to_that_account(start_kleis, codex_fake):
 # ── 3. Bad input ─────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize(("data", "code", "hint"), [
-    (b'{"model": "gpt-5.5", "input": ', "invalid_json", "not valid JSON"),
-    (b"\xff\xfe not utf-8", "invalid_json", "not valid JSON"),
-    (b'["gpt-5.5"]', "bad_request", "JSON object"),
-    (b'"gpt-5.5"', "bad_request", "JSON object"),
-    (b'{"input": "hello"}', "missing_model", "model"),
-    (b'{"model": "   ", "input": "hello"}', "missing_model", "model"),
-    (b'{"model": 55, "input": "hello"}', "missing_model", "model"),
-    (b"", "bad_request", "JSON object with a model"),
-], ids=["truncated", "not-utf8", "array", "string", "no-model", "blank-model", "number-model", "empty"])
+@pytest.mark.parametrize(
+    ("data", "code", "hint"),
+    [
+        (b'{"model": "gpt-5.5", "input": ', "invalid_json", "not valid JSON"),
+        (b"\xff\xfe not utf-8", "invalid_json", "not valid JSON"),
+        (b'["gpt-5.5"]', "bad_request", "JSON object"),
+        (b'"gpt-5.5"', "bad_request", "JSON object"),
+        (b'{"input": "hello"}', "missing_model", "model"),
+        (b'{"model": "   ", "input": "hello"}', "missing_model", "model"),
+        (b'{"model": 55, "input": "hello"}', "missing_model", "model"),
+        (b"", "bad_request", "JSON object with a model"),
+    ],
+    ids=["truncated", "not-utf8", "array", "string", "no-model", "blank-model", "number-model", "empty"],
+)
 async def test_bad_bodies_are_400_with_a_sentence(start_kleis, codex_fake, data, code, hint):
     kleis, key, _ = await setup(start_kleis, codex_fake)
     message = assert_error(await send(kleis, key, data=data), 400, "invalid_request_error", code)
@@ -283,7 +306,11 @@ async def test_no_account_is_a_400_naming_the_fix(start_kleis, codex_fake):
     assert "accounts login codex" in message and "admin page" in message
     assert upstream_calls(codex_fake) == []
     (row,) = await usage_rows(kleis)
-    assert (row["api_key_id"], row["provider_account_id"], row["model"]) == (view["id"], "__missing__", "gpt-5.5")
+    assert (row["api_key_id"], row["provider_account_id"], row["model"]) == (
+        view["id"],
+        "__missing__",
+        "gpt-5.5",
+    )
     assert (row["request_count"], row["client_error_count"], row["proxy_error_count"]) == (1, 1, 1)
 
 
@@ -457,7 +484,10 @@ async def test_usage_limit_fails_over_and_cools_the_account(db_url, start_kleis,
     assert row["cooldown_until"] == cooling.cooldown_until and row["cooldown_kind"] == "window"
     assert "429" in row["last_error"]
     _, listed = await kleis.admin("GET", "/admin/accounts", expect=200)
-    assert {a["id"]: a["status"] for a in listed["accounts"]} == {first["id"]: "cooling_down", second["id"]: "ok"}
+    assert {a["id"]: a["status"] for a in listed["accounts"]} == {
+        first["id"]: "cooling_down",
+        second["id"]: "ok",
+    }
 
     # The next request goes straight to the second account.
     assert (await send(kleis, key)).status == 200
@@ -478,8 +508,9 @@ async def _cooled_row(kleis, account_id: str) -> dict | None:
 
 async def test_429_retry_after_sets_a_transient_cooldown(start_kleis, codex_fake):
     kleis, key, (first, _) = await setup(start_kleis, codex_fake, accounts=2)
-    codex_fake.queue(FakeCodex.error_reply(429, "Slow down.", type="rate_limit_error",
-                                           headers={"Retry-After": "30"}))
+    codex_fake.queue(
+        FakeCodex.error_reply(429, "Slow down.", type="rate_limit_error", headers={"Retry-After": "30"})
+    )
     before = now_ms()
     assert (await send(kleis, key)).status == 200
     assert account_seen(codex_fake) == "acct_2"
@@ -488,11 +519,15 @@ async def test_429_retry_after_sets_a_transient_cooldown(start_kleis, codex_fake
     assert cooling.cooldown_kind == "transient"
 
 
-@pytest.mark.parametrize("reply", [
-    FakeCodex.error_reply(500, "Internal error.", type="server_error"),
-    FakeCodex.error_reply(503, "Overloaded.", type="server_error"),
-    Reply(drop=True),
-], ids=["500", "503", "dropped"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        FakeCodex.error_reply(500, "Internal error.", type="server_error"),
+        FakeCodex.error_reply(503, "Overloaded.", type="server_error"),
+        Reply(drop=True),
+    ],
+    ids=["500", "503", "dropped"],
+)
 async def test_5xx_and_dropped_connections_fail_over(start_kleis, codex_fake, reply):
     kleis, key, (first, second) = await setup(start_kleis, codex_fake, accounts=2)
     codex_fake.queue(reply)
@@ -512,7 +547,11 @@ async def test_unrecoverable_401_fails_over_after_one_forced_refresh(start_kleis
     answer = await send(kleis, key)
     assert answer.status == 200 and answer.headers["x-kleis-account"] == second["id"]
     assert codex_fake.refresh_calls == 1
-    assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == ["acct_1", "acct_1", "acct_2"]
+    assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == [
+        "acct_1",
+        "acct_1",
+        "acct_2",
+    ]
     assert kleis.services.pool.accounts[first["id"]].cooling(now_ms())
 
 
@@ -554,7 +593,9 @@ async def test_failover_order_is_primary_then_priority_then_newest(start_kleis, 
     kleis = await start_kleis()
     ids = {}
     for name, priority in (("acct_1", 0), ("acct_2", 5), ("acct_3", 1), ("acct_4", 1)):
-        ids[name] = (await kleis.import_account("codex", codex_fake.grant(name), label=name, priority=priority))["id"]
+        ids[name] = (
+            await kleis.import_account("codex", codex_fake.grant(name), label=name, priority=priority)
+        )["id"]
     key, _ = await kleis.create_key(label="laptop")
     overloaded = FakeCodex.error_reply(503, "Overloaded.", type="server_error")
     codex_fake.queue(overloaded, overloaded, overloaded)
@@ -562,7 +603,11 @@ async def test_failover_order_is_primary_then_priority_then_newest(start_kleis, 
     assert answer.status == 200 and answer.headers["x-kleis-account"] == ids["acct_2"]
     # acct_1 is primary; acct_3 and acct_4 share priority 1, the newer (acct_4) first; acct_2 last.
     assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == [
-        "acct_1", "acct_4", "acct_3", "acct_2"]
+        "acct_1",
+        "acct_4",
+        "acct_3",
+        "acct_2",
+    ]
 
 
 async def test_disabled_accounts_are_not_used(start_kleis, codex_fake):
@@ -603,8 +648,13 @@ async def test_slow_first_byte_fails_over(start_kleis, codex_fake):
 
 async def test_upstream_400_is_relayed_verbatim_without_failover(start_kleis, codex_fake):
     kleis, key, (first, _) = await setup(start_kleis, codex_fake, accounts=2)
-    reply = FakeCodex.error_reply(400, "Unsupported value: 'reasoning.effort'.", code="unsupported_value",
-                                  param="reasoning.effort", headers={"x-request-id": "req_123"})
+    reply = FakeCodex.error_reply(
+        400,
+        "Unsupported value: 'reasoning.effort'.",
+        code="unsupported_value",
+        param="reasoning.effort",
+        headers={"x-request-id": "req_123"},
+    )
     codex_fake.queue(reply)
     answer = await send(kleis, key)
     assert answer.status == 400
@@ -618,8 +668,13 @@ async def test_upstream_400_is_relayed_verbatim_without_failover(start_kleis, co
 
 async def test_when_every_account_is_limited_the_last_429_is_relayed(start_kleis, codex_fake):
     kleis, key, _ = await setup(start_kleis, codex_fake, accounts=2)
-    last = FakeCodex.error_reply(429, "Rate limit reached for acct_2.", type="rate_limit_error",
-                                 code="rate_limit_exceeded", headers={"Retry-After": "42"})
+    last = FakeCodex.error_reply(
+        429,
+        "Rate limit reached for acct_2.",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": "42"},
+    )
     codex_fake.queue(FakeCodex.usage_limit_reply(resets_in_seconds=120), last)
     answer = await send(kleis, key)
     assert answer.status == 429
@@ -654,7 +709,11 @@ async def test_session_stays_on_its_account_while_healthy(start_kleis, codex_fak
     assert (await turn("ses_two")).headers["x-kleis-account"] == second["id"]  # new session: primary
     assert (await send(kleis, key)).headers["x-kleis-account"] == second["id"]  # no session: primary
     assert [c.headers["chatgpt-account-id"] for c in upstream_calls(codex_fake)] == [
-        "acct_1", "acct_1", "acct_2", "acct_2"]
+        "acct_1",
+        "acct_1",
+        "acct_2",
+        "acct_2",
+    ]
     # The client's session id never reaches the provider; the derived one differs per account.
     sessions = [c.json.get("prompt_cache_key") for c in upstream_calls(codex_fake)]
     assert sessions[0] == sessions[1] and sessions[0].startswith("kleis_") and sessions[2] != sessions[0]
@@ -676,7 +735,9 @@ async def test_sticky_account_is_left_when_it_cools_down(start_kleis, codex_fake
 async def read_timed(kleis, key: str, payload: dict) -> tuple[Any, list[tuple[float, bytes]]]:
     """Stream a request; every chunk with its arrival time."""
     chunks = []
-    async with kleis.http.post(kleis.url + RESPONSES, json=payload, headers={"authorization": f"Bearer {key}"}) as resp:
+    async with kleis.http.post(
+        kleis.url + RESPONSES, json=payload, headers={"authorization": f"Bearer {key}"}
+    ) as resp:
         while True:
             chunk = await resp.content.readany()
             if not chunk:
@@ -687,8 +748,9 @@ async def read_timed(kleis, key: str, payload: dict) -> tuple[Any, list[tuple[fl
 
 async def test_stream_bytes_arrive_incrementally_with_sse_headers(start_kleis, codex_fake):
     kleis, key, _ = await setup(start_kleis, codex_fake)
-    reply = FakeCodex.stream_reply(events=1, event_delay=0.1, headers={"Cache-Control": "private",
-                                                                        "x-request-id": "req_9"})
+    reply = FakeCodex.stream_reply(
+        events=1, event_delay=0.1, headers={"Cache-Control": "private", "x-request-id": "req_9"}
+    )
     codex_fake.queue(reply)
     started = time.monotonic()
     resp, chunks = await read_timed(kleis, key, request_body(stream=True))
@@ -712,7 +774,7 @@ async def test_keepalives_fill_silence_only_between_events(start_kleis, codex_fa
     events = FakeCodex.stream_reply(text="Hi.", events=1, crlf=crlf).events
     events = [events[0], events[4], events[-1]]
     # Upstream pauses in the middle of every event too: no keepalive may land there.
-    pieces = [half for e in events for half in (e[:len(e) // 2], e[len(e) // 2:])]
+    pieces = [half for e in events for half in (e[: len(e) // 2], e[len(e) // 2 :])]
     codex_fake.queue(Reply(events=pieces, event_delay=0.2))
     resp, chunks = await read_timed(kleis, key, request_body(stream=True))
     raw = b"".join(c for _, c in chunks)
@@ -720,7 +782,7 @@ async def test_keepalives_fill_silence_only_between_events(start_kleis, codex_fa
     positions = [i for i in range(len(raw)) if raw.startswith(KEEPALIVE, i)]
     assert len(positions) >= 4
     for i in positions:
-        assert i == 0 or raw[:i].endswith((b"\n\n", b"\r\n\r\n")), raw[max(0, i - 40):i + 20]
+        assert i == 0 or raw[:i].endswith((b"\n\n", b"\r\n\r\n")), raw[max(0, i - 40) : i + 20]
     assert raw.replace(KEEPALIVE, b"") == b"".join(events)
     rows = await usage_rows(kleis)
     assert rows[0]["success_count"] == 1 and rows[0]["incomplete_count"] == 0
@@ -779,10 +841,12 @@ async def test_broken_streams_end_with_an_error_event_and_count_as_incomplete(st
 async def test_a_cut_json_body_breaks_the_client_connection(start_kleis, codex_fake):
     kleis, key, _ = await setup(start_kleis, codex_fake)
     body = json.dumps(FakeCodex.json_reply().body).encode()
-    codex_fake.queue(Reply(events=[body[:50], body[50:200], body[200:]], cut_after=2,
-                           content_type="application/json"))
-    async with kleis.http.post(kleis.url + RESPONSES, json=request_body(),
-                               headers={"authorization": f"Bearer {key}"}) as resp:
+    codex_fake.queue(
+        Reply(events=[body[:50], body[50:200], body[200:]], cut_after=2, content_type="application/json")
+    )
+    async with kleis.http.post(
+        kleis.url + RESPONSES, json=request_body(), headers={"authorization": f"Bearer {key}"}
+    ) as resp:
         assert resp.status == 200
         # A JSON body has no error event: a clean end would pass half a body off as whole.
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -806,8 +870,9 @@ async def test_openai_sdk_surfaces_a_cut_stream_as_an_error(start_kleis, codex_f
 async def test_client_disconnect_cancels_upstream_and_counts_as_cancelled(db_url, start_kleis, codex_fake):
     kleis, key, (account,) = await setup(start_kleis, codex_fake, db_url=db_url)
     codex_fake.queue(FakeCodex.stream_reply(events=20, event_delay=0.2))
-    async with kleis.http.post(kleis.url + RESPONSES, json=request_body(stream=True),
-                               headers={"authorization": f"Bearer {key}"}) as resp:
+    async with kleis.http.post(
+        kleis.url + RESPONSES, json=request_body(stream=True), headers={"authorization": f"Bearer {key}"}
+    ) as resp:
         assert resp.status == 200
         first = await resp.content.readany()
         assert first.startswith(b"event: response.created")
@@ -817,7 +882,12 @@ async def test_client_disconnect_cancels_upstream_and_counts_as_cancelled(db_url
     await wait_for(lambda: kleis.services.proxy.open_streams == 0, timeout=3)
     assert codex_fake.open_streams == 0
     (row,) = await usage_rows(kleis)
-    assert (row["request_count"], row["cancelled_count"], row["success_count"], row["incomplete_count"]) == (1, 1, 0, 0)
+    assert (row["request_count"], row["cancelled_count"], row["success_count"], row["incomplete_count"]) == (
+        1,
+        1,
+        0,
+        0,
+    )
     assert not kleis.services.pool.accounts[account["id"]].cooling(now_ms())  # not the account's fault
 
 
@@ -840,8 +910,13 @@ async def test_client_leaving_before_the_first_byte_is_cancelled_not_a_failover(
 async def test_usage_counts_are_exact(db_url, start_kleis, codex_fake):
     kleis, key, (account,) = await setup(start_kleis, codex_fake, db_url=db_url)
     _, view = await kleis.create_key(label="other")
-    usage = {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 300}, "output_tokens": 77,
-             "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 1077}
+    usage = {
+        "input_tokens": 1000,
+        "input_tokens_details": {"cached_tokens": 300},
+        "output_tokens": 77,
+        "output_tokens_details": {"reasoning_tokens": 5},
+        "total_tokens": 1077,
+    }
     for i in range(5):
         stream = i % 2 == 0
         reply = FakeCodex.stream_reply(usage=usage) if stream else FakeCodex.json_reply(usage=usage)
@@ -853,8 +928,12 @@ async def test_usage_counts_are_exact(db_url, start_kleis, codex_fake):
     assert row["provider"] == "codex" and row["endpoint"] == "responses"
     assert row["provider_account_id"] == account["id"] and row["api_key_id"] != view["id"]
     assert (row["request_count"], row["success_count"], row["client_error_count"]) == (6, 5, 1)
-    assert (row["input_tokens"], row["cache_read_tokens"], row["output_tokens"], row["cache_write_tokens"]) == (
-        5 * 700, 5 * 300, 5 * 77, 0)
+    assert (
+        row["input_tokens"],
+        row["cache_read_tokens"],
+        row["output_tokens"],
+        row["cache_write_tokens"],
+    ) == (5 * 700, 5 * 300, 5 * 77, 0)
     assert row["total_duration_ms"] > 0 and row["total_latency_ms"] > 0
     assert row["max_latency_ms"] * 6 >= row["total_latency_ms"]
     # A second flush adds, it does not overwrite.
@@ -871,7 +950,7 @@ async def test_graceful_shutdown_writes_queued_usage(db_url, start_kleis, codex_
     await kleis.stop()
     query = "SELECT SUM(request_count), SUM(success_count), SUM(input_tokens) FROM request_usage_buckets"
     if db_url.startswith("sqlite:///"):
-        path = db_url[len("sqlite:///"):]
+        path = db_url[len("sqlite:///") :]
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
             rows = conn.execute(query).fetchall()
     else:
@@ -890,8 +969,9 @@ async def test_openai_sdk_non_streaming(start_kleis, codex_fake, given):
     kleis, key, _ = await setup(start_kleis, codex_fake)
     client = openai.AsyncOpenAI(base_url=kleis.url + "/openai/v1", api_key=key, max_retries=0)
     items = [{"role": "user", "content": [{"type": "input_text", "text": "hello"}]}]
-    response = await client.responses.create(model="openai/gpt-5.5", input="hello" if given == "string" else items,
-                                             max_output_tokens=500)
+    response = await client.responses.create(
+        model="openai/gpt-5.5", input="hello" if given == "string" else items, max_output_tokens=500
+    )
     assert response.output_text == "Hello from Codex."
     assert response.usage.input_tokens == 120
     (call,) = upstream_calls(codex_fake)
@@ -920,8 +1000,15 @@ async def test_openai_sdk_streams_a_tool_call(start_kleis, codex_fake):
     kleis, key, _ = await setup(start_kleis, codex_fake)
     codex_fake.queue(FakeCodex.tool_call_reply(name="glob", arguments='{"pattern":"src/**/*.py"}', chunks=3))
     client = openai.AsyncOpenAI(base_url=kleis.url + "/openai/v1", api_key=key, max_retries=0)
-    tools = [{"type": "function", "name": "glob", "description": "Find files",
-              "parameters": {"type": "object", "properties": {"pattern": {"type": "string"}}}, "strict": False}]
+    tools = [
+        {
+            "type": "function",
+            "name": "glob",
+            "description": "Find files",
+            "parameters": {"type": "object", "properties": {"pattern": {"type": "string"}}},
+            "strict": False,
+        }
+    ]
     stream = await client.responses.create(model="gpt-5.5", input="list files", tools=tools, stream=True)
     deltas, final = [], None
     async for event in stream:
@@ -952,7 +1039,10 @@ async def test_opencode_turns_are_reshaped_for_the_backend(start_kleis, codex_fa
         assert sent["instructions"] == original["input"][0]["content"]  # developer item promoted
         assert sent["input"] == original["input"][1:]
         assert sent["store"] is False and "max_output_tokens" not in sent
-        assert sent["prompt_cache_key"].startswith("kleis_") and sent["prompt_cache_key"] != original["prompt_cache_key"]
+        assert (
+            sent["prompt_cache_key"].startswith("kleis_")
+            and sent["prompt_cache_key"] != original["prompt_cache_key"]
+        )
         assert call.headers["x-session-id"] == sent["prompt_cache_key"]
         assert original["prompt_cache_key"] not in call.body.decode()
         for name in ("model", "include", "reasoning", "tools", "tool_choice", "stream"):
@@ -968,7 +1058,9 @@ async def test_opencode_turns_are_reshaped_for_the_backend(start_kleis, codex_fa
 # ── 13. Hot path ─────────────────────────────────────────────────────────────
 
 
-async def test_a_request_with_a_fresh_token_makes_no_database_round_trip(start_kleis, codex_fake, monkeypatch):
+async def test_a_request_with_a_fresh_token_makes_no_database_round_trip(
+    start_kleis, codex_fake, monkeypatch
+):
     kleis, key, _ = await setup(start_kleis, codex_fake)
     for task in kleis.services.background.named("cache-invalidation"):
         task.cancel()  # its 1 s poll would count as noise
@@ -999,7 +1091,10 @@ async def test_single_account_error_cooldown_is_503_not_rate_limit(start_kleis, 
     assert 8_000 <= state.cooldown_until - now_ms() <= 10_000
     second = await send(kleis, key)
     assert second.status == 503 and 1 <= int(second.headers["retry-after"]) <= 10
-    assert second.json["error"]["type"] == "server_error" and second.json["error"]["code"] == "accounts_unavailable"
+    assert (
+        second.json["error"]["type"] == "server_error"
+        and second.json["error"]["code"] == "accounts_unavailable"
+    )
     assert "HTTP 502" in second.json["error"]["message"]
     assert len(upstream_calls(codex_fake)) == 1
 

@@ -19,8 +19,9 @@ def sqlite_columns(path) -> dict[str, list[str]]:
 
 async def started(tmp_path, url, name: str = "config.toml") -> kleis.Instance:
     path = tmp_path / name
-    path.write_text(f'[security]\nsecret_key = "{"x" * 32}"\n[database]\nurl = "{url}"\n'
-                    '[models]\nsource_url = ""\n')
+    path.write_text(
+        f'[security]\nsecret_key = "{"x" * 32}"\n[database]\nurl = "{url}"\n[models]\nsource_url = ""\n'
+    )
     instance = kleis.Instance(load_settings(path, env={}))
     await instance.open()
     return instance
@@ -43,8 +44,10 @@ async def test_models_match_schema_postgresql(tmp_path, pg_url):
     with psycopg.connect(pg_url) as conn:
         for table, names in instance.store.model_columns().items():
             rows = conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = %s ORDER BY ordinal_position",
-                (table,)).fetchall()
+                "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
+                " ORDER BY ordinal_position",
+                (table,),
+            ).fetchall()
             assert names == [r[0] for r in rows], table
     await instance.close()
 
@@ -91,8 +94,12 @@ async def test_two_instances_in_one_process_share_nothing(tmp_path, db_url):
 async def test_tokens_are_encrypted_at_rest(tmp_path, db_url):
     instance = await started(tmp_path, db_url)
     now = instance.clock.now()
-    tokens = Tokens(access_token="at-plain-123", refresh_token="rt-plain-456", expires_at=now + 3_600_000,
-                    account_id="acct")
+    tokens = Tokens(
+        access_token="at-plain-123",
+        refresh_token="rt-plain-456",
+        expires_at=now + 3_600_000,
+        account_id="acct",
+    )
     account = await instance.pool.upsert("codex", tokens)
     (row,) = await instance.store.rows("provider_accounts", id=account.id)
     assert "at-plain-123" not in row["access_token_enc"] and "rt-plain-456" not in row["refresh_token_enc"]
@@ -108,8 +115,16 @@ async def test_tokens_are_encrypted_at_rest(tmp_path, db_url):
 
 
 def outcome(status: int, **extra) -> Outcome:
-    return Outcome(key_id="k", provider="codex", endpoint="responses", model="m", account_id="a", status=status,
-                   source="upstream", **extra)
+    return Outcome(
+        key_id="k",
+        provider="codex",
+        endpoint="responses",
+        model="m",
+        account_id="a",
+        status=status,
+        source="upstream",
+        **extra,
+    )
 
 
 async def test_usage_upserts_are_additive(tmp_path, db_url):
@@ -125,8 +140,13 @@ async def test_usage_upserts_are_additive(tmp_path, db_url):
     if len(rows) == 2:  # the minute turned between the two flushes
         rows = [{k: sum(r[k] for r in rows) if isinstance(rows[0][k], int) else rows[0][k] for k in rows[0]}]
     row = rows[0]
-    assert (row["request_count"], row["success_count"], row["rate_limit_count"], row["server_error_count"],
-            row["upstream_error_count"]) == (5, 3, 1, 1, 1)
+    assert (
+        row["request_count"],
+        row["success_count"],
+        row["rate_limit_count"],
+        row["server_error_count"],
+        row["upstream_error_count"],
+    ) == (5, 3, 1, 1, 1)
     assert (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]) == (50, 25, 10)
     assert row["total_latency_ms"] == 90 and row["total_duration_ms"] == 180 and row["max_latency_ms"] == 50
     await instance.close()

@@ -109,8 +109,12 @@ class FakeServer:
             request.transport.close()
             return web.Response(status=500)
         if reply.events is None:
-            return web.json_response(reply.body, status=reply.status, headers=reply.headers,
-                                     content_type=reply.content_type or "application/json")
+            return web.json_response(
+                reply.body,
+                status=reply.status,
+                headers=reply.headers,
+                content_type=reply.content_type or "application/json",
+            )
         resp = web.StreamResponse(status=reply.status, headers=reply.headers)
         if reply.content_type != "":
             resp.content_type = reply.content_type or "text/event-stream"

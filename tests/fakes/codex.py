@@ -23,9 +23,13 @@ from . import FakeServer, Reply, sse
 
 CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 AUTH_CLAIM = "https://api.openai.com/auth"
-DEFAULT_USAGE = {"input_tokens": 120, "input_tokens_details": {"cached_tokens": 20},
-                 "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 0},
-                 "total_tokens": 140}
+DEFAULT_USAGE = {
+    "input_tokens": 120,
+    "input_tokens_details": {"cached_tokens": 20},
+    "output_tokens": 20,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 140,
+}
 
 
 def _b64url(raw: bytes) -> str:
@@ -38,10 +42,12 @@ def fake_jwt(claims: dict) -> str:
     return f"{head}.{_b64url(json.dumps(claims).encode())}.fake-signature"
 
 
-def _error(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-           **extra: Any) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type, "code": code, **extra}},
-                             status=status)
+def _error(
+    status: int, message: str, type: str = "invalid_request_error", code: str | None = None, **extra: Any
+) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": type, "code": code, **extra}}, status=status
+    )
 
 
 class FakeCodex(FakeServer):
@@ -62,10 +68,18 @@ class FakeCodex(FakeServer):
             "rate_limit": {
                 "allowed": True,
                 "limit_reached": False,
-                "primary_window": {"used_percent": 12, "limit_window_seconds": 18000,
-                                   "reset_after_seconds": 3600, "reset_at": 1893456000},
-                "secondary_window": {"used_percent": 40, "limit_window_seconds": 604800,
-                                     "reset_after_seconds": 86400, "reset_at": 1893542400},
+                "primary_window": {
+                    "used_percent": 12,
+                    "limit_window_seconds": 18000,
+                    "reset_after_seconds": 3600,
+                    "reset_at": 1893456000,
+                },
+                "secondary_window": {
+                    "used_percent": 40,
+                    "limit_window_seconds": 604800,
+                    "reset_after_seconds": 86400,
+                    "reset_at": 1893542400,
+                },
             },
             "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
         }
@@ -102,8 +116,12 @@ class FakeCodex(FakeServer):
         tokens = self._issue({"account_id": account_id, "email": email})
         return {
             "OPENAI_API_KEY": None,
-            "tokens": {"id_token": tokens["id_token"], "access_token": tokens["access_token"],
-                       "refresh_token": tokens["refresh_token"], "account_id": account_id},
+            "tokens": {
+                "id_token": tokens["id_token"],
+                "access_token": tokens["access_token"],
+                "refresh_token": tokens["refresh_token"],
+                "account_id": account_id,
+            },
             "last_refresh": "2026-11-01T10:00:00Z",
         }
 
@@ -111,18 +129,27 @@ class FakeCodex(FakeServer):
         """A live OpenCode `auth.json` with an `openai` OAuth entry."""
         tokens = self._issue({"account_id": account_id, "email": email})
         expires = int(self.access_tokens[tokens["access_token"]]["exp"] * 1000)
-        return {"openai": {"type": "oauth", "access": tokens["access_token"],
-                           "refresh": tokens["refresh_token"], "expires": expires,
-                           "accountId": account_id}}
+        return {
+            "openai": {
+                "type": "oauth",
+                "access": tokens["access_token"],
+                "refresh": tokens["refresh_token"],
+                "expires": expires,
+                "accountId": account_id,
+            }
+        }
 
-    def approve_device(self, account_id: str | None = None, email: str | None = None,
-                       device_auth_id: str | None = None) -> None:
+    def approve_device(
+        self, account_id: str | None = None, email: str | None = None, device_auth_id: str | None = None
+    ) -> None:
         """Approve the newest (or the given) device login as this identity (default `identity`)."""
         if not self.devices:
             raise AssertionError("no device login was started")
         key = device_auth_id or list(self.devices)[-1]
-        self.devices[key]["approved"] = {"account_id": account_id or self.identity["account_id"],
-                                         "email": email or self.identity["email"]}
+        self.devices[key]["approved"] = {
+            "account_id": account_id or self.identity["account_id"],
+            "email": email or self.identity["email"],
+        }
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far expired (the next API call gets a 401)."""
@@ -136,86 +163,169 @@ class FakeCodex(FakeServer):
     # ── Reply builders ───────────────────────────────────────────────────────
 
     @staticmethod
-    def stream_reply(text: str = "Hello from Codex.", events: int = 3, usage: dict | None = None,
-                     model: str = "gpt-5.5", crlf: bool = False, **reply: Any) -> Reply:
+    def stream_reply(
+        text: str = "Hello from Codex.",
+        events: int = 3,
+        usage: dict | None = None,
+        model: str = "gpt-5.5",
+        crlf: bool = False,
+        **reply: Any,
+    ) -> Reply:
         """A text answer as a Responses SSE stream: `events` output_text deltas, then
         response.completed carrying `usage`. Extra keywords go to Reply (delays, cut_after)."""
         response = _response_shell(model)
         item_id = f"msg_{secrets.token_hex(8)}"
         size = max(1, -(-len(text) // max(events, 1)))
-        chunks = [text[i:i + size] for i in range(0, len(text), size)] or [""]
-        message = {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant",
-                   "content": []}
+        chunks = [text[i : i + size] for i in range(0, len(text), size)] or [""]
+        message = {
+            "id": item_id,
+            "type": "message",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
         part = {"type": "output_text", "text": "", "annotations": []}
         done_message = {**message, "status": "completed", "content": [{**part, "text": text}]}
         frames = [
             ("response.created", {"response": response}),
             ("response.in_progress", {"response": response}),
             ("response.output_item.added", {"output_index": 0, "item": message}),
-            ("response.content_part.added", {"item_id": item_id, "output_index": 0, "content_index": 0,
-                                             "part": part}),
-            *(("response.output_text.delta", {"item_id": item_id, "output_index": 0, "content_index": 0,
-                                              "delta": chunk}) for chunk in chunks),
-            ("response.output_text.done", {"item_id": item_id, "output_index": 0, "content_index": 0,
-                                           "text": text}),
-            ("response.content_part.done", {"item_id": item_id, "output_index": 0, "content_index": 0,
-                                            "part": {**part, "text": text}}),
+            (
+                "response.content_part.added",
+                {"item_id": item_id, "output_index": 0, "content_index": 0, "part": part},
+            ),
+            *(
+                (
+                    "response.output_text.delta",
+                    {"item_id": item_id, "output_index": 0, "content_index": 0, "delta": chunk},
+                )
+                for chunk in chunks
+            ),
+            (
+                "response.output_text.done",
+                {"item_id": item_id, "output_index": 0, "content_index": 0, "text": text},
+            ),
+            (
+                "response.content_part.done",
+                {"item_id": item_id, "output_index": 0, "content_index": 0, "part": {**part, "text": text}},
+            ),
             ("response.output_item.done", {"output_index": 0, "item": done_message}),
-            ("response.completed", {"response": {**response, "status": "completed", "output": [done_message],
-                                                 "usage": usage or DEFAULT_USAGE}}),
+            (
+                "response.completed",
+                {
+                    "response": {
+                        **response,
+                        "status": "completed",
+                        "output": [done_message],
+                        "usage": usage or DEFAULT_USAGE,
+                    }
+                },
+            ),
         ]
         return Reply(events=_frames(frames, crlf), **reply)
 
     @staticmethod
-    def tool_call_reply(name: str = "glob", arguments: str = '{"pattern":"*"}', call_id: str = "call_1",
-                        chunks: int = 2, usage: dict | None = None, model: str = "gpt-5.5",
-                        crlf: bool = False, **reply: Any) -> Reply:
+    def tool_call_reply(
+        name: str = "glob",
+        arguments: str = '{"pattern":"*"}',
+        call_id: str = "call_1",
+        chunks: int = 2,
+        usage: dict | None = None,
+        model: str = "gpt-5.5",
+        crlf: bool = False,
+        **reply: Any,
+    ) -> Reply:
         """A function call as a Responses SSE stream: item added, argument deltas, item done,
         response.completed."""
         response = _response_shell(model)
         item_id = f"fc_{secrets.token_hex(8)}"
-        item = {"id": item_id, "type": "function_call", "status": "in_progress", "call_id": call_id,
-                "name": name, "arguments": ""}
+        item = {
+            "id": item_id,
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call_id,
+            "name": name,
+            "arguments": "",
+        }
         size = max(1, -(-len(arguments) // max(chunks, 1)))
         done_item = {**item, "status": "completed", "arguments": arguments}
         frames = [
             ("response.created", {"response": response}),
             ("response.output_item.added", {"output_index": 0, "item": item}),
-            *(("response.function_call_arguments.delta",
-               {"item_id": item_id, "output_index": 0, "delta": arguments[i:i + size]})
-              for i in range(0, len(arguments), size)),
-            ("response.function_call_arguments.done", {"item_id": item_id, "output_index": 0,
-                                                       "arguments": arguments}),
+            *(
+                (
+                    "response.function_call_arguments.delta",
+                    {"item_id": item_id, "output_index": 0, "delta": arguments[i : i + size]},
+                )
+                for i in range(0, len(arguments), size)
+            ),
+            (
+                "response.function_call_arguments.done",
+                {"item_id": item_id, "output_index": 0, "arguments": arguments},
+            ),
             ("response.output_item.done", {"output_index": 0, "item": done_item}),
-            ("response.completed", {"response": {**response, "status": "completed", "output": [done_item],
-                                                 "usage": usage or DEFAULT_USAGE}}),
+            (
+                "response.completed",
+                {
+                    "response": {
+                        **response,
+                        "status": "completed",
+                        "output": [done_item],
+                        "usage": usage or DEFAULT_USAGE,
+                    }
+                },
+            ),
         ]
         return Reply(events=_frames(frames, crlf), **reply)
 
     @staticmethod
-    def json_reply(text: str = "Hello from Codex.", usage: dict | None = None, model: str = "gpt-5.5",
-                   **reply: Any) -> Reply:
+    def json_reply(
+        text: str = "Hello from Codex.", usage: dict | None = None, model: str = "gpt-5.5", **reply: Any
+    ) -> Reply:
         """A non-streamed Responses object with `usage`."""
-        message = {"id": f"msg_{secrets.token_hex(8)}", "type": "message", "status": "completed",
-                   "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]}
-        body = {**_response_shell(model), "status": "completed", "output": [message],
-                "usage": usage or DEFAULT_USAGE}
+        message = {
+            "id": f"msg_{secrets.token_hex(8)}",
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        body = {
+            **_response_shell(model),
+            "status": "completed",
+            "output": [message],
+            "usage": usage or DEFAULT_USAGE,
+        }
         return Reply(body=body, **reply)
 
     @staticmethod
-    def error_reply(status: int, message: str = "Something went wrong.", type: str = "invalid_request_error",
-                    code: str | None = None, headers: dict | None = None, **extra: Any) -> Reply:
+    def error_reply(
+        status: int,
+        message: str = "Something went wrong.",
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict | None = None,
+        **extra: Any,
+    ) -> Reply:
         """An OpenAI-style JSON error; `extra` lands inside the `error` object."""
-        return Reply(status=status, body={"error": {"message": message, "type": type, "code": code, **extra}},
-                     headers=headers or {})
+        return Reply(
+            status=status,
+            body={"error": {"message": message, "type": type, "code": code, **extra}},
+            headers=headers or {},
+        )
 
     @staticmethod
-    def usage_limit_reply(resets_in_seconds: int = 3600, plan_type: str = "plus",
-                          headers: dict | None = None) -> Reply:
+    def usage_limit_reply(
+        resets_in_seconds: int = 3600, plan_type: str = "plus", headers: dict | None = None
+    ) -> Reply:
         """The 429 the backend sends when a plan's usage window is used up."""
         return FakeCodex.error_reply(
-            429, "The usage limit has been reached", type="usage_limit_reached", headers=headers,
-            plan_type=plan_type, resets_in_seconds=resets_in_seconds,
+            429,
+            "The usage limit has been reached",
+            type="usage_limit_reached",
+            headers=headers,
+            plan_type=plan_type,
+            resets_in_seconds=resets_in_seconds,
             resets_at=int(time.time()) + resets_in_seconds,
         )
 
@@ -225,19 +335,38 @@ class FakeCodex(FakeServer):
         now = int(time.time())
         exp = now + self.access_ttl
         auth = {"chatgpt_account_id": identity["account_id"], "chatgpt_plan_type": "plus"}
-        access = fake_jwt({
-            "exp": exp, "iat": now, "jti": secrets.token_hex(8), "email": identity["email"],
-            AUTH_CLAIM: auth, "https://api.openai.com/profile": {"email": identity["email"]},
-        })
-        id_token = fake_jwt({
-            "exp": exp, "iat": now, "email": identity["email"],
-            AUTH_CLAIM: {**auth, "organizations": [{"id": f"org_{identity['account_id']}", "is_default": True}]},
-        })
+        access = fake_jwt(
+            {
+                "exp": exp,
+                "iat": now,
+                "jti": secrets.token_hex(8),
+                "email": identity["email"],
+                AUTH_CLAIM: auth,
+                "https://api.openai.com/profile": {"email": identity["email"]},
+            }
+        )
+        id_token = fake_jwt(
+            {
+                "exp": exp,
+                "iat": now,
+                "email": identity["email"],
+                AUTH_CLAIM: {
+                    **auth,
+                    "organizations": [{"id": f"org_{identity['account_id']}", "is_default": True}],
+                },
+            }
+        )
         refresh = f"rt_{secrets.token_urlsafe(24)}"
         self.access_tokens[access] = {**identity, "exp": exp}
         self.refresh_tokens[refresh] = {**identity, "used": False}
-        return {"access_token": access, "refresh_token": refresh, "id_token": id_token,
-                "token_type": "Bearer", "expires_in": self.access_ttl, "scope": "openid profile email offline_access"}
+        return {
+            "access_token": access,
+            "refresh_token": refresh,
+            "id_token": id_token,
+            "token_type": "Bearer",
+            "expires_in": self.access_ttl,
+            "scope": "openid profile email offline_access",
+        }
 
     def _bearer_identity(self, headers: dict) -> tuple[dict | None, str]:
         scheme, _, token = headers.get("authorization", "").partition(" ")
@@ -256,8 +385,11 @@ class FakeCodex(FakeServer):
         if query.get("client_id") != CLIENT_ID or query.get("code_challenge_method") != "S256":
             return web.Response(status=400, text="bad authorize request")
         code = f"ac_{secrets.token_urlsafe(16)}"
-        self.codes[code] = {"identity": dict(self.identity), "challenge": query.get("code_challenge"),
-                            "redirect_uri": query.get("redirect_uri")}
+        self.codes[code] = {
+            "identity": dict(self.identity),
+            "challenge": query.get("code_challenge"),
+            "redirect_uri": query.get("redirect_uri"),
+        }
         target = f"{query.get('redirect_uri')}?{urlencode({'code': code, 'state': query.get('state', '')})}"
         raise web.HTTPFound(target)
 
@@ -272,7 +404,11 @@ class FakeCodex(FakeServer):
             grant = self.codes.pop(form.get("code", ""), None)
             verifier = form.get("code_verifier", "")
             challenge = _b64url(hashlib.sha256(verifier.encode()).digest())
-            if grant is None or grant["challenge"] != challenge or grant["redirect_uri"] != form.get("redirect_uri"):
+            if (
+                grant is None
+                or grant["challenge"] != challenge
+                or grant["redirect_uri"] != form.get("redirect_uri")
+            ):
                 return web.json_response({"error": "invalid_grant"}, status=400)
             return web.json_response(self._issue(grant["identity"]))
         if form.get("grant_type") == "refresh_token":
@@ -297,8 +433,9 @@ class FakeCodex(FakeServer):
         device_auth_id = f"deviceauth_{secrets.token_hex(8)}"
         user_code = f"{secrets.token_hex(2).upper()}-{secrets.token_hex(2).upper()}"
         self.devices[device_auth_id] = {"user_code": user_code, "approved": None}
-        return web.json_response({"device_auth_id": device_auth_id, "user_code": user_code,
-                                  "interval": self.device_interval})
+        return web.json_response(
+            {"device_auth_id": device_auth_id, "user_code": user_code, "interval": self.device_interval}
+        )
 
     async def _device_token(self, request: web.Request) -> web.Response:
         rec = await self.record(request)
@@ -316,10 +453,14 @@ class FakeCodex(FakeServer):
         verifier = secrets.token_urlsafe(32)
         challenge = _b64url(hashlib.sha256(verifier.encode()).digest())
         code = f"ac_{secrets.token_urlsafe(16)}"
-        self.codes[code] = {"identity": device["approved"], "challenge": challenge,
-                            "redirect_uri": f"{self.url}/deviceauth/callback"}
-        return web.json_response({"authorization_code": code, "code_challenge": challenge,
-                                  "code_verifier": verifier})
+        self.codes[code] = {
+            "identity": device["approved"],
+            "challenge": challenge,
+            "redirect_uri": f"{self.url}/deviceauth/callback",
+        }
+        return web.json_response(
+            {"authorization_code": code, "code_challenge": challenge, "code_verifier": verifier}
+        )
 
     async def _device_page(self, request: web.Request) -> web.Response:
         await self.record(request)
@@ -351,7 +492,9 @@ class FakeCodex(FakeServer):
             if problem:
                 return _error(400, problem)
         model = body.get("model") or "gpt-5.5"
-        default = self.stream_reply(model=model) if body.get("stream") is True else self.json_reply(model=model)
+        default = (
+            self.stream_reply(model=model) if body.get("stream") is True else self.json_reply(model=model)
+        )
         return await self.render(request, self.next_reply(default))
 
 
@@ -373,10 +516,19 @@ def _backend_refusal(body: dict) -> str | None:
 
 
 def _response_shell(model: str) -> dict:
-    return {"id": f"resp_{secrets.token_hex(8)}", "object": "response", "created_at": int(time.time()),
-            "status": "in_progress", "model": model, "output": [], "usage": None}
+    return {
+        "id": f"resp_{secrets.token_hex(8)}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "in_progress",
+        "model": model,
+        "output": [],
+        "usage": None,
+    }
 
 
 def _frames(frames: list[tuple[str, dict]], crlf: bool) -> list[bytes]:
-    return [sse({"type": kind, "sequence_number": i, **payload}, event=kind, crlf=crlf)
-            for i, (kind, payload) in enumerate(frames)]
+    return [
+        sse({"type": kind, "sequence_number": i, **payload}, event=kind, crlf=crlf)
+        for i, (kind, payload) in enumerate(frames)
+    ]

@@ -17,9 +17,18 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 CLIENT_ID = "Ov23li8tweQw6odWQebz"
 
 
-def chat_stream_reply(text: str = "Hello from Copilot", *, model: str = "gpt-4.1", prompt_tokens: int = 50,
-                      cached_tokens: int = 8, completion_tokens: int = 5, include_usage: bool = True,
-                      finish_reason: str = "stop", done: bool = True, crlf: bool = False) -> Reply:
+def chat_stream_reply(
+    text: str = "Hello from Copilot",
+    *,
+    model: str = "gpt-4.1",
+    prompt_tokens: int = 50,
+    cached_tokens: int = 8,
+    completion_tokens: int = 5,
+    include_usage: bool = True,
+    finish_reason: str = "stop",
+    done: bool = True,
+    crlf: bool = False,
+) -> Reply:
     """A streamed chat completion: role chunk, one chunk per word, finish chunk, usage, [DONE]."""
     base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
 
@@ -38,14 +47,27 @@ def chat_stream_reply(text: str = "Hello from Copilot", *, model: str = "gpt-4.1
     return Reply(events=events)
 
 
-def chat_json_reply(text: str = "Hello from Copilot", *, model: str = "gpt-4.1", prompt_tokens: int = 50,
-                    cached_tokens: int = 8, completion_tokens: int = 5) -> Reply:
+def chat_json_reply(
+    text: str = "Hello from Copilot",
+    *,
+    model: str = "gpt-4.1",
+    prompt_tokens: int = 50,
+    cached_tokens: int = 8,
+    completion_tokens: int = 5,
+) -> Reply:
     """A non-streamed chat completion with usage."""
-    return Reply(body={
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": _chat_usage(prompt_tokens, cached_tokens, completion_tokens),
-    })
+    return Reply(
+        body={
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 1,
+            "model": model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": _chat_usage(prompt_tokens, cached_tokens, completion_tokens),
+        }
+    )
 
 
 def _chat_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> dict:
@@ -57,13 +79,31 @@ def _chat_usage(prompt_tokens: int, cached_tokens: int, completion_tokens: int) 
     }
 
 
-def responses_body(text: str = "Hello from Copilot", *, model: str = "gpt-5", input_tokens: int = 50,
-                   cached_tokens: int = 8, output_tokens: int = 5, status: str = "completed") -> dict:
+def responses_body(
+    text: str = "Hello from Copilot",
+    *,
+    model: str = "gpt-5",
+    input_tokens: int = 50,
+    cached_tokens: int = 8,
+    output_tokens: int = 5,
+    status: str = "completed",
+) -> dict:
     """A Responses API response object with one message and usage."""
     return {
-        "id": "resp_fake", "object": "response", "created_at": 1, "status": status, "model": model,
-        "output": [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
-                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": 1,
+        "status": status,
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_fake",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
         "usage": {
             "input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": cached_tokens},
@@ -74,38 +114,72 @@ def responses_body(text: str = "Hello from Copilot", *, model: str = "gpt-5", in
     }
 
 
-def responses_stream_reply(text: str = "Hello from Copilot", *, model: str = "gpt-5", input_tokens: int = 50,
-                           cached_tokens: int = 8, output_tokens: int = 5,
-                           terminal: str = "response.completed", crlf: bool = False) -> Reply:
+def responses_stream_reply(
+    text: str = "Hello from Copilot",
+    *,
+    model: str = "gpt-5",
+    input_tokens: int = 50,
+    cached_tokens: int = 8,
+    output_tokens: int = 5,
+    terminal: str = "response.completed",
+    crlf: bool = False,
+) -> Reply:
     """A streamed response: created, output_item.added (with id) before the deltas, terminal event."""
-    final = responses_body(text, model=model, input_tokens=input_tokens, cached_tokens=cached_tokens,
-                           output_tokens=output_tokens)
+    final = responses_body(
+        text, model=model, input_tokens=input_tokens, cached_tokens=cached_tokens, output_tokens=output_tokens
+    )
     pending = {**final, "status": "in_progress", "output": [], "usage": None}
     item = {"type": "message", "id": "msg_fake", "status": "in_progress", "role": "assistant", "content": []}
     events = [
         ("response.created", {"response": pending}),
         ("response.output_item.added", {"output_index": 0, "item": item}),
-        ("response.content_part.added", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
-                                         "part": {"type": "output_text", "text": "", "annotations": []}}),
+        (
+            "response.content_part.added",
+            {
+                "item_id": "msg_fake",
+                "output_index": 0,
+                "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []},
+            },
+        ),
     ]
     words = text.split(" ")
-    events += [("response.output_text.delta", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
-                                               "delta": w if i == 0 else f" {w}"}) for i, w in enumerate(words)]
     events += [
-        ("response.output_text.done", {"item_id": "msg_fake", "output_index": 0, "content_index": 0,
-                                       "text": text}),
+        (
+            "response.output_text.delta",
+            {"item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": w if i == 0 else f" {w}"},
+        )
+        for i, w in enumerate(words)
+    ]
+    events += [
+        (
+            "response.output_text.done",
+            {"item_id": "msg_fake", "output_index": 0, "content_index": 0, "text": text},
+        ),
         ("response.output_item.done", {"output_index": 0, "item": final["output"][0]}),
         (terminal, {"response": final}),
     ]
-    return Reply(events=[sse({"type": kind, "sequence_number": n, **payload}, event=kind, crlf=crlf)
-                         for n, (kind, payload) in enumerate(events)])
+    return Reply(
+        events=[
+            sse({"type": kind, "sequence_number": n, **payload}, event=kind, crlf=crlf)
+            for n, (kind, payload) in enumerate(events)
+        ]
+    )
 
 
-def error_reply(status: int, message: str, type: str = "invalid_request_error",
-                headers: dict | None = None, code: str | None = None) -> Reply:
+def error_reply(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    headers: dict | None = None,
+    code: str | None = None,
+) -> Reply:
     """An OpenAI-style error body."""
-    return Reply(status=status, body={"error": {"message": message, "type": type, "code": code}},
-                 headers=dict(headers or {}))
+    return Reply(
+        status=status,
+        body={"error": {"message": message, "type": type, "code": code}},
+        headers=dict(headers or {}),
+    )
 
 
 class FakeCopilot(FakeServer):
@@ -119,13 +193,15 @@ class FakeCopilot(FakeServer):
         self.device_interval: float = 5  # seconds the device-code answer asks clients to wait between polls
         self._slow_down: list[float] = []
         self._counter = itertools.count(1)
-        self.app.add_routes([
-            web.post("/login/device/code", self._device_code),
-            web.post("/login/oauth/access_token", self._access_token),
-            web.get("/user", self._user),
-            web.post("/chat/completions", self._chat),
-            web.post("/responses", self._responses),
-        ])
+        self.app.add_routes(
+            [
+                web.post("/login/device/code", self._device_code),
+                web.post("/login/oauth/access_token", self._access_token),
+                web.get("/user", self._user),
+                web.post("/chat/completions", self._chat),
+                web.post("/responses", self._responses),
+            ]
+        )
 
     def options(self) -> dict[str, str]:
         return {"api_url": self.url, "github_url": self.url, "github_api_url": self.url}
@@ -135,14 +211,19 @@ class FakeCopilot(FakeServer):
     def grant(self, login: str = "octo", user_id: int = 1, email: str | None = None) -> dict:
         """Register a live GitHub token and return account fields for it (expires_at in ms)."""
         token = self._issue(login, user_id, email)
-        return {"access_token": token, "refresh_token": token,
-                "expires_at": int(time.time() * 1000) + 30 * 86_400_000, "account_id": str(user_id)}
+        return {
+            "access_token": token,
+            "refresh_token": token,
+            "expires_at": int(time.time() * 1000) + 30 * 86_400_000,
+            "account_id": str(user_id),
+        }
 
     def revoke(self, token: str) -> None:
         self.users.pop(token, None)
 
-    def approve_device(self, login: str = "octo", user_id: int = 1, email: str | None = None,
-                       device_code: str | None = None) -> None:
+    def approve_device(
+        self, login: str = "octo", user_id: int = 1, email: str | None = None, device_code: str | None = None
+    ) -> None:
         """Approve the newest (or the given) device login as this GitHub user."""
         self._device(device_code).update(status="approved", user=(login, user_id, email))
 
@@ -174,10 +255,15 @@ class FakeCopilot(FakeServer):
         n = next(self._counter)
         device_code = f"device-{n:04d}"
         self.devices[device_code] = {"status": "pending", "user": None}
-        return web.json_response({
-            "device_code": device_code, "user_code": f"ABCD-{n:04d}",
-            "verification_uri": f"{self.url}/login/device", "expires_in": 900, "interval": self.device_interval,
-        })
+        return web.json_response(
+            {
+                "device_code": device_code,
+                "user_code": f"ABCD-{n:04d}",
+                "verification_uri": f"{self.url}/login/device",
+                "expires_in": 900,
+                "interval": self.device_interval,
+            }
+        )
 
     async def _access_token(self, request: web.Request) -> web.Response:
         rec = await self.record(request)
@@ -188,12 +274,21 @@ class FakeCopilot(FakeServer):
         if device is None:
             return web.json_response({"error": "incorrect_device_code"})
         if self._slow_down:
-            return web.json_response({"error": "slow_down", "interval": self._slow_down.pop(0),
-                                      "error_description": "Too many requests have been made."})
+            return web.json_response(
+                {
+                    "error": "slow_down",
+                    "interval": self._slow_down.pop(0),
+                    "error_description": "Too many requests have been made.",
+                }
+            )
         status = device["status"]
         if status == "pending":
-            return web.json_response({"error": "authorization_pending",
-                                      "error_description": "The authorization request is still pending."})
+            return web.json_response(
+                {
+                    "error": "authorization_pending",
+                    "error_description": "The authorization request is still pending.",
+                }
+            )
         if status == "denied":
             return web.json_response({"error": "access_denied"})
         if status != "approved":
@@ -231,12 +326,14 @@ class FakeCopilot(FakeServer):
             return await self.render(request, error_reply(401, "Bad credentials", "authentication_error"))
         body = rec.json or {}
         model = body.get("model", "gpt-5")
-        default = (responses_stream_reply(model=model) if body.get("stream") is True
-                   else Reply(body=responses_body(model=model)))
+        default = (
+            responses_stream_reply(model=model)
+            if body.get("stream") is True
+            else Reply(body=responses_body(model=model))
+        )
         return await self.render(request, self.next_reply(default))
 
     @staticmethod
     def _bearer(headers: dict[str, str]) -> str:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         return token if scheme.lower() in ("bearer", "token") else ""
-

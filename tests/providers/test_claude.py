@@ -28,7 +28,7 @@ from tests.fakes.claude import DEFAULT_EMAIL, DEFAULT_UUID, FakeClaude, challeng
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
 IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
-BETAS = "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"
+BETAS = "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"  # noqa: E501
 
 
 @pytest.fixture
@@ -453,12 +453,14 @@ def test_prepare_headers_and_query(ctx, fake):
             ],
         ),
         (
-            "<env>\n  x\n</env>\n<directories>\n   /a\n  /b\n</directories>\n<DIRECTORIES>\r\n\t/c\n<directories> /d",
+            "<env>\n  x\n</env>\n<directories>\n   /a\n  /b\n</directories>\n"
+            "<DIRECTORIES>\r\n\t/c\n<directories> /d",
             [
                 {"type": "text", "text": IDENTITY},
                 {
                     "type": "text",
-                    "text": "<env>\n  x\n</env>\nDirectories\n/a\n  /b\n</directories>\nDirectories\n/c\n<directories> /d",
+                    "text": "<env>\n  x\n</env>\nDirectories\n/a\n  /b\n</directories>\n"
+                    "Directories\n/c\n<directories> /d",
                 },
             ],
         ),

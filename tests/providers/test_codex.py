@@ -44,34 +44,55 @@ def fake(codex_fake):
 
 @pytest.fixture
 def ctx(fake, http):
-    return Context(http=http, options={**codex.OPTIONS, **fake.options()}, now=lambda: NOW,
-                   log=logging.getLogger("test"))
+    return Context(
+        http=http, options={**codex.OPTIONS, **fake.options()}, now=lambda: NOW, log=logging.getLogger("test")
+    )
 
 
 def account_from(tokens: Tokens, row_id: str = "row-1") -> Account:
-    return Account(id=row_id, label=tokens.label or "", account_id=tokens.account_id,
-                   access_token=tokens.access_token, refresh_token=tokens.refresh_token,
-                   expires_at=tokens.expires_at, metadata=tokens.metadata)
+    return Account(
+        id=row_id,
+        label=tokens.label or "",
+        account_id=tokens.account_id,
+        access_token=tokens.access_token,
+        refresh_token=tokens.refresh_token,
+        expires_at=tokens.expires_at,
+        metadata=tokens.metadata,
+    )
 
 
-def granted_account(fake: FakeCodex, account_id: str = "acct_1", row_id: str = "row-1",
-                    **metadata) -> Account:
+def granted_account(
+    fake: FakeCodex, account_id: str = "acct_1", row_id: str = "row-1", **metadata
+) -> Account:
     grant = fake.grant(account_id=account_id)
-    return Account(id=row_id, label="a", account_id=grant["account_id"], access_token=grant["access_token"],
-                   refresh_token=grant["refresh_token"], expires_at=grant["expires_at"],
-                   metadata={"chatgptAccountId": account_id, **metadata})
+    return Account(
+        id=row_id,
+        label="a",
+        account_id=grant["account_id"],
+        access_token=grant["access_token"],
+        refresh_token=grant["refresh_token"],
+        expires_at=grant["expires_at"],
+        metadata={"chatgptAccountId": account_id, **metadata},
+    )
 
 
 def sample_request(turn: int, api_key_id: str = "key_1") -> ProxyRequest:
     """An OpenCode capture as the core hands it over: credentials and hop-by-hop headers gone."""
     captured = json.loads((DATA / f"opencode-1.18.33-openai-responses-turn{turn}.json").read_text())
-    headers = {k.lower(): v for k, v in captured["headers"].items() if k.lower() not in ("authorization", "connection")}
-    return ProxyRequest(endpoint="responses", headers=headers, query="client=1", body=captured["body"],
-                        api_key_id=api_key_id)
+    headers = {
+        k.lower(): v
+        for k, v in captured["headers"].items()
+        if k.lower() not in ("authorization", "connection")
+    }
+    return ProxyRequest(
+        endpoint="responses", headers=headers, query="client=1", body=captured["body"], api_key_id=api_key_id
+    )
 
 
 def request_with(body: dict, headers: dict | None = None, api_key_id: str = "key_1") -> ProxyRequest:
-    return ProxyRequest(endpoint="responses", headers=headers or {}, query="", body=body, api_key_id=api_key_id)
+    return ProxyRequest(
+        endpoint="responses", headers=headers or {}, query="", body=body, api_key_id=api_key_id
+    )
 
 
 def derived(session: str, api_key_id: str = "key_1", row_id: str = "row-1") -> str:
@@ -123,8 +144,11 @@ async def test_browser_login_builds_a_pkce_authorize_url(ctx, fake):
         "state": "state-abc",
         "originator": "opencode",
     }
-    assert login.data == {"mode": "browser", "verifier": verifier,
-                          "redirect_uri": "http://localhost:1455/auth/callback"}
+    assert login.data == {
+        "mode": "browser",
+        "verifier": verifier,
+        "redirect_uri": "http://localhost:1455/auth/callback",
+    }
 
 
 async def test_unknown_login_mode_means_browser(ctx):
@@ -150,8 +174,11 @@ async def test_browser_login_with_pasted_callback_url(ctx, fake, http):
     assert tokens.account_id == "acct_1"
     assert tokens.label == "a@example.com"
     assert tokens.expires_at == NOW + HOUR_MS
-    assert tokens.metadata == {"chatgptAccountId": "acct_1", "email": "a@example.com",
-                               "organizationIds": ["org_acct_1"]}
+    assert tokens.metadata == {
+        "chatgptAccountId": "acct_1",
+        "email": "a@example.com",
+        "organizationIds": ["org_acct_1"],
+    }
     assert tokens.access_token in fake.access_tokens
     assert tokens.refresh_token in fake.refresh_tokens
     exchange = fake.calls("/oauth/token")[-1]
@@ -214,9 +241,15 @@ async def test_device_login_pending_slow_down_then_success(ctx, fake):
     assert login.url == f"{fake.url}/codex/device"
     assert login.user_code == user_code
     assert login.interval == 5.0  # sent as the string "5"
-    assert login.data == {"mode": "headless", "device_auth_id": device_auth_id, "user_code": user_code,
-                          "interval": 5.0}
-    assert fake.calls("/api/accounts/deviceauth/usercode")[0].json == {"client_id": codex.OPTIONS["client_id"]}
+    assert login.data == {
+        "mode": "headless",
+        "device_auth_id": device_auth_id,
+        "user_code": user_code,
+        "interval": 5.0,
+    }
+    assert fake.calls("/api/accounts/deviceauth/usercode")[0].json == {
+        "client_id": codex.OPTIONS["client_id"]
+    }
 
     with pytest.raises(LoginPending) as pending:
         await codex.poll_login(ctx, login.data)
@@ -236,8 +269,10 @@ async def test_device_login_pending_slow_down_then_success(ctx, fake):
 
     assert (tokens.account_id, tokens.label) == ("acct_dev", "dev@example.com")
     assert tokens.expires_at == NOW + HOUR_MS
-    assert fake.calls("/api/accounts/deviceauth/token")[-1].json == {"device_auth_id": device_auth_id,
-                                                                      "user_code": user_code}
+    assert fake.calls("/api/accounts/deviceauth/token")[-1].json == {
+        "device_auth_id": device_auth_id,
+        "user_code": user_code,
+    }
     exchange = fake.calls("/oauth/token")[-1].form
     assert exchange["grant_type"] == "authorization_code"
     assert exchange["redirect_uri"] == f"{fake.url}/deviceauth/callback"
@@ -263,9 +298,11 @@ async def test_refresh_rotates_and_a_reused_token_needs_reauth(ctx, fake):
     assert tokens.access_token != account.access_token
     assert tokens.expires_at == NOW + HOUR_MS
     assert tokens.account_id == "acct_1"
-    assert fake.calls("/oauth/token")[-1].form == {"grant_type": "refresh_token",
-                                                   "refresh_token": account.refresh_token,
-                                                   "client_id": codex.OPTIONS["client_id"]}
+    assert fake.calls("/oauth/token")[-1].form == {
+        "grant_type": "refresh_token",
+        "refresh_token": account.refresh_token,
+        "client_id": codex.OPTIONS["client_id"],
+    }
     with pytest.raises(ReauthRequired, match="refresh_token_reused"):
         await codex.refresh(ctx, account)
     # the rotated token still works
@@ -299,14 +336,20 @@ def test_import_codex_cli_auth_file(ctx):
         assert tokens.expires_at == 1_893_456_000_000  # the access token's exp claim
         assert tokens.account_id == "acct_file"
         assert tokens.label == "file@example.com"
-        assert tokens.metadata == {"chatgptAccountId": "acct_file", "email": "file@example.com",
-                                   "organizationIds": ["org_file"]}
+        assert tokens.metadata == {
+            "chatgptAccountId": "acct_file",
+            "email": "file@example.com",
+            "organizationIds": ["org_file"],
+        }
         assert "id_token" not in json.dumps(tokens.metadata)
 
 
 def test_import_opencode_auth_file(ctx):
     [tokens] = codex.import_auth(ctx, (DATA / "codex-opencode-auth.json").read_text())
-    assert (tokens.access_token, tokens.refresh_token) == ("opencode-opaque-access", "rt_opencode_fake_refresh")
+    assert (tokens.access_token, tokens.refresh_token) == (
+        "opencode-opaque-access",
+        "rt_opencode_fake_refresh",
+    )
     assert tokens.expires_at == 1_893_456_000_000
     assert tokens.account_id == "acct_opencode"
     assert tokens.label == "chatgpt:acct_opencode"
@@ -319,14 +362,17 @@ def test_import_without_an_expiry_claim_assumes_an_hour(ctx):
     assert tokens.account_id == "acct_x"
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ({"OPENAI_API_KEY": "sk-fake", "tokens": None}, "API key"),
-    ({"openai": {"type": "api", "key": "sk-fake"}}, "API key"),
-    ({"anthropic": {"type": "oauth", "access": "a", "refresh": "r"}}, r"~/.codex/auth.json"),
-    ({"tokens": {"access_token": "", "refresh_token": "rt"}}, "no ChatGPT login"),
-    ("not json", "not JSON"),
-    ("[1, 2]", "JSON object"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"OPENAI_API_KEY": "sk-fake", "tokens": None}, "API key"),
+        ({"openai": {"type": "api", "key": "sk-fake"}}, "API key"),
+        ({"anthropic": {"type": "oauth", "access": "a", "refresh": "r"}}, r"~/.codex/auth.json"),
+        ({"tokens": {"access_token": "", "refresh_token": "rt"}}, "no ChatGPT login"),
+        ("not json", "not JSON"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
 def test_import_says_what_file_was_expected(ctx, content, message):
     with pytest.raises(LoginFailed, match=message):
         codex.import_auth(ctx, content)
@@ -367,8 +413,12 @@ async def test_prepare_opencode_turn1(ctx, fake, http):
         "x-session-id": session,
     }
     expected = {key: value for key, value in original.items() if key != "max_output_tokens"}
-    expected.update(input=original["input"][1:], instructions=original["input"][0]["content"],
-                    store=False, prompt_cache_key=session)
+    expected.update(
+        input=original["input"][1:],
+        instructions=original["input"][0]["content"],
+        store=False,
+        prompt_cache_key=session,
+    )
     sent = json.loads(upstream.body)
     assert sent == expected
     assert sent["instructions"].startswith("You are OpenCode")
@@ -388,8 +438,12 @@ async def test_prepare_opencode_turn2_keeps_replayed_items_exact(ctx, fake, http
     assert request.body == original
     sent = json.loads(upstream.body)
     assert sent["input"] == original["input"][1:]
-    assert [item.get("type") for item in sent["input"]] == [None, "reasoning", "function_call",
-                                                            "function_call_output"]
+    assert [item.get("type") for item in sent["input"]] == [
+        None,
+        "reasoning",
+        "function_call",
+        "function_call_output",
+    ]
     encrypted = original["input"][2]["encrypted_content"]
     assert f'"encrypted_content":"{encrypted}"'.encode() in upstream.body
     assert "max_output_tokens" not in sent
@@ -399,26 +453,39 @@ async def test_prepare_opencode_turn2_keeps_replayed_items_exact(ctx, fake, http
 
 
 def test_prepare_keeps_client_instructions_and_the_developer_item(ctx, fake):
-    body = {"model": "gpt-5.5", "instructions": "Be brief.",
-            "input": [{"role": "developer", "content": "dev"}, {"role": "user", "content": "hi"}]}
+    body = {
+        "model": "gpt-5.5",
+        "instructions": "Be brief.",
+        "input": [{"role": "developer", "content": "dev"}, {"role": "user", "content": "hi"}],
+    }
     sent = json.loads(codex.prepare(ctx, granted_account(fake), request_with(body)).body)
     assert sent["instructions"] == "Be brief."
     assert sent["input"] == body["input"]
 
 
 def test_prepare_promotes_a_system_item_made_of_text_parts(ctx, fake):
-    body = {"model": "gpt-5.5", "instructions": "  ",
-            "input": [{"type": "message", "role": "system",
-                       "content": [{"type": "input_text", "text": "one"}, {"type": "input_text", "text": "two"}]},
-                      {"role": "user", "content": "hi"}]}
+    body = {
+        "model": "gpt-5.5",
+        "instructions": "  ",
+        "input": [
+            {
+                "type": "message",
+                "role": "system",
+                "content": [{"type": "input_text", "text": "one"}, {"type": "input_text", "text": "two"}],
+            },
+            {"role": "user", "content": "hi"},
+        ],
+    }
     sent = json.loads(codex.prepare(ctx, granted_account(fake), request_with(body)).body)
     assert sent["instructions"] == "one\n\ntwo"
     assert sent["input"] == [{"role": "user", "content": "hi"}]
 
 
 def test_prepare_uses_the_default_text_when_nothing_is_promotable(ctx, fake):
-    image_prompt = {"role": "developer", "content": [{"type": "input_text", "text": "x"},
-                                                     {"type": "input_image", "image_url": "data:,"}]}
+    image_prompt = {
+        "role": "developer",
+        "content": [{"type": "input_text", "text": "x"}, {"type": "input_image", "image_url": "data:,"}],
+    }
     body = {"model": "gpt-5.5", "input": [image_prompt, {"role": "user", "content": "hi"}]}
     sent = json.loads(codex.prepare(ctx, granted_account(fake), request_with(body)).body)
     assert sent["instructions"] == BUNDLED_INSTRUCTIONS
@@ -429,22 +496,37 @@ def test_prepare_uses_the_default_text_when_nothing_is_promotable(ctx, fake):
 def test_prepare_reads_an_instructions_file_option(ctx, fake, tmp_path):
     file = tmp_path / "prompt.md"
     file.write_text("Custom house rules.\n")
-    custom = Context(http=ctx.http, options={**ctx.options, "instructions_file": str(file)}, now=ctx.now,
-                     log=ctx.log)
+    custom = Context(
+        http=ctx.http, options={**ctx.options, "instructions_file": str(file)}, now=ctx.now, log=ctx.log
+    )
     sent = json.loads(codex.prepare(custom, granted_account(fake), request_with({"input": []})).body)
     assert sent["instructions"] == "Custom house rules."
 
 
 async def test_prepare_turns_string_input_into_a_user_message(ctx, fake, http):
     """The openai SDK sends `input` as a string and caps output; the backend takes neither."""
-    body = {"model": "gpt-5.5", "stream": True, "input": "Say hi", "max_output_tokens": 50,
-            "max_completion_tokens": 50}
-    headers = {"user-agent": "OpenAI/Python 3.57.0", "x-stainless-lang": "python", "accept": "application/json"}
+    body = {
+        "model": "gpt-5.5",
+        "stream": True,
+        "input": "Say hi",
+        "max_output_tokens": 50,
+        "max_completion_tokens": 50,
+    }
+    headers = {
+        "user-agent": "OpenAI/Python 3.57.0",
+        "x-stainless-lang": "python",
+        "accept": "application/json",
+    }
     upstream = codex.prepare(ctx, granted_account(fake), request_with(body, headers))
 
     sent = json.loads(upstream.body)
-    assert sent == {"model": "gpt-5.5", "stream": True, "store": False, "instructions": BUNDLED_INSTRUCTIONS,
-                    "input": [{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}]}
+    assert sent == {
+        "model": "gpt-5.5",
+        "stream": True,
+        "store": False,
+        "instructions": BUNDLED_INSTRUCTIONS,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Say hi"}]}],
+    }
     assert upstream.headers["user-agent"] == "opencode"
     assert upstream.headers["x-stainless-lang"] == "python"
     assert upstream.headers["accept"] == "text/event-stream"
@@ -454,10 +536,22 @@ async def test_prepare_turns_string_input_into_a_user_message(ctx, fake, http):
 
 
 def test_prepare_without_a_session_sets_no_session_headers(ctx, fake):
-    headers = {"x-client-request-id": "req-1", "accept-encoding": "gzip", "content-length": "12",
-               "originator": "codex_cli_rs", "accept": "application/json"}
-    account = Account(id="row-1", label="x", account_id="acct_row", access_token="at", refresh_token="rt",
-                      expires_at=0, metadata={})
+    headers = {
+        "x-client-request-id": "req-1",
+        "accept-encoding": "gzip",
+        "content-length": "12",
+        "originator": "codex_cli_rs",
+        "accept": "application/json",
+    }
+    account = Account(
+        id="row-1",
+        label="x",
+        account_id="acct_row",
+        access_token="at",
+        refresh_token="rt",
+        expires_at=0,
+        metadata={},
+    )
     upstream = codex.prepare(ctx, account, request_with({"input": [], "prompt_cache_key": "  "}, headers))
     assert upstream.headers == {
         "accept": "text/event-stream",  # the backend only streams; Kleis collects for non-stream clients
@@ -477,19 +571,24 @@ def test_prepare_derives_the_session_per_key_and_account(ctx, fake):
     assert "session_id" not in first.headers
     assert first.headers["session-id"] == derived("abc")
     assert json.loads(first.body)["prompt_cache_key"] == derived("abc")
-    other_key = codex.prepare(ctx, account, request_with({"input": []}, {"session_id": "abc"}, api_key_id="key_2"))
+    other_key = codex.prepare(
+        ctx, account, request_with({"input": []}, {"session_id": "abc"}, api_key_id="key_2")
+    )
     assert other_key.headers["session-id"] == derived("abc", api_key_id="key_2") != derived("abc")
 
 
-@pytest.mark.parametrize(("body", "headers", "expected"), [
-    ({"prompt_cache_key": " body-key "}, {"session_id": "h"}, "body-key"),
-    ({"prompt_cache_key": ""}, {"session-id": "h1", "x-session-affinity": "h2"}, "h1"),
-    ({}, {"session_id": "a", "session-id": "b"}, "a"),
-    ({}, {"x-session-affinity": "aff", "x-session-id": "sid"}, "aff"),
-    ({}, {"x-session-id": "sid"}, "sid"),
-    ({}, {"x-client-request-id": "req"}, None),
-    ({"prompt_cache_key": 7}, {}, None),
-])
+@pytest.mark.parametrize(
+    ("body", "headers", "expected"),
+    [
+        ({"prompt_cache_key": " body-key "}, {"session_id": "h"}, "body-key"),
+        ({"prompt_cache_key": ""}, {"session-id": "h1", "x-session-affinity": "h2"}, "h1"),
+        ({}, {"session_id": "a", "session-id": "b"}, "a"),
+        ({}, {"x-session-affinity": "aff", "x-session-id": "sid"}, "aff"),
+        ({}, {"x-session-id": "sid"}, "sid"),
+        ({}, {"x-client-request-id": "req"}, None),
+        ({"prompt_cache_key": 7}, {}, None),
+    ],
+)
 def test_session_key(body, headers, expected):
     assert codex.session_key(request_with(body, headers)) == expected
 
@@ -509,8 +608,11 @@ def test_transformer_finds_usage_wherever_the_stream_splits(ctx):
 
 
 def test_transformer_reads_json_usage(ctx):
-    body = json.dumps(FakeCodex.json_reply(usage={"input_tokens": 50, "output_tokens": 7,
-                                                  "input_tokens_details": {"cached_tokens": 8}}).body).encode()
+    body = json.dumps(
+        FakeCodex.json_reply(
+            usage={"input_tokens": 50, "output_tokens": 7, "input_tokens_details": {"cached_tokens": 8}}
+        ).body
+    ).encode()
     t = codex.transformer(ctx, request_with({}), 200, {"Content-Type": "application/json"})
     assert t.feed(body) + t.close() == body
     assert not t.is_sse and t.terminal
@@ -518,8 +620,12 @@ def test_transformer_reads_json_usage(ctx):
 
 
 async def test_transformer_over_a_live_tool_call_stream(ctx, fake, http):
-    fake.queue(FakeCodex.tool_call_reply(usage={"input_tokens": 10, "output_tokens": 3,
-                                                "input_tokens_details": {"cached_tokens": 4}}, crlf=True))
+    fake.queue(
+        FakeCodex.tool_call_reply(
+            usage={"input_tokens": 10, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 4}},
+            crlf=True,
+        )
+    )
     request = request_with({"model": "gpt-5.5", "stream": True, "input": "go"})
     upstream = codex.prepare(ctx, granted_account(fake), request)
     async with http.post(upstream.url, headers=upstream.headers, data=upstream.body) as resp:
@@ -545,34 +651,49 @@ async def test_expired_access_token_gets_a_401_upstream(ctx, fake, http):
 
 async def test_retry_after_reads_a_live_usage_limit_error(ctx, fake, http):
     fake.queue(FakeCodex.usage_limit_reply(resets_in_seconds=1800))
-    status, headers, body = await send(http, codex.prepare(ctx, granted_account(fake), request_with({"input": "x"})))
+    status, headers, body = await send(
+        http, codex.prepare(ctx, granted_account(fake), request_with({"input": "x"}))
+    )
     assert status == 429
     assert codex.retry_after(status, headers, body) == Cooldown(1800.0, window_exhausted=True)
 
 
 def test_retry_after_uses_resets_at_without_a_delay():
-    body = json.dumps({"error": {"type": "usage_limit_reached", "resets_at": int(time.time()) + 600}}).encode()
+    body = json.dumps(
+        {"error": {"type": "usage_limit_reached", "resets_at": int(time.time()) + 600}}
+    ).encode()
     cooldown = codex.retry_after(429, {}, body)
     assert cooldown.window_exhausted
     assert 595 <= cooldown.seconds <= 600
 
 
 def test_retry_after_reads_exhausted_window_headers():
-    headers = {"X-Codex-Primary-Used-Percent": "100.0", "X-Codex-Primary-Reset-After-Seconds": "120",
-               "x-codex-secondary-used-percent": "100", "x-codex-secondary-reset-after-seconds": "7200"}
+    headers = {
+        "X-Codex-Primary-Used-Percent": "100.0",
+        "X-Codex-Primary-Reset-After-Seconds": "120",
+        "x-codex-secondary-used-percent": "100",
+        "x-codex-secondary-reset-after-seconds": "7200",
+    }
     assert codex.retry_after(429, headers, b"") == Cooldown(7200.0, window_exhausted=True)
-    partly = {"x-codex-primary-used-percent": "100", "x-codex-primary-reset-after-seconds": "90",
-              "x-codex-secondary-used-percent": "55", "x-codex-secondary-reset-after-seconds": "7200"}
+    partly = {
+        "x-codex-primary-used-percent": "100",
+        "x-codex-primary-reset-after-seconds": "90",
+        "x-codex-secondary-used-percent": "55",
+        "x-codex-secondary-reset-after-seconds": "7200",
+    }
     assert codex.retry_after(429, partly, b"") == Cooldown(90.0, window_exhausted=True)
 
 
-@pytest.mark.parametrize(("status", "headers", "body"), [
-    (429, {"retry-after": "3"}, b'{"error":{"type":"rate_limit_error","message":"slow down"}}'),
-    (429, {"x-codex-primary-used-percent": "80", "x-codex-primary-reset-after-seconds": "90"}, b""),
-    (500, {"x-codex-primary-used-percent": "100", "x-codex-primary-reset-after-seconds": "90"}, b"oops"),
-    (429, {}, b'{"error":{"type":"usage_limit_reached"}}'),
-    (429, {}, b"\xff\xfe not json"),
-])
+@pytest.mark.parametrize(
+    ("status", "headers", "body"),
+    [
+        (429, {"retry-after": "3"}, b'{"error":{"type":"rate_limit_error","message":"slow down"}}'),
+        (429, {"x-codex-primary-used-percent": "80", "x-codex-primary-reset-after-seconds": "90"}, b""),
+        (500, {"x-codex-primary-used-percent": "100", "x-codex-primary-reset-after-seconds": "90"}, b"oops"),
+        (429, {}, b'{"error":{"type":"usage_limit_reached"}}'),
+        (429, {}, b"\xff\xfe not json"),
+    ],
+)
 def test_retry_after_leaves_other_errors_to_the_core(status, headers, body):
     assert codex.retry_after(status, headers, body) is None
 
@@ -580,32 +701,41 @@ def test_retry_after_leaves_other_errors_to_the_core(status, headers, body):
 # ── Discovery and quota ──────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize(("model_id", "kept"), [
-    ("gpt-5.3-codex-spark", True),
-    ("gpt-5.4", True),
-    ("gpt-5.4-mini", True),
-    ("gpt-5.5", True),
-    ("gpt-5.6-luna", True),
-    ("gpt-5.10", True),
-    ("gpt-5.5-pro", False),
-    ("gpt-5.6", False),
-    ("gpt-5.3-codex", False),
-    ("gpt-5", False),
-    ("gpt-5.4-pro", False),
-    ("text-embedding-3-large", False),
-])
+@pytest.mark.parametrize(
+    ("model_id", "kept"),
+    [
+        ("gpt-5.3-codex-spark", True),
+        ("gpt-5.4", True),
+        ("gpt-5.4-mini", True),
+        ("gpt-5.5", True),
+        ("gpt-5.6-luna", True),
+        ("gpt-5.10", True),
+        ("gpt-5.5-pro", False),
+        ("gpt-5.6", False),
+        ("gpt-5.3-codex", False),
+        ("gpt-5", False),
+        ("gpt-5.4-pro", False),
+        ("text-embedding-3-large", False),
+    ],
+)
 def test_catalogue_model_gate(model_id, kept):
     model = {"id": model_id, "name": model_id, "limit": {"context": 1, "output": 1}}
     assert (codex.catalogue_model(codex.OPTIONS, model_id, model) is not None) is kept
 
 
 def test_catalogue_model_replaces_limits_on_a_copy():
-    model = {"id": "gpt-5.5", "name": "GPT-5.5", "limit": {"context": 1050000, "input": 922000, "output": 128000,
-                                                            "extra": 1}}
+    model = {
+        "id": "gpt-5.5",
+        "name": "GPT-5.5",
+        "limit": {"context": 1050000, "input": 922000, "output": 128000, "extra": 1},
+    }
     before = copy.deepcopy(model)
     result = codex.catalogue_model(codex.OPTIONS, "gpt-5.5", model)
-    assert result == {"id": "gpt-5.5", "name": "GPT-5.5",
-                      "limit": {"context": 400000, "input": 272000, "output": 128000}}
+    assert result == {
+        "id": "gpt-5.5",
+        "name": "GPT-5.5",
+        "limit": {"context": 400000, "input": 272000, "output": 128000},
+    }
     assert model == before
     luna = codex.catalogue_model(codex.OPTIONS, "gpt-5.6-luna", {"id": "gpt-5.6-luna", "limit": {}})
     assert luna["limit"] == {"context": 400000, "input": 272000, "output": 128000}
@@ -625,10 +755,18 @@ async def test_quota_decodes_the_usage_endpoint(ctx, fake):
         "planType": "plus",
         "allowed": True,
         "limitReached": False,
-        "primaryWindow": {"usedPercent": 12, "windowSeconds": 18000, "resetAfterSeconds": 3600,
-                          "resetAt": 1893456000},
-        "secondaryWindow": {"usedPercent": 40, "windowSeconds": 604800, "resetAfterSeconds": 86400,
-                            "resetAt": 1893542400},
+        "primaryWindow": {
+            "usedPercent": 12,
+            "windowSeconds": 18000,
+            "resetAfterSeconds": 3600,
+            "resetAt": 1893456000,
+        },
+        "secondaryWindow": {
+            "usedPercent": 40,
+            "windowSeconds": 604800,
+            "resetAfterSeconds": 86400,
+            "resetAt": 1893542400,
+        },
         "credits": {"hasCredits": False, "unlimited": False, "balance": "0"},
     }
     call = fake.calls("/wham/usage")[-1]

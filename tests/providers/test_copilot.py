@@ -47,13 +47,24 @@ def fake(copilot_fake):
 @pytest.fixture
 async def ctx(fake):
     async with aiohttp.ClientSession() as session:
-        yield Context(http=session, options={**copilot.OPTIONS, **fake.options()}, now=lambda: NOW,
-                      log=logging.getLogger("test"))
+        yield Context(
+            http=session,
+            options={**copilot.OPTIONS, **fake.options()},
+            now=lambda: NOW,
+            log=logging.getLogger("test"),
+        )
 
 
 def account(token: str = "gho_test", **metadata) -> Account:
-    return Account(id="acc-1", label="octo", account_id="1", access_token=token, refresh_token=token,
-                   expires_at=NOW + TTL, metadata=metadata)
+    return Account(
+        id="acc-1",
+        label="octo",
+        account_id="1",
+        access_token=token,
+        refresh_token=token,
+        expires_at=NOW + TTL,
+        metadata=metadata,
+    )
 
 
 def sample(turn: int) -> dict:
@@ -64,19 +75,29 @@ def from_sample(turn: int) -> ProxyRequest:
     """The captured request as the core hands it over: hop-by-hop headers removed, prefix stripped."""
     raw = sample(turn)
     headers = {k: v for k, v in raw["headers"].items() if k != "connection"}
-    return ProxyRequest(endpoint="chat_completions", headers=headers, query="", body=raw["body"],
-                        api_key_id="key-1")
+    return ProxyRequest(
+        endpoint="chat_completions", headers=headers, query="", body=raw["body"], api_key_id="key-1"
+    )
 
 
 def chat(messages, stream=True, **extra) -> ProxyRequest:
-    return ProxyRequest(endpoint="chat_completions", headers={}, query="",
-                        body={"model": "gpt-4.1", "messages": messages, "stream": stream, **extra},
-                        api_key_id="key-1")
+    return ProxyRequest(
+        endpoint="chat_completions",
+        headers={},
+        query="",
+        body={"model": "gpt-4.1", "messages": messages, "stream": stream, **extra},
+        api_key_id="key-1",
+    )
 
 
 def responses(input, stream=True, **extra) -> ProxyRequest:
-    return ProxyRequest(endpoint="responses", headers={}, query="",
-                        body={"model": "gpt-5", "input": input, "stream": stream, **extra}, api_key_id="key-1")
+    return ProxyRequest(
+        endpoint="responses",
+        headers={},
+        query="",
+        body={"model": "gpt-5", "input": input, "stream": stream, **extra},
+        api_key_id="key-1",
+    )
 
 
 async def send(ctx, request: ProxyRequest, acc: Account):
@@ -152,15 +173,24 @@ class CannedSession:
 
 
 async def test_start_login_refuses_an_incomplete_answer(ctx):
-    canned = Context(http=CannedSession({"device_code": "dc", "interval": 5}), options=ctx.options,
-                     now=ctx.now, log=ctx.log)
+    canned = Context(
+        http=CannedSession({"device_code": "dc", "interval": 5}),
+        options=ctx.options,
+        now=ctx.now,
+        log=ctx.log,
+    )
     with pytest.raises(providers.ProviderError, match="lacks user_code, verification_uri"):
         await copilot.start_login(canned, "state-1", {})
 
 
 async def test_enterprise_login_uses_the_enterprise_hosts(ctx):
-    body = {"device_code": "dc-1", "user_code": "WXYZ-1234", "verification_uri": "https://ghe.example.com/login/device",
-            "interval": 5, "expires_in": 899}
+    body = {
+        "device_code": "dc-1",
+        "user_code": "WXYZ-1234",
+        "verification_uri": "https://ghe.example.com/login/device",
+        "interval": 5,
+        "expires_in": 899,
+    }
     session = CannedSession(body)
     ent = Context(http=session, options=ctx.options, now=ctx.now, log=ctx.log)
 
@@ -184,9 +214,15 @@ def test_enterprise_domain_normalisation():
     with pytest.raises(LoginFailed, match="not a host name"):
         copilot.enterprise_domain("not a host")
     assert copilot.endpoints(copilot.OPTIONS, "ghe.example.com") == (
-        "https://ghe.example.com", "https://api.ghe.example.com", "https://copilot-api.ghe.example.com")
+        "https://ghe.example.com",
+        "https://api.ghe.example.com",
+        "https://copilot-api.ghe.example.com",
+    )
     assert copilot.endpoints(copilot.OPTIONS, None) == (
-        "https://github.com", "https://api.github.com", "https://api.githubcopilot.com")
+        "https://github.com",
+        "https://api.github.com",
+        "https://api.githubcopilot.com",
+    )
 
 
 async def test_poll_pending_then_slow_down_then_success(ctx, fake):
@@ -214,8 +250,11 @@ async def test_poll_pending_then_slow_down_then_success(ctx, fake):
 
     polls = fake.calls("/login/oauth/access_token")
     assert len(polls) == 3
-    assert polls[0].json == {"client_id": "Ov23li8tweQw6odWQebz", "device_code": "device-0001",
-                             "grant_type": "urn:ietf:params:oauth:grant-type:device_code"}
+    assert polls[0].json == {
+        "client_id": "Ov23li8tweQw6odWQebz",
+        "device_code": "device-0001",
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+    }
     [user] = fake.calls("/user")
     assert user.headers["authorization"] == "Bearer gho_fake0002octo"
 
@@ -272,8 +311,15 @@ async def test_finish_login_is_not_used():
 
 async def test_refresh_keeps_the_token_and_renews_the_expiry(ctx, fake):
     grant = fake.grant(login="octo", user_id=1, email="octo@example.com")
-    acc = Account(id="acc-1", label="mine", account_id=None, access_token="stale-copilot-token",
-                  refresh_token=grant["refresh_token"], expires_at=NOW - 1, metadata={"githubLogin": "old"})
+    acc = Account(
+        id="acc-1",
+        label="mine",
+        account_id=None,
+        access_token="stale-copilot-token",
+        refresh_token=grant["refresh_token"],
+        expires_at=NOW - 1,
+        metadata={"githubLogin": "old"},
+    )
 
     tokens = await copilot.refresh(ctx, acc)
     assert tokens.access_token == tokens.refresh_token == grant["refresh_token"]
@@ -315,8 +361,11 @@ def test_import_hosts_yml_with_users_and_an_enterprise_host(ctx):
     assert [(t.label, t.refresh_token, t.metadata) for t in found] == [
         ("octo", "gho_fakeOctoToken00000000000000000000", {"githubLogin": "octo"}),
         ("mona", "gho_fakeMonaToken00000000000000000000", {"githubLogin": "mona"}),
-        ("hubot", "gho_fakeHubotToken0000000000000000000",
-         {"githubLogin": "hubot", "enterpriseDomain": "ghe.example.com"}),
+        (
+            "hubot",
+            "gho_fakeHubotToken0000000000000000000",
+            {"githubLogin": "hubot", "enterpriseDomain": "ghe.example.com"},
+        ),
     ]
     assert all(t.access_token == t.refresh_token for t in found)
 
@@ -327,8 +376,12 @@ def test_import_opencode_auth_json(ctx):
         found = copilot.import_auth(ctx, content)
         assert [(t.access_token, t.refresh_token, t.metadata, t.label) for t in found] == [
             ("gho_fakeOpencodeToken000000000000000", "gho_fakeOpencodeToken000000000000000", {}, None),
-            ("gho_fakeOpencodeGheToken0000000000000", "gho_fakeOpencodeGheToken0000000000000",
-             {"enterpriseDomain": "ghe.example.com"}, None),
+            (
+                "gho_fakeOpencodeGheToken0000000000000",
+                "gho_fakeOpencodeGheToken0000000000000",
+                {"enterpriseDomain": "ghe.example.com"},
+                None,
+            ),
         ]
         assert found[0].expires_at == NOW + TTL
 
@@ -338,22 +391,35 @@ def test_import_a_single_opencode_entry(ctx):
     assert tokens.refresh_token == "gho_one"
 
 
-@pytest.mark.parametrize("content", [
-    {"openai": {"type": "oauth", "refresh": "rt", "access": "at", "expires": 1}},
-    {"github-copilot": {"type": "api", "key": "k"}},
-    "github.com:\n    user: octo\n    git_protocol: https\n",
-    "",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"openai": {"type": "oauth", "refresh": "rt", "access": "at", "expires": 1}},
+        {"github-copilot": {"type": "api", "key": "k"}},
+        "github.com:\n    user: octo\n    git_protocol: https\n",
+        "",
+    ],
+)
 def test_import_without_a_token_names_the_expected_files(ctx, content):
     with pytest.raises(LoginFailed, match=r"hosts\.yml.*auth\.json"):
         copilot.import_auth(ctx, content)
 
 
 def test_yaml_subset():
-    text = ("# comment\n---\nhost.example.com:\n  a: 'x # not a comment'\n  b: \"y\"  # comment\n"
-            "  c: ''\n  d: {}\n  nested:\n     deep: 1\n  e: https://x.example/y\n")
-    assert copilot.parse_yaml(text) == {"host.example.com": {
-        "a": "x # not a comment", "b": "y", "c": "", "d": {}, "nested": {"deep": "1"}, "e": "https://x.example/y"}}
+    text = (
+        "# comment\n---\nhost.example.com:\n  a: 'x # not a comment'\n  b: \"y\"  # comment\n"
+        "  c: ''\n  d: {}\n  nested:\n     deep: 1\n  e: https://x.example/y\n"
+    )
+    assert copilot.parse_yaml(text) == {
+        "host.example.com": {
+            "a": "x # not a comment",
+            "b": "y",
+            "c": "",
+            "d": {},
+            "nested": {"deep": "1"},
+            "e": "https://x.example/y",
+        }
+    }
 
 
 # ── prepare ──────────────────────────────────────────────────────────────────
@@ -404,13 +470,24 @@ def test_prepare_forces_include_usage_on_streamed_chat(ctx):
 def test_prepare_query_enterprise_and_client_headers(ctx):
     request = chat([{"role": "user", "content": "hi"}])
     request.query = "stream=true"
-    request.headers = {"authorization": "Bearer kleis-key", "x-api-key": "kleis-key", "accept-encoding": "zstd",
-                       "content-length": "99", "copilot-vision-request": "true", "x-initiator": "user",
-                       "editor-version": "vscode/1.99.0"}
+    request.headers = {
+        "authorization": "Bearer kleis-key",
+        "x-api-key": "kleis-key",
+        "accept-encoding": "zstd",
+        "content-length": "99",
+        "copilot-vision-request": "true",
+        "x-initiator": "user",
+        "editor-version": "vscode/1.99.0",
+    }
     up = copilot.prepare(ctx, account("gho_ent", enterpriseDomain="ghe.example.com"), request)
     assert up.url == "https://copilot-api.ghe.example.com/chat/completions?stream=true"
-    assert up.headers == {"editor-version": "vscode/1.99.0", "x-initiator": "user", "authorization": "Bearer gho_ent",
-                          "openai-intent": "conversation-edits", "content-type": "application/json"}
+    assert up.headers == {
+        "editor-version": "vscode/1.99.0",
+        "x-initiator": "user",
+        "authorization": "Bearer gho_ent",
+        "openai-intent": "conversation-edits",
+        "content-type": "application/json",
+    }
 
 
 def test_prepare_responses_url(ctx, fake):
@@ -426,27 +503,57 @@ def test_prepare_refuses_an_unknown_endpoint(ctx):
         copilot.prepare(ctx, account(), request)
 
 
-IMAGE_CHAT = [{"role": "user", "content": [{"type": "text", "text": "what is this"},
-                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]
-IMAGE_INPUT = [{"role": "user", "content": [{"type": "input_text", "text": "what is this"},
-                                           {"type": "input_image", "image_url": "data:image/png;base64,AA"}]}]
+IMAGE_CHAT = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+        ],
+    }
+]
+IMAGE_INPUT = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "input_text", "text": "what is this"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AA"},
+        ],
+    }
+]
 
 
-@pytest.mark.parametrize(("request_", "initiator", "vision"), [
-    (chat(IMAGE_CHAT), "user", True),
-    (chat([*IMAGE_CHAT, {"role": "assistant", "content": "a cat"}]), "agent", True),
-    (chat([{"role": "user", "content": "hi"}]), "user", False),
-    (chat([{"role": "user", "content": [{"type": "input_image"}]}]), "user", False),
-    (chat([]), "user", False),
-    (chat(None), "user", False),
-    (responses(IMAGE_INPUT), "user", True),
-    (responses([{"role": "user", "content": [{"type": "image_url"}]}]), "user", False),
-    (responses([*IMAGE_INPUT, {"type": "function_call", "call_id": "c1", "name": "glob", "arguments": "{}"},
-                {"type": "function_call_output", "call_id": "c1", "output": "[]"}]), "agent", True),
-    (responses([{"role": "assistant", "content": [{"type": "output_text", "text": "x"}]}]), "agent", False),
-    (responses("describe the repo"), "user", False),
-    (responses([]), "user", False),
-])
+@pytest.mark.parametrize(
+    ("request_", "initiator", "vision"),
+    [
+        (chat(IMAGE_CHAT), "user", True),
+        (chat([*IMAGE_CHAT, {"role": "assistant", "content": "a cat"}]), "agent", True),
+        (chat([{"role": "user", "content": "hi"}]), "user", False),
+        (chat([{"role": "user", "content": [{"type": "input_image"}]}]), "user", False),
+        (chat([]), "user", False),
+        (chat(None), "user", False),
+        (responses(IMAGE_INPUT), "user", True),
+        (responses([{"role": "user", "content": [{"type": "image_url"}]}]), "user", False),
+        (
+            responses(
+                [
+                    *IMAGE_INPUT,
+                    {"type": "function_call", "call_id": "c1", "name": "glob", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c1", "output": "[]"},
+                ]
+            ),
+            "agent",
+            True,
+        ),
+        (
+            responses([{"role": "assistant", "content": [{"type": "output_text", "text": "x"}]}]),
+            "agent",
+            False,
+        ),
+        (responses("describe the repo"), "user", False),
+        (responses([]), "user", False),
+    ],
+)
 def test_initiator_and_vision(ctx, request_, initiator, vision):
     up = copilot.prepare(ctx, account(), request_)
     assert up.headers["x-initiator"] == initiator
@@ -495,7 +602,7 @@ def test_chat_stream_with_crlf_and_split_chunks(ctx):
     request = chat([{"role": "user", "content": "hi"}])
     stream = copilot.transformer(ctx, request, 200, {"Content-Type": "text/event-stream"})
     raw = b"".join(reply.events)
-    out = b"".join(stream.feed(raw[i:i + 7]) for i in range(0, len(raw), 7)) + stream.close()
+    out = b"".join(stream.feed(raw[i : i + 7]) for i in range(0, len(raw), 7)) + stream.close()
     assert out == raw
     assert stream.usage == Usage(input_tokens=70, output_tokens=7, cache_read_tokens=30)
     assert stream.terminal
@@ -504,8 +611,9 @@ def test_chat_stream_with_crlf_and_split_chunks(ctx):
 async def test_chat_json_usage(ctx, fake):
     grant = fake.grant()
     fake.queue(chat_json_reply(prompt_tokens=20, cached_tokens=4, completion_tokens=3))
-    _, out, stream = await send(ctx, chat([{"role": "user", "content": "hi"}], stream=False),
-                                account(grant["access_token"]))
+    _, out, stream = await send(
+        ctx, chat([{"role": "user", "content": "hi"}], stream=False), account(grant["access_token"])
+    )
     assert not stream.is_sse
     assert json.loads(out)["choices"][0]["message"]["content"] == "Hello from Copilot"
     assert stream.usage == Usage(input_tokens=16, output_tokens=3, cache_read_tokens=4)
@@ -514,8 +622,11 @@ async def test_chat_json_usage(ctx, fake):
 async def test_responses_stream_usage(ctx, fake):
     grant = fake.grant()
     fake.queue(responses_stream_reply(input_tokens=1000, cached_tokens=900, output_tokens=40))
-    status, out, stream = await send(ctx, responses([{"role": "user", "content": "hi"}], prompt_cache_key=SESSION),
-                                     account(grant["access_token"]))
+    status, out, stream = await send(
+        ctx,
+        responses([{"role": "user", "content": "hi"}], prompt_cache_key=SESSION),
+        account(grant["access_token"]),
+    )
     assert status == 200
     assert stream.terminal
     assert stream.usage == Usage(input_tokens=100, output_tokens=40, cache_read_tokens=900)
@@ -526,7 +637,9 @@ async def test_responses_stream_usage(ctx, fake):
 
 async def test_responses_done_through_the_fake(ctx, fake):
     grant = fake.grant()
-    fake.queue(responses_stream_reply(input_tokens=60, cached_tokens=10, output_tokens=2, terminal="response.done"))
+    fake.queue(
+        responses_stream_reply(input_tokens=60, cached_tokens=10, output_tokens=2, terminal="response.done")
+    )
     _, _, stream = await send(ctx, responses("hi"), account(grant["access_token"]))
     assert stream.terminal
     assert stream.usage == Usage(input_tokens=50, output_tokens=2, cache_read_tokens=10)
@@ -534,8 +647,11 @@ async def test_responses_done_through_the_fake(ctx, fake):
 
 def test_responses_stream_without_content_type(ctx):
     # aiohttp always sends a Content-Type, so a missing one is fed to the transformer directly
-    raw = b"".join(responses_stream_reply(input_tokens=60, cached_tokens=10, output_tokens=2,
-                                          terminal="response.done").events)
+    raw = b"".join(
+        responses_stream_reply(
+            input_tokens=60, cached_tokens=10, output_tokens=2, terminal="response.done"
+        ).events
+    )
     stream = copilot.transformer(ctx, responses("hi"), 200, {})
     assert stream.is_sse
     assert stream.feed(raw) + stream.close() == raw
@@ -561,15 +677,25 @@ def test_json_without_content_type(ctx):
 async def test_unknown_token_gets_an_openai_style_401(ctx, fake):
     status, out, _ = await send(ctx, chat([{"role": "user", "content": "hi"}]), account("gho_unknown"))
     assert status == 401
-    assert json.loads(out) == {"error": {"message": "Bad credentials", "type": "authentication_error",
-                                         "code": None}}
+    assert json.loads(out) == {
+        "error": {"message": "Bad credentials", "type": "authentication_error", "code": None}
+    }
 
 
 async def test_scripted_error_reply_is_relayed(ctx, fake):
     grant = fake.grant()
-    fake.queue(error_reply(429, "Sorry, you have been rate-limited.", "rate_limit_error",
-                           headers={"retry-after": "30"}, code="rate_limited"))
-    status, out, stream = await send(ctx, chat([{"role": "user", "content": "hi"}]), account(grant["access_token"]))
+    fake.queue(
+        error_reply(
+            429,
+            "Sorry, you have been rate-limited.",
+            "rate_limit_error",
+            headers={"retry-after": "30"},
+            code="rate_limited",
+        )
+    )
+    status, out, stream = await send(
+        ctx, chat([{"role": "user", "content": "hi"}]), account(grant["access_token"])
+    )
     assert status == 429
     assert not stream.is_sse  # a JSON error body never gets keepalives
     assert json.loads(out)["error"]["code"] == "rate_limited"
@@ -589,7 +715,9 @@ async def test_dropped_reply_is_recorded(ctx, fake):
 
 def test_retry_after_quota_exceeded():
     body = json.dumps({"error": {"message": "You have no quota", "code": "quota_exceeded"}}).encode()
-    assert copilot.retry_after(402, {"Retry-After": "120"}, body) == Cooldown(seconds=120.0, window_exhausted=True)
+    assert copilot.retry_after(402, {"Retry-After": "120"}, body) == Cooldown(
+        seconds=120.0, window_exhausted=True
+    )
     cooldown = copilot.retry_after(429, {}, body)
     assert cooldown.window_exhausted
     assert 0 < cooldown.seconds <= 31 * 86_400
@@ -617,5 +745,7 @@ def test_catalogue_model():
 
     with_provider = {"id": "gpt-5-mini", "provider": {"api": "x"}}
     assert copilot.catalogue_model(copilot.OPTIONS, "gpt-5-mini", with_provider) == {
-        "id": "gpt-5-mini", "provider": {"api": "x", "npm": "@ai-sdk/openai"}}
+        "id": "gpt-5-mini",
+        "provider": {"api": "x", "npm": "@ai-sdk/openai"},
+    }
     assert with_provider["provider"] == {"api": "x"}

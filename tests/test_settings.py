@@ -52,7 +52,10 @@ def test_example_config_is_valid_and_documents_every_option(tmp_path):
         ("[wat]\n", "[wat]: unknown section"),
         ("[providers.codex]\napi_urll = 'x'\n", "[providers.codex] api_urll: unknown key"),
         ("[providers.codex]\napi_url = 5\n", "[providers.codex] api_url: must be str, got int 5"),
-        ("[providers.mine]\nentry = 'nothere'\n", "[providers.mine] entry: 'nothere' not found; available: claude, codex, copilot"),
+        (
+            "[providers.mine]\nentry = 'nothere'\n",
+            "[providers.mine] entry: 'nothere' not found; available: claude, codex, copilot",
+        ),
         ("[database]\nurl = 'mysql://x'\n", "[database] url: must start with sqlite:/// or postgresql://"),
         ("[[accounts]]\nlabel = 'x'\n", "[accounts.0] provider: required"),
     ],
@@ -76,7 +79,11 @@ def test_missing_secret_and_not_toml(tmp_path, capsys):
 
 def test_env_overrides_secrets(tmp_path):
     path = write(tmp_path, '[admin]\ntoken = "file"\n')
-    env = {"KLEIS_ADMIN_TOKEN": "from-env", "KLEIS_SECRET_KEY": SECRET, "KLEIS_DATABASE_URL": "sqlite:///other.db"}
+    env = {
+        "KLEIS_ADMIN_TOKEN": "from-env",
+        "KLEIS_SECRET_KEY": SECRET,
+        "KLEIS_DATABASE_URL": "sqlite:///other.db",
+    }
     settings = config.load_settings(path, env=env)
     assert settings.admin.token == "from-env"
     assert settings.security.secret_key == SECRET
@@ -112,17 +119,21 @@ def test_provider_from_plugins_dir_and_broken_contract(tmp_path, capsys):
     codex_source = (ROOT / "providers" / "codex.py").read_text()
     # A copy of the codex adapter under another name serving other routes.
     source = codex_source.replace('"/openai/v1/responses"', '"/mine/v1/responses"').replace(
-        'BASE_PATH = "/openai/v1"', 'BASE_PATH = "/mine/v1"')
+        'BASE_PATH = "/openai/v1"', 'BASE_PATH = "/mine/v1"'
+    )
     (plugins / "mine.py").write_text(source)
     (plugins / "broken.py").write_text("CONTRACT = 1\nNAME = 'broken'\n")
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         [server]
         plugins_dir = "plugins"
         [security]
         secret_key = "{SECRET}"
         [providers.mine]
         entry = "mine"
-    """)
+    """,
+    )
     loaded = kleis.load_providers(config.load_settings(path, env={}))
     assert "mine" in loaded and loaded["mine"].module.ROUTES == {"/mine/v1/responses": "responses"}
     path.write_text(path.read_text() + '[providers.bad]\nentry = "broken"\n')
@@ -132,19 +143,25 @@ def test_provider_from_plugins_dir_and_broken_contract(tmp_path, capsys):
 
 
 def test_duplicate_route_is_refused(tmp_path):
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         [security]
         secret_key = "{SECRET}"
         [providers.codex2]
         entry = "codex"
-    """)
+    """,
+    )
     with pytest.raises(config.ConfigError, match=r"route /openai/v1/responses is already served by codex"):
         kleis.load_providers(config.load_settings(path, env={}))
 
 
 def test_secrets_are_masked_in_logs():
-    line = ('refresh with {"refresh_token": "rt-abc.def", "access_token":"at-123"} key kleis_'
-            + "a" * 32 + " Authorization: Bearer sk-ant-oat01-xyzxyzxyz gho_ABCDEFGHIJKLMN")
+    line = (
+        'refresh with {"refresh_token": "rt-abc.def", "access_token":"at-123"} key kleis_'
+        + "a" * 32
+        + " Authorization: Bearer sk-ant-oat01-xyzxyzxyz gho_ABCDEFGHIJKLMN"
+    )
     masked = config.mask_secrets(line)
     for secret in ("rt-abc.def", "at-123", "a" * 32, "sk-ant-oat01", "gho_ABCDEFGHIJKLMN"):
         assert secret not in masked

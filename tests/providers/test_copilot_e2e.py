@@ -21,7 +21,7 @@ from tests.conftest import wait_for
 from tests.fakes import Reply
 from tests.fakes.copilot import FakeCopilot, chat_stream_reply, error_reply, responses_stream_reply
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 CHAT = "/copilot/v1/chat/completions"
 RESPONSES = "/copilot/v1/responses"
 
@@ -40,7 +40,9 @@ async def kleis_with_account(start_kleis, fake: FakeCopilot, db_url: str | None 
 @pytest.fixture
 def sdk(sdk_clients):
     """The official SDK client pointed at Kleis (closed after the test)."""
-    return lambda kleis, key: sdk_clients(openai.AsyncOpenAI(base_url=kleis.url + "/copilot/v1", api_key=key, max_retries=0))
+    return lambda kleis, key: sdk_clients(
+        openai.AsyncOpenAI(base_url=kleis.url + "/copilot/v1", api_key=key, max_retries=0)
+    )
 
 
 async def account_rows(kleis) -> list[dict]:
@@ -64,7 +66,7 @@ def sse_data(raw: bytes) -> list[str]:
     out = []
     for block in text[:-2].split("\n\n"):
         lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
         assert all(line.startswith(("data: ", "event: ")) for line in lines), block
         assert len(data) == 1, block
         out.append(data[0])
@@ -80,8 +82,11 @@ def upstream_headers_ok(rec, grant: dict, initiator: str) -> None:
 
 
 def app_errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno >= logging.ERROR and r.name.startswith(("kleis", "sanic"))]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith(("kleis", "sanic"))
+    ]
 
 
 # ── the official SDK ─────────────────────────────────────────────────────────
@@ -90,14 +95,22 @@ def app_errors(caplog) -> list[str]:
 async def test_sdk_chat_stream_with_usage(db_url, start_kleis, copilot_fake, caplog, sdk):
     kleis, key, key_view, account, grant = await kleis_with_account(start_kleis, copilot_fake, db_url)
     stream = await sdk(kleis, key).chat.completions.create(
-        model="gpt-4.1", messages=[{"role": "user", "content": "hello"}], stream=True,
-        stream_options={"include_usage": True}, max_tokens=32)
+        model="gpt-4.1",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=32,
+    )
     chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Hello from Copilot"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     usage = chunks[-1].usage
-    assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens) == (50, 8, 5)
+    assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens) == (
+        50,
+        8,
+        5,
+    )
 
     (rec,) = copilot_fake.calls("/chat/completions")
     upstream_headers_ok(rec, grant, "user")
@@ -116,8 +129,11 @@ async def test_sdk_chat_stream_with_usage(db_url, start_kleis, copilot_fake, cap
 async def test_sdk_chat_stream_without_include_usage_is_still_counted(start_kleis, copilot_fake, sdk):
     kleis, key, _, _, _ = await kleis_with_account(start_kleis, copilot_fake)
     stream = await sdk(kleis, key).chat.completions.create(
-        model="gpt-4.1", messages=[{"role": "user", "content": "hello"}], stream=True,
-        stream_options={"include_obfuscation": False})
+        model="gpt-4.1",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+        stream_options={"include_obfuscation": False},
+    )
     chunks = [chunk async for chunk in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from Copilot"
     (rec,) = copilot_fake.calls("/chat/completions")
@@ -130,7 +146,8 @@ async def test_sdk_chat_stream_without_include_usage_is_still_counted(start_klei
 async def test_sdk_chat_non_streaming_with_a_prefixed_model(start_kleis, copilot_fake, sdk):
     kleis, key, _, _, grant = await kleis_with_account(start_kleis, copilot_fake)
     completion = await sdk(kleis, key).chat.completions.create(
-        model="github-copilot/gpt-4.1", messages=[{"role": "user", "content": "hello"}])
+        model="github-copilot/gpt-4.1", messages=[{"role": "user", "content": "hello"}]
+    )
     assert completion.choices[0].message.content == "Hello from Copilot"
     assert completion.usage.total_tokens == 55
     (rec,) = copilot_fake.calls("/chat/completions")
@@ -144,7 +161,9 @@ async def test_sdk_chat_non_streaming_with_a_prefixed_model(start_kleis, copilot
 
 async def test_sdk_responses_stream(db_url, start_kleis, copilot_fake, sdk):
     kleis, key, _, account, grant = await kleis_with_account(start_kleis, copilot_fake, db_url)
-    copilot_fake.queue(responses_stream_reply("Hi there", input_tokens=300, cached_tokens=100, output_tokens=40))
+    copilot_fake.queue(
+        responses_stream_reply("Hi there", input_tokens=300, cached_tokens=100, output_tokens=40)
+    )
     deltas = []
     async with sdk(kleis, key).responses.stream(model="copilot/gpt-5", input="hello") as stream:
         async for event in stream:
@@ -160,7 +179,11 @@ async def test_sdk_responses_stream(db_url, start_kleis, copilot_fake, sdk):
     assert "stream_options" not in rec.json
 
     (row,) = await kleis.buckets()
-    assert (row["endpoint"], row["model"], row["provider_account_id"]) == ("responses", "gpt-5", account["id"])
+    assert (row["endpoint"], row["model"], row["provider_account_id"]) == (
+        "responses",
+        "gpt-5",
+        account["id"],
+    )
     assert tokens(row) == (200, 100, 40, 0)
 
 
@@ -179,7 +202,9 @@ async def test_opencode_chat_turns_replayed(start_kleis, copilot_fake, http):
             body = {**body, "model": "github-copilot/" + body["model"]}
             del body["stream_options"]
         sent.append(body)
-        async with http.post(kleis.url + captured["path"], data=json.dumps(body).encode(), headers=headers) as resp:
+        async with http.post(
+            kleis.url + captured["path"], data=json.dumps(body).encode(), headers=headers
+        ) as resp:
             assert resp.status == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
             assert resp.headers["cache-control"] == "no-cache, no-transform"
@@ -208,16 +233,31 @@ async def test_opencode_chat_turns_replayed(start_kleis, copilot_fake, http):
 async def test_image_parts_ask_for_vision(start_kleis, copilot_fake, http):
     kleis, key, _, _, _ = await kleis_with_account(start_kleis, copilot_fake)
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-    chat = {"model": "gpt-4.1", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]}
+    chat = {
+        "model": "gpt-4.1",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}],
+    }
     auth = {"authorization": f"Bearer {key}"}
     async with http.post(kleis.url + CHAT, json=chat, headers=auth) as resp:
         assert resp.status == 200
     # a client cannot switch vision on for a request without images
     plain = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]}
-    async with http.post(kleis.url + CHAT, json=plain, headers={**auth, "copilot-vision-request": "true"}) as resp:
+    async with http.post(
+        kleis.url + CHAT, json=plain, headers={**auth, "copilot-vision-request": "true"}
+    ) as resp:
         assert resp.status == 200
-    responses = {"model": "gpt-5", "input": [{"role": "user", "content": [
-        {"type": "input_text", "text": "what?"}, {"type": "input_image", "image_url": "data:image/png;base64,AA"}]}]}
+    responses = {
+        "model": "gpt-5",
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "what?"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AA"},
+                ],
+            }
+        ],
+    }
     async with http.post(kleis.url + RESPONSES, json=responses, headers=auth) as resp:
         assert resp.status == 200
         assert (await resp.json())["status"] == "completed"
@@ -248,14 +288,23 @@ async def test_errors_use_the_openai_envelope(start_kleis, copilot_fake, http):
         assert resp.status == 400
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
 
-    async with http.post(kleis.url + RESPONSES, json=body, headers={"authorization": f"Bearer {key}"}) as resp:
+    async with http.post(
+        kleis.url + RESPONSES, json=body, headers={"authorization": f"Bearer {key}"}
+    ) as resp:
         assert resp.status == 400
         err = await resp.json()
     assert err["error"]["type"] == "invalid_request_error" and "no copilot account" in err["error"]["message"]
 
     await kleis.import_account("copilot", copilot_fake.grant())
-    copilot_fake.queue(error_reply(429, "You have exceeded your rate limit", "rate_limit_error",
-                                   headers={"retry-after": "45"}, code="rate_limited"))
+    copilot_fake.queue(
+        error_reply(
+            429,
+            "You have exceeded your rate limit",
+            "rate_limit_error",
+            headers={"retry-after": "45"},
+            code="rate_limited",
+        )
+    )
     async with http.post(kleis.url + CHAT, json=body, headers={"authorization": f"Bearer {key}"}) as resp:
         assert resp.status == 429
         assert (await resp.json())["error"]["message"] == "You have exceeded your rate limit"  # relayed
@@ -318,14 +367,19 @@ async def test_device_login_completes_in_the_background(db_url, start_kleis, cop
     copilot_fake.approve_device(login="octo", user_id=4242, email="octo@example.test")
     done = await login_status(kleis, login["state"], "complete")
     account = done["account"]
-    assert (account["provider"], account["accountId"], account["label"]) == ("copilot", "4242", "octo@example.test")
+    assert (account["provider"], account["accountId"], account["label"]) == (
+        "copilot",
+        "4242",
+        "octo@example.test",
+    )
     assert account["metadata"]["githubLogin"] == "octo"
     polls = copilot_fake.calls("/login/oauth/access_token")
     assert all(p.json["device_code"] == "device-0001" for p in polls)
     assert min(b.at - a.at for a, b in itertools.pairwise(polls)) < 0.2  # the short interval is used
     # complete on a device login reports the same status instead of blocking
-    _, again = await kleis.admin("POST", "/admin/accounts/copilot/oauth/complete", {"state": login["state"]},
-                                 expect=200)
+    _, again = await kleis.admin(
+        "POST", "/admin/accounts/copilot/oauth/complete", {"state": login["state"]}, expect=200
+    )
     assert again["status"] == "complete" and again["account"]["id"] == account["id"]
 
     (row,) = await account_rows(kleis)
@@ -333,8 +387,11 @@ async def test_device_login_completes_in_the_background(db_url, start_kleis, cop
     token = kleis.unseal(row["access_token_enc"])
     assert token in copilot_fake.users and token not in json.dumps(done)
     key, _ = await kleis.create_key()
-    async with http.post(kleis.url + CHAT, json={"model": "gpt-4.1", "messages": [{"role": "user", "content": "x"}]},
-                         headers={"authorization": f"Bearer {key}"}) as resp:
+    async with http.post(
+        kleis.url + CHAT,
+        json={"model": "gpt-4.1", "messages": [{"role": "user", "content": "x"}]},
+        headers={"authorization": f"Bearer {key}"},
+    ) as resp:
         assert resp.status == 200
     assert copilot_fake.calls("/chat/completions")[-1].headers["authorization"] == f"Bearer {token}"
 
@@ -376,12 +433,16 @@ async def test_import_github_cli_hosts(db_url, start_kleis, copilot_fake):
     rows = await account_rows(kleis)
     assert len(rows) == 3
     stored = {kleis.unseal(r["refresh_token_enc"]) for r in rows}
-    assert stored == {"gho_fakeOctoToken00000000000000000000", "gho_fakeMonaToken00000000000000000000",
-                      "gho_fakeHubotToken0000000000000000000"}
+    assert stored == {
+        "gho_fakeOctoToken00000000000000000000",
+        "gho_fakeMonaToken00000000000000000000",
+        "gho_fakeHubotToken0000000000000000000",
+    }
 
     legacy = (DATA / "copilot-gh-hosts.yml").read_text()
-    _, one = await kleis.admin("POST", "/admin/accounts/copilot/import", {"authFile": legacy, "label": "old gh"},
-                               expect=201)
+    _, one = await kleis.admin(
+        "POST", "/admin/accounts/copilot/import", {"authFile": legacy, "label": "old gh"}, expect=201
+    )
     assert [a["label"] for a in one["accounts"]] == ["old gh"]
     assert len(await account_rows(kleis)) == 4
     status, err = await kleis.admin("POST", "/admin/accounts/copilot/import", {"authFile": "github.com:\n"})
@@ -399,8 +460,13 @@ async def test_rate_limited_account_fails_over_on_both_endpoints(db_url, start_k
     second = await kleis.import_account("copilot", grant_b, label="b")
     key, key_view = await kleis.create_key()
     auth = {"authorization": f"Bearer {key}"}
-    limited = error_reply(429, "Sorry, you have been rate-limited.", "rate_limit_error",
-                          headers={"retry-after": "30"}, code="rate_limited")
+    limited = error_reply(
+        429,
+        "Sorry, you have been rate-limited.",
+        "rate_limit_error",
+        headers={"retry-after": "30"},
+        code="rate_limited",
+    )
 
     copilot_fake.queue(limited)
     chat = {"model": "gpt-4.1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -408,23 +474,32 @@ async def test_rate_limited_account_fails_over_on_both_endpoints(db_url, start_k
         assert resp.status == 200 and resp.headers["x-kleis-account"] == second["id"]
         assert sse_data(await resp.read())[-1] == "[DONE]"
     assert [c.headers["authorization"] for c in copilot_fake.calls("/chat/completions")] == [
-        f"Bearer {grant_a['access_token']}", f"Bearer {grant_b['access_token']}"]
+        f"Bearer {grant_a['access_token']}",
+        f"Bearer {grant_b['access_token']}",
+    ]
     _, listing = await kleis.admin("GET", "/admin/accounts", expect=200)
     views = {a["id"]: a for a in listing["accounts"]}
-    assert views[first["id"]]["status"] == "cooling_down" and views[first["id"]]["cooldownKind"] == "transient"
+    assert (
+        views[first["id"]]["status"] == "cooling_down" and views[first["id"]]["cooldownKind"] == "transient"
+    )
     assert 25_000 <= views[first["id"]]["cooldownUntil"] - int(time.time() * 1000) <= 31_000
     assert views[second["id"]]["status"] == "ok"
 
     # the admin clears the cooldown; the Responses endpoint fails over the same way
     await kleis.admin("DELETE", f"/admin/accounts/{first['id']}/cooldown", expect=200)
-    copilot_fake.queue(Reply(status=503, body={"error": {"message": "upstream overloaded", "type": "server_error"}}))
-    async with http.post(kleis.url + RESPONSES, json={"model": "gpt-5", "input": "hi", "stream": True},
-                         headers=auth) as resp:
+    copilot_fake.queue(
+        Reply(status=503, body={"error": {"message": "upstream overloaded", "type": "server_error"}})
+    )
+    async with http.post(
+        kleis.url + RESPONSES, json={"model": "gpt-5", "input": "hi", "stream": True}, headers=auth
+    ) as resp:
         assert resp.status == 200 and resp.headers["x-kleis-account"] == second["id"]
         data = sse_data(await resp.read())
     assert json.loads(data[-1])["type"] == "response.completed"
     assert [c.headers["authorization"] for c in copilot_fake.calls("/responses")] == [
-        f"Bearer {grant_a['access_token']}", f"Bearer {grant_b['access_token']}"]
+        f"Bearer {grant_a['access_token']}",
+        f"Bearer {grant_b['access_token']}",
+    ]
 
     async def saved():
         rows = {r["id"]: r for r in await account_rows(kleis)}
@@ -437,7 +512,11 @@ async def test_rate_limited_account_fails_over_on_both_endpoints(db_url, start_k
     by = buckets_by_endpoint(await kleis.buckets())
     for endpoint, model in (("chat_completions", "gpt-4.1"), ("responses", "gpt-5")):
         row = by[endpoint]
-        assert (row["provider_account_id"], row["api_key_id"], row["model"]) == (second["id"], key_view["id"], model)
+        assert (row["provider_account_id"], row["api_key_id"], row["model"]) == (
+            second["id"],
+            key_view["id"],
+            model,
+        )
         assert (row["request_count"], row["success_count"], row["rate_limit_count"]) == (1, 1, 0)
         assert tokens(row) == (42, 8, 5, 0)
 

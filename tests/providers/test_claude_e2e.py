@@ -20,14 +20,21 @@ import pytest
 from tests.conftest import wait_for
 from tests.fakes.claude import DEFAULT_EMAIL, DEFAULT_UUID, FakeClaude
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 MESSAGES = "/anthropic/v1/messages"
 IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
-REQUIRED_BETAS = ["claude-code-20250219", "oauth-2025-04-20", "interleaved-thinking-2025-05-14",
-                  "fine-grained-tool-streaming-2025-05-14"]
+REQUIRED_BETAS = [
+    "claude-code-20250219",
+    "oauth-2025-04-20",
+    "interleaved-thinking-2025-05-14",
+    "fine-grained-tool-streaming-2025-05-14",
+]
 MODEL = "claude-sonnet-4-5"
-SHELL_TOOL = {"name": "Shell", "description": "Run a command",
-              "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+SHELL_TOOL = {
+    "name": "Shell",
+    "description": "Run a command",
+    "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}},
+}
 
 
 # ── helpers ──────────────────────────────────────────────────────────────────
@@ -43,7 +50,9 @@ async def kleis_with_account(start_kleis, fake: FakeClaude, db_url: str | None =
 @pytest.fixture
 def sdk(sdk_clients):
     """The official SDK client pointed at Kleis (closed after the test)."""
-    return lambda kleis, key: sdk_clients(anthropic.AsyncAnthropic(base_url=kleis.url + "/anthropic", api_key=key, max_retries=0))
+    return lambda kleis, key: sdk_clients(
+        anthropic.AsyncAnthropic(base_url=kleis.url + "/anthropic", api_key=key, max_retries=0)
+    )
 
 
 def simple_body(**extra) -> dict:
@@ -65,10 +74,10 @@ def parse_sse(raw: bytes) -> list[tuple[str | None, dict]]:
         if not lines:
             continue  # a keepalive comment
         name = None
-        data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
         for line in lines:
             if line.startswith("event: "):
-                name = line[len("event: "):]
+                name = line[len("event: ") :]
             else:
                 assert line.startswith("data: "), f"unexpected SSE line {line!r}"
         assert len(data) == 1, block
@@ -80,8 +89,11 @@ def parse_sse(raw: bytes) -> list[tuple[str | None, dict]]:
 
 
 def tool_names(events: list[tuple[str | None, dict]]) -> list[str]:
-    return [p["content_block"]["name"] for _, p in events
-            if p["type"] == "content_block_start" and p["content_block"]["type"] == "tool_use"]
+    return [
+        p["content_block"]["name"]
+        for _, p in events
+        if p["type"] == "content_block_start" and p["content_block"]["type"] == "tool_use"
+    ]
 
 
 def only_bucket(rows: list[dict]) -> dict:
@@ -90,21 +102,31 @@ def only_bucket(rows: list[dict]) -> dict:
 
 
 def app_errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno >= logging.ERROR and r.name.startswith(("kleis", "sanic"))]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith(("kleis", "sanic"))
+    ]
 
 
 # ── the official SDK ─────────────────────────────────────────────────────────
 
 
-async def test_sdk_stream_with_tools_restores_the_clients_names(db_url, start_kleis, claude_fake, caplog, sdk):
+async def test_sdk_stream_with_tools_restores_the_clients_names(
+    db_url, start_kleis, claude_fake, caplog, sdk
+):
     kleis, key, key_view, account = await kleis_with_account(start_kleis, claude_fake, db_url)
     client = sdk(kleis, key)
-    claude_fake.queue(FakeClaude.stream_reply(
-        "Let me look.", tool_use=("mcp_Shell", {"command": "ls -la"}),
-        usage={"input": 100, "output": 20, "cache_read": 30, "cache_write": 7}))
-    async with client.messages.stream(model=MODEL, max_tokens=256, tools=[SHELL_TOOL],
-                                      messages=[{"role": "user", "content": "list files"}]) as stream:
+    claude_fake.queue(
+        FakeClaude.stream_reply(
+            "Let me look.",
+            tool_use=("mcp_Shell", {"command": "ls -la"}),
+            usage={"input": 100, "output": 20, "cache_read": 30, "cache_write": 7},
+        )
+    )
+    async with client.messages.stream(
+        model=MODEL, max_tokens=256, tools=[SHELL_TOOL], messages=[{"role": "user", "content": "list files"}]
+    ) as stream:
         events = [event async for event in stream]
         final = await stream.get_final_message()
         headers = stream.response.headers
@@ -124,8 +146,9 @@ async def test_sdk_stream_with_tools_restores_the_clients_names(db_url, start_kl
     # a tool declared in lower case comes back in lower case
     claude_fake.queue(FakeClaude.stream_reply("", tool_use=("mcp_Bash", {"command": "pwd"})))
     bash_tool = {**SHELL_TOOL, "name": "bash"}
-    async with client.messages.stream(model=MODEL, max_tokens=256, tools=[bash_tool],
-                                      messages=[{"role": "user", "content": "where am I"}]) as stream:
+    async with client.messages.stream(
+        model=MODEL, max_tokens=256, tools=[bash_tool], messages=[{"role": "user", "content": "where am I"}]
+    ) as stream:
         final2 = await stream.get_final_message()
     assert [(b.type, b.name) for b in final2.content] == [("tool_use", "bash")]
 
@@ -147,14 +170,19 @@ async def test_sdk_stream_with_tools_restores_the_clients_names(db_url, start_kl
 
 async def test_sdk_non_streaming_message(start_kleis, claude_fake, sdk):
     kleis, key, _, account = await kleis_with_account(start_kleis, claude_fake)
-    claude_fake.queue(FakeClaude.json_reply(
-        "Running it.", tool_use=("mcp_Shell", {"command": "make"}),
-        usage={"input": 40, "output": 9, "cache_read": 11, "cache_write": 3}))
+    claude_fake.queue(
+        FakeClaude.json_reply(
+            "Running it.",
+            tool_use=("mcp_Shell", {"command": "make"}),
+            usage={"input": 40, "output": 9, "cache_read": 11, "cache_write": 3},
+        )
+    )
     client = sdk(kleis, key)
     sent_version = client.default_headers["anthropic-version"]
     assert client.default_headers["Authorization"] == f"Bearer {key}"  # this SDK sends the key as Bearer
     message = await client.messages.create(
-        model=MODEL, max_tokens=128, tools=[SHELL_TOOL], messages=[{"role": "user", "content": "build"}])
+        model=MODEL, max_tokens=128, tools=[SHELL_TOOL], messages=[{"role": "user", "content": "build"}]
+    )
     assert message.content[0].text == "Running it."
     assert (message.content[1].type, message.content[1].name) == ("tool_use", "Shell")
     assert message.usage.cache_read_input_tokens == 11
@@ -165,13 +193,20 @@ async def test_sdk_non_streaming_message(start_kleis, claude_fake, sdk):
     assert received.query == {"beta": "true"}
     # the SDK's anthropic-version passes through untouched; its Bearer key never reaches Anthropic
     assert received.headers["anthropic-version"] == sent_version
-    assert received.headers["authorization"] == f"Bearer {kleis.services.pool.accounts[account['id']].access_token}"
+    assert (
+        received.headers["authorization"]
+        == f"Bearer {kleis.services.pool.accounts[account['id']].access_token}"
+    )
     assert "x-api-key" not in received.headers and key not in json.dumps(received.headers)
 
     row = only_bucket(await kleis.buckets())
     assert (row["request_count"], row["success_count"]) == (1, 1)
-    assert (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"], row["cache_write_tokens"]) == (
-        40, 9, 11, 3)
+    assert (
+        row["input_tokens"],
+        row["output_tokens"],
+        row["cache_read_tokens"],
+        row["cache_write_tokens"],
+    ) == (40, 9, 11, 3)
 
 
 async def test_upstream_headers_and_url(start_kleis, claude_fake, http):
@@ -181,8 +216,11 @@ async def test_upstream_headers_and_url(start_kleis, claude_fake, http):
     key, _ = await kleis.create_key()
 
     # x-api-key, no anthropic-version, a client beta (one repeated), a query string
-    headers = {"x-api-key": key, "anthropic-beta": "structured-outputs-2025-11-13, oauth-2025-04-20",
-               "x-session-id": "ses_1"}
+    headers = {
+        "x-api-key": key,
+        "anthropic-beta": "structured-outputs-2025-11-13, oauth-2025-04-20",
+        "x-session-id": "ses_1",
+    }
     async with http.post(kleis.url + MESSAGES + "?trace=1", json=simple_body(), headers=headers) as resp:
         assert resp.status == 200, await resp.text()
         assert (await resp.json())["content"][0]["text"] == "Hello from the fake."
@@ -207,7 +245,12 @@ async def test_upstream_headers_and_url(start_kleis, claude_fake, http):
     assert first.headers["x-session-id"] == "ses_1"
 
     row = only_bucket(await kleis.buckets())
-    assert (row["request_count"], row["success_count"], row["input_tokens"], row["output_tokens"]) == (2, 2, 50, 24)
+    assert (row["request_count"], row["success_count"], row["input_tokens"], row["output_tokens"]) == (
+        2,
+        2,
+        50,
+        24,
+    )
 
 
 # ── OpenCode's captured requests ─────────────────────────────────────────────
@@ -215,17 +258,21 @@ async def test_upstream_headers_and_url(start_kleis, claude_fake, http):
 
 def sanitised(text: str) -> str:
     """The system text as Anthropic must see it (the rewrites of prior art §3.4, by hand)."""
-    return (text.replace("\n  https://github.com/anomalyco/opencode\n", "\n  https://github.com/anomalyco/project\n")
-            .replace("Here is some useful information about the environment you are running in:",
-                     "Here is useful information about the environment you are running in:"))
+    return text.replace(
+        "\n  https://github.com/anomalyco/opencode\n", "\n  https://github.com/anomalyco/project\n"
+    ).replace(
+        "Here is some useful information about the environment you are running in:",
+        "Here is useful information about the environment you are running in:",
+    )
 
 
 async def replay(kleis, http, name: str, key: str) -> tuple[int, dict, bytes]:
     captured = json.loads((DATA / name).read_text())
     headers = {k: v for k, v in captured["headers"].items() if k not in ("connection", "content-length")}
     headers["x-api-key"] = key
-    async with http.post(kleis.url + captured["path"], data=json.dumps(captured["body"]).encode(),
-                         headers=headers) as resp:
+    async with http.post(
+        kleis.url + captured["path"], data=json.dumps(captured["body"]).encode(), headers=headers
+    ) as resp:
         return resp.status, dict(resp.headers), await resp.read()
 
 
@@ -239,9 +286,16 @@ async def test_opencode_turns_replayed(start_kleis, claude_fake, http):
     assert status == 200, raw
     assert headers["Content-Type"].startswith("text/event-stream")
     events = parse_sse(raw.replace(b"\r\n", b"\n"))
-    assert [name for name, _ in events] == ["message_start", "ping", "content_block_start", "content_block_delta",
-                                            "content_block_delta", "content_block_stop", "message_delta",
-                                            "message_stop"]
+    assert [name for name, _ in events] == [
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert tool_names(events) == ["glob"]
     assert b"mcp_" not in raw
 
@@ -255,7 +309,10 @@ async def test_opencode_turns_replayed(start_kleis, claude_fake, http):
     for received, sent in zip(claude_fake.calls("/v1/messages"), (turn1, turn2), strict=True):
         body = received.json
         assert received.query == {"beta": "true"}
-        assert received.headers["anthropic-beta"].split(",") == [*REQUIRED_BETAS, "structured-outputs-2025-11-13"]
+        assert received.headers["anthropic-beta"].split(",") == [
+            *REQUIRED_BETAS,
+            "structured-outputs-2025-11-13",
+        ]
         assert received.headers["anthropic-version"] == "2023-06-01"
         assert received.headers["x-session-id"] == "ses_de1a27cf6ffeim4dV4UKcBOUr8"
         assert "x-api-key" not in received.headers
@@ -265,11 +322,26 @@ async def test_opencode_turns_replayed(start_kleis, claude_fake, http):
         assert "anomalyco/opencode\n" not in body["system"][1]["text"]
         # tools prefixed in PascalCase; everything else about them unchanged
         assert [t["name"] for t in body["tools"]] == [
-            "mcp_Bash", "mcp_Edit", "mcp_Glob", "mcp_Grep", "mcp_Read", "mcp_Skill", "mcp_Task", "mcp_Todowrite",
-            "mcp_Webfetch", "mcp_Write"]
-        assert [{**t, "name": s["name"]} for t, s in zip(body["tools"], sent["tools"], strict=True)] == sent["tools"]
+            "mcp_Bash",
+            "mcp_Edit",
+            "mcp_Glob",
+            "mcp_Grep",
+            "mcp_Read",
+            "mcp_Skill",
+            "mcp_Task",
+            "mcp_Todowrite",
+            "mcp_Webfetch",
+            "mcp_Write",
+        ]
+        assert [{**t, "name": s["name"]} for t, s in zip(body["tools"], sent["tools"], strict=True)] == sent[
+            "tools"
+        ]
         assert body["tool_choice"] == sent["tool_choice"] == {"type": "auto"}
-        assert (body["model"], body["max_tokens"], body["stream"]) == (sent["model"], sent["max_tokens"], True)
+        assert (body["model"], body["max_tokens"], body["stream"]) == (
+            sent["model"],
+            sent["max_tokens"],
+            True,
+        )
 
     history = claude_fake.calls("/v1/messages")[1]
     assistant = history.json["messages"][1]["content"]
@@ -339,17 +411,26 @@ async def test_errors_use_the_anthropic_envelope_with_honest_types(start_kleis, 
     assert counted == 2
 
 
-async def test_cut_stream_ends_with_an_error_event_and_counts_incomplete(db_url, start_kleis, claude_fake, http):
+async def test_cut_stream_ends_with_an_error_event_and_counts_incomplete(
+    db_url, start_kleis, claude_fake, http
+):
     kleis, key, _, account = await kleis_with_account(start_kleis, claude_fake, db_url)
     reply = FakeClaude.stream_reply("Half an answer", usage={"input": 70})
     reply.cut_after = 4  # message_start, ping, content_block_start, one delta
     claude_fake.queue(reply)
-    async with http.post(kleis.url + MESSAGES, json=simple_body(stream=True), headers={"x-api-key": key}) as resp:
+    async with http.post(
+        kleis.url + MESSAGES, json=simple_body(stream=True), headers={"x-api-key": key}
+    ) as resp:
         assert resp.status == 200
         raw = await resp.read()
     events = parse_sse(raw)
-    assert [name for name, _ in events] == ["message_start", "ping", "content_block_start", "content_block_delta",
-                                            "error"]
+    assert [name for name, _ in events] == [
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "error",
+    ]
     error = events[-1][1]
     assert error["type"] == "error" and error["error"]["type"] in ("api_error", "overloaded_error")
     assert error["error"]["message"].startswith("Kleis: ")
@@ -366,8 +447,9 @@ async def test_oauth_code_login(db_url, start_kleis, claude_fake, http):
     kleis = await start_kleis(db_url=db_url)
 
     async def start() -> dict:
-        _, body = await kleis.admin("POST", "/admin/accounts/claude/oauth/start", {"options": {"mode": "max"}},
-                                    expect=200)
+        _, body = await kleis.admin(
+            "POST", "/admin/accounts/claude/oauth/start", {"options": {"mode": "max"}}, expect=200
+        )
         return body
 
     async def approve(url: str) -> str:
@@ -385,19 +467,27 @@ async def test_oauth_code_login(db_url, start_kleis, claude_fake, http):
     pasted = await approve(login["authorizationUrl"])
     assert pasted.endswith("#" + login["state"])
 
-    _, done = await kleis.admin("POST", "/admin/accounts/claude/oauth/complete",
-                                {"state": login["state"], "code": pasted}, expect=200)
+    _, done = await kleis.admin(
+        "POST", "/admin/accounts/claude/oauth/complete", {"state": login["state"], "code": pasted}, expect=200
+    )
     account = done["account"]
-    assert (account["provider"], account["accountId"], account["label"]) == ("claude", DEFAULT_UUID, DEFAULT_EMAIL)
+    assert (account["provider"], account["accountId"], account["label"]) == (
+        "claude",
+        DEFAULT_UUID,
+        DEFAULT_EMAIL,
+    )
     assert account["status"] == "ok" and account["isPrimary"] is True
     assert "accessToken" not in json.dumps(done) and "sk-ant-" not in json.dumps(done)
-    (exchange,) = [r for r in claude_fake.calls("/v1/oauth/token") if r.json["grant_type"] == "authorization_code"]
+    (exchange,) = [
+        r for r in claude_fake.calls("/v1/oauth/token") if r.json["grant_type"] == "authorization_code"
+    ]
     assert exchange.json["code"] == pasted.split("#")[0] and exchange.json["state"] == login["state"]
     assert exchange.json["code_verifier"]  # the fake checked it against the challenge
 
     # the same state again: refused, no second exchange
-    status, err = await kleis.admin("POST", "/admin/accounts/claude/oauth/complete",
-                                    {"state": login["state"], "code": pasted})
+    status, err = await kleis.admin(
+        "POST", "/admin/accounts/claude/oauth/complete", {"state": login["state"], "code": pasted}
+    )
     assert status == 400 and err["message"]
     assert "start the login again" in err["message"]
 
@@ -405,19 +495,26 @@ async def test_oauth_code_login(db_url, start_kleis, claude_fake, http):
     other = await start()
     pasted = await approve(other["authorizationUrl"])
     code = pasted.split("#")[0]
-    status, err = await kleis.admin("POST", "/admin/accounts/claude/oauth/complete",
-                                    {"state": other["state"], "code": f"{code}#not-{other['state']}"})
+    status, err = await kleis.admin(
+        "POST",
+        "/admin/accounts/claude/oauth/complete",
+        {"state": other["state"], "code": f"{code}#not-{other['state']}"},
+    )
     assert status == 400
     assert "state mismatch" in err["message"]
-    status, err = await kleis.admin("POST", "/admin/accounts/claude/oauth/complete",
-                                    {"state": other["state"], "code": pasted})
+    status, err = await kleis.admin(
+        "POST", "/admin/accounts/claude/oauth/complete", {"state": other["state"], "code": pasted}
+    )
     assert status == 400
 
     # logging in again as the same Anthropic account updates it
     again = await start()
-    _, done2 = await kleis.admin("POST", "/admin/accounts/claude/oauth/complete",
-                                 {"state": again["state"], "code": await approve(again["authorizationUrl"])},
-                                 expect=200)
+    _, done2 = await kleis.admin(
+        "POST",
+        "/admin/accounts/claude/oauth/complete",
+        {"state": again["state"], "code": await approve(again["authorizationUrl"])},
+        expect=200,
+    )
     assert done2["account"]["id"] == account["id"]
     rows = await account_rows(kleis)
     assert len(rows) == 1 and rows[0]["account_id"] == DEFAULT_UUID
@@ -432,9 +529,12 @@ async def test_oauth_code_login(db_url, start_kleis, claude_fake, http):
 async def test_import_claude_code_credentials_is_idempotent(db_url, start_kleis, claude_fake):
     kleis = await start_kleis(db_url=db_url)
     credentials = json.loads((DATA / "claude-code-credentials.json").read_text())
-    _, first = await kleis.admin("POST", "/admin/accounts/claude/import", {"authFile": credentials}, expect=201)
-    _, second = await kleis.admin("POST", "/admin/accounts/claude/import",
-                                  {"authFile": json.dumps(credentials)}, expect=201)
+    _, first = await kleis.admin(
+        "POST", "/admin/accounts/claude/import", {"authFile": credentials}, expect=201
+    )
+    _, second = await kleis.admin(
+        "POST", "/admin/accounts/claude/import", {"authFile": json.dumps(credentials)}, expect=201
+    )
     assert first["account"]["id"] == second["account"]["id"]
     assert first["account"]["label"] == "claude-max"
     assert first["account"]["expiresAt"] == 1893456000000
@@ -468,7 +568,9 @@ async def test_rate_limited_account_fails_over_and_cools_down(db_url, start_klei
         assert (await resp.json())["content"][0]["text"] == "Hello from the fake."
     calls = claude_fake.calls("/v1/messages")
     assert [c.headers["authorization"] for c in calls] == [
-        f"Bearer {grant_a['access_token']}", f"Bearer {grant_b['access_token']}"]
+        f"Bearer {grant_a['access_token']}",
+        f"Bearer {grant_b['access_token']}",
+    ]
 
     _, listing = await kleis.admin("GET", "/admin/accounts", expect=200)
     views = {a["id"]: a for a in listing["accounts"]}
@@ -489,7 +591,9 @@ async def test_rate_limited_account_fails_over_and_cools_down(db_url, start_klei
     # the next request goes straight to the healthy account
     async with http.post(kleis.url + MESSAGES, json=simple_body(), headers={"x-api-key": key}) as resp:
         assert resp.status == 200
-    assert claude_fake.calls("/v1/messages")[-1].headers["authorization"] == f"Bearer {grant_b['access_token']}"
+    assert (
+        claude_fake.calls("/v1/messages")[-1].headers["authorization"] == f"Bearer {grant_b['access_token']}"
+    )
     assert len(claude_fake.calls("/v1/messages")) == 3
 
     row = only_bucket(await kleis.buckets())
@@ -554,9 +658,15 @@ async def test_upstream_401_forces_one_refresh_and_a_retry(start_kleis, claude_f
 
 async def test_dead_refresh_token_marks_the_account_needs_reauth(db_url, start_kleis, claude_fake, http):
     kleis = await start_kleis(db_url=db_url)
-    account = await kleis.import_account("claude", {
-        "access_token": "sk-ant-oat01-stale", "refresh_token": "sk-ant-ort01-dead",
-        "expires_at": int(time.time() * 1000) + 10_000, "account_id": "uuid-dead"})
+    account = await kleis.import_account(
+        "claude",
+        {
+            "access_token": "sk-ant-oat01-stale",
+            "refresh_token": "sk-ant-ort01-dead",
+            "expires_at": int(time.time() * 1000) + 10_000,
+            "account_id": "uuid-dead",
+        },
+    )
     key, _ = await kleis.create_key()
 
     for _ in range(2):
