@@ -1,10 +1,8 @@
 """Model discovery: the models.dev-format registry Kleis serves at `/api.json` (SPEC S9).
 
-This module is pure and separately tested. `kleis.py` owns the HTTP routes, the API keys and
-the accounts; it hands this module plain data (the upstream catalogue, one `Route` per
-configured provider, the key's `Scopes`) and serves what comes back. Keeping it out of
-`kleis.py` keeps the composition root under its size budget and lets the registry rules be
-tested without a server.
+This module is pure and separately tested. `kleis.py` owns the HTTP routes; it hands this
+module plain data (the upstream catalogue, one `Route` per configured provider, the key's
+`Scopes`) and serves what comes back, so the registry rules are tested without a server.
 
 What it holds, top to bottom:
 

@@ -203,7 +203,10 @@ def parse_proxy_body(raw: bytes) -> dict:
 
 
 class Proxy:
-    """The request path shared by every provider route. `http` is set when the instance opens."""
+    """The request path shared by every provider route. `http` is set when the instance opens.
+
+    Durations and stream deadlines are read from the event loop's clock, the one its
+    timeouts run on; what is stored or compared with stored times comes from `clock`."""
 
     def __init__(
         self,

@@ -1,10 +1,8 @@
 """Kleis settings and secrets: the TOML config as validated frozen dataclasses, the generated
 first config, token encryption and log masking.
 
-A sibling of kleis.py rather than a section of it because it is pure (no I/O beyond reading
-and creating the config file, no Sanic, no database), it is tested on its own
-(tests/test_config.py), and it keeps kleis.py within its size budget. kleis.py re-exports
-every name used elsewhere.
+Pure: no I/O beyond reading and creating the config file, no Sanic, no database; tested on
+its own in tests/test_settings.py.
 """
 
 from __future__ import annotations

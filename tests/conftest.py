@@ -3,7 +3,8 @@
 `kleis = await start_kleis()` writes a config.toml in tmp_path (every provider URL pointing at
 its fake), runs the real app with its real listeners on 127.0.0.1:<random port> in the test's
 event loop, and stops it (draining usage) at the end. `kleis.services` is the running app's
-services record, so a test can flush usage explicitly instead of sleeping.
+`kleis.Instance`, so a test can flush usage explicitly instead of sleeping, and `clock=ManualClock()`
+lets a test move time instead of waiting for it.
 """
 
 from __future__ import annotations

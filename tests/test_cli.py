@@ -59,7 +59,8 @@ def cli(tmp_path, capsys, monkeypatch):
         except SystemExit as exc:  # argparse's usage errors
             code = exc.code
         finally:
-            pass  # root.handlers[:] = handlers
+            root.handlers[:] = handlers
+            root.setLevel(level)
             for name, (saved, propagate) in sanic.items():
                 logging.getLogger(name).handlers[:] = saved
                 logging.getLogger(name).propagate = propagate
