@@ -624,7 +624,7 @@ class Instance:
         b.every("token-refresher", 60, self.pool.refresh_due)
         b.every("cache-invalidation", 1, self.poll_versions)
         b.every("purge", 3600, self.purge)
-        b.start("models-refresher", self.catalogue.run(self.http, b.stopping))
+        b.start("models-refresher", self.catalogue.run(self.http, b.stopping), service=True)
 
     async def poll_versions(self) -> None:
         """Reload caches another instance (or the CLI) changed."""

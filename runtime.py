@@ -64,13 +64,23 @@ class Background:
         self._ids = itertools.count(1)
 
     def start(
-        self, name: str, coro: Coroutine[Any, Any, Any], *, wait_on_stop: bool = True, report: bool = True
+        self,
+        name: str,
+        coro: Coroutine[Any, Any, Any],
+        *,
+        wait_on_stop: bool = True,
+        report: bool = True,
+        service: bool = False,
     ) -> asyncio.Task:
         """Run `coro` as task `name#N`. `wait_on_stop=False`: stop() cancels it at once
         (a login poller that may run for minutes) instead of letting it finish.
-        `report=False`: its failure is the awaiting caller's to handle, not logged here."""
+        `report=False`: its failure is the awaiting caller's to handle, not logged here.
+        `service=True`: it runs until `stopping` is set, like the `every` loops (drain() does
+        not wait for it)."""
         task = asyncio.get_running_loop().create_task(coro, name=f"{name}#{next(self._ids)}")
         self.tasks.add(task)
+        if service:
+            self._loops.add(task)
         if not wait_on_stop:
             self._abandon.add(task)
         if not report:
@@ -79,9 +89,7 @@ class Background:
         return task
 
     def every(self, name: str, seconds: float, job: Callable[[], Awaitable[Any]]) -> asyncio.Task:
-        task = self.start(name, self._repeat(name, seconds, job))
-        self._loops.add(task)
-        return task
+        return self.start(name, self._repeat(name, seconds, job), service=True)
 
     def named(self, prefix: str) -> list[asyncio.Task]:
         """The running tasks whose name starts with `prefix`."""
