@@ -314,3 +314,24 @@ async def test_account_quota_is_fetched_on_demand_and_cached(start_kleis, codex_
     copilot = await k.import_account("copilot", copilot_fake.grant())
     _, body = await k.admin("GET", f"/admin/accounts/{copilot['id']}/quota", expect=200)
     assert body == {"quota": None}  # Copilot has no quota endpoint
+
+
+async def test_a_rejected_refresh_token_is_one_condition_everywhere(start_kleis, codex_fake):
+    """The error catalogue: 'needs a new login' is 403 account_needs_reauth on the admin API
+    and on the proxy route, each in its own envelope."""
+    k = await start_kleis()
+    account = await k.import_account("codex", codex_fake.grant())
+    key, _ = await k.create_key()
+    codex_fake.revoke_refresh_tokens()
+    status, body = await k.admin("POST", f"/admin/accounts/{account['id']}/refresh")
+    assert status == 403 and body["error"] == "account_needs_reauth" and "log in again" in body["message"]
+    _, listed = await k.admin("GET", "/admin/accounts", expect=200)
+    assert listed["accounts"][0]["status"] == "needs_reauth"
+    async with k.http.post(
+        k.url + "/openai/v1/responses",
+        json={"model": "gpt-5.5", "input": "hi"},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as resp:
+        answer = await resp.json()
+    assert resp.status == 403 and answer["error"]["code"] == "account_needs_reauth"
+    assert answer["error"]["type"] == "permission_error"
