@@ -96,6 +96,13 @@ def fmt_time(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000))
 
 
+def days_ms(days: float, flag: str) -> int:
+    """A positive, finite number of days (at most 100 years) as milliseconds."""
+    if not (0 < days <= 36_500):  # also false for NaN
+        raise CliError(f"{flag} must be a positive number of days (at most 36500 days)")
+    return max(1, int(days * 86_400_000))
+
+
 def base_url(settings: Settings) -> str:
     return settings.server.public_url.rstrip("/") or f"http://{settings.server.host}:{settings.server.port}"
 
@@ -112,7 +119,9 @@ async def keys_command(args, kleis, console: Console, settings: Settings) -> int
             "providerScopes": args.provider or None,
             "modelScopes": args.model or None,
             "accountScopes": args.account or None,
-            "expiresAt": now + int(args.expires_days * 86_400_000) if args.expires_days else None,
+            "expiresAt": None
+            if args.expires_days is None
+            else now + days_ms(args.expires_days, "--expires-days"),
         }
         fields = key_fields(
             body,
@@ -232,7 +241,7 @@ async def login(kleis, provider, args, console: Console):
 
 async def usage_command(args, kleis, console: Console, settings: Settings) -> int:
     report = await usage_report(
-        kleis.store, int(args.hours * 3_600_000), kleis.clock.now(), group="api_key_id"
+        kleis.store, days_ms(args.hours / 24, "--hours"), kleis.clock.now(), group="api_key_id"
     )
     if args.json:
         print_json(report)
@@ -260,7 +269,10 @@ async def rotate_secret_command(args, kleis, console: Console, settings: Setting
         raise CliError("KLEIS_NEW_SECRET_KEY is too short; use at least 16 random characters")
     await kleis.store.reseal(Vault(new_secret))
     await kleis.store.bump_version("accounts")
-    console.print("Tokens re-encrypted. Put this in [security] secret_key (or KLEIS_SECRET_KEY) and restart:")
+    console.print(
+        "Tokens re-encrypted. Put this in [security] secret_key (or KLEIS_SECRET_KEY) and restart:",
+        markup=False,
+    )
     print(new_secret)
     return 0
 

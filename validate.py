@@ -50,12 +50,18 @@ def opt_str(body: dict, name: str, max_len: int = 200) -> str | None:
     return value or None
 
 
+MAX_INT = 2**53  # the integers every JSON client reads exactly; fits the database's BIGINT
+
+
 def opt_int(body: dict, name: str) -> int | None:
+    """An integer within ±2^53, None when absent."""
     value = body.get(name)
     if value is None:
         return None
     if type(value) is not int:
         raise BadRequest(f"{name} must be an integer")
+    if not -MAX_INT <= value <= MAX_INT:
+        raise BadRequest(f"{name} must be between {-MAX_INT} and {MAX_INT}")
     return value
 
 

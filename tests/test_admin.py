@@ -335,3 +335,18 @@ async def test_a_rejected_refresh_token_is_one_condition_everywhere(start_kleis,
         answer = await resp.json()
     assert resp.status == 403 and answer["error"]["code"] == "account_needs_reauth"
     assert answer["error"]["type"] == "permission_error"
+
+
+async def test_integers_beyond_what_json_clients_read_are_a_400(start_kleis, codex_fake):
+    k = await start_kleis()
+    account = await k.import_account("codex", codex_fake.grant())
+    for method, path, body in (
+        ("POST", "/admin/keys", {"expiresAt": 10**23}),
+        ("PATCH", f"/admin/accounts/{account['id']}", {"priority": 10**23}),
+        ("PATCH", f"/admin/accounts/{account['id']}", {"priority": -(2**63)}),
+    ):
+        status, answer = await k.admin(method, path, body)
+        assert status == 400 and answer["error"] == "bad_request" and "between" in answer["message"], answer
+    assert await k.rows("api_keys") == []
+    (row,) = await k.rows("provider_accounts")
+    assert row["priority"] == 0

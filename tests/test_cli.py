@@ -258,6 +258,7 @@ def test_rotate_secret_reencrypts_tokens(tmp_path, cli):
     [(before,)] = db_rows(tmp_path, "SELECT refresh_token_enc FROM provider_accounts")
     rotated = ok(cli("rotate-secret", env={"KLEIS_NEW_SECRET_KEY": "n" * 32}))
     assert rotated.out.strip().splitlines()[-1] == "n" * 32
+    assert "Put this in [security] secret_key" in rotated.out  # not eaten as rich markup
     # The old key no longer opens the tokens; the new one does (via the environment).
     old = ok(cli("accounts", "list", "--json"))
     assert json.loads(old.out) == [] and "secret_key changed" in old.err
@@ -265,3 +266,21 @@ def test_rotate_secret_reencrypts_tokens(tmp_path, cli):
     assert json.loads(listed.out)[0]["accountId"] == "acct_file"
     [(sealed,)] = db_rows(tmp_path, "SELECT refresh_token_enc FROM provider_accounts")
     assert "rt_file_fake_refresh" not in sealed and sealed != before
+
+
+def test_out_of_range_numbers_are_one_line_errors(cli):
+    ok(cli("init"))
+    for days in ("0", "-1", "nan", "inf", "1e300"):
+        bad = cli("keys", "create", "--expires-days", days)
+        assert (
+            bad.code == 1
+            and bad.err.startswith("kleis: --expires-days must be")
+            and "Traceback" not in bad.err
+        )
+    bad = cli("usage", "--hours", "-5")
+    assert bad.code == 1 and bad.err.startswith("kleis: --hours must be")
+    assert db_rows_count(cli) == 0  # nothing was created
+
+
+def db_rows_count(cli) -> int:
+    return len(json.loads(ok(cli("keys", "list", "--json")).out))
