@@ -213,8 +213,10 @@ class Lockout:
     def retry_after(self, address: str) -> int:
         """Seconds the address is still blocked (0 = not blocked)."""
         entry = self._entries.get(address)
+        if entry is None or not entry[2]:  # the common case reads no clock
+            return 0
         now = self.now()
-        if entry is None or entry[2] <= now:
+        if entry[2] <= now:
             return 0
         return max(1, -(-(entry[2] - now) // 1000))
 
