@@ -36,8 +36,15 @@ Optional:
                                       # (default f"{CATALOGUE}/"; Codex uses "")
     def catalogue_model(options, model_id: str, model: dict) -> dict | None
                                       # discovery: drop (None) or adjust one catalogue model
-    def retry_after(status, headers: Mapping, body: bytes) -> Cooldown | None  # provider reset hints
+    def retry_after(status, headers: Mapping, body: bytes, *, now: Callable[[], float]) -> Cooldown | None
+                                      # provider reset hints; `now` gives epoch seconds (injectable)
     async quota(ctx, account: Account) -> dict                              # admin quota view
+    async list_models(ctx, account: Account) -> list[ModelInfo]
+                                      # the models this account can use today, from the provider's
+                                      # own model list (hidden ones left out); raise ProviderError
+                                      # when it cannot be had. Called in the background, never on
+                                      # the request path; the core caches it and merges it with
+                                      # the catalogue (discovery falls back to the catalogue).
 
 Adapters never import `kleis` or Sanic, never touch the database and never log a token.
 """
@@ -194,6 +201,21 @@ class Usage:
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model an account can use, as the provider's own model list describes it. Fields
+    the list does not give stay None; discovery fills them from the models.dev catalogue when
+    it knows the model, else with conservative defaults."""
+
+    id: str  # the id clients send (unprefixed upstream id)
+    name: str | None = None  # display name
+    context: int | None = None  # tokens the model accepts (input + output)
+    output: int | None = None  # max output tokens
+    input_modalities: tuple[str, ...] | None = None  # "text", "image", "pdf"
+    reasoning: bool | None = None
+    tool_call: bool | None = None
 
 
 @dataclass
