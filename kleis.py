@@ -391,6 +391,8 @@ class Proxy:
             raise TransformFailed(f"{provider.name}: the response could not be processed") from None
         headers = relay_headers(resp.headers, transformer.is_sse)
         headers.update({"x-kleis-provider": provider.name, "x-kleis-account": account.id})
+        if getattr(transformer, "collect", False):
+            return await self._collected(provider, resp, transformer, headers, outcome, started)
         content_type = getattr(transformer, "content_type", None)  # a transformer that reshapes the body
         if content_type:
             headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
@@ -472,6 +474,69 @@ class Proxy:
             self.open_streams -= 1
             resp.close()  # closes the upstream connection at once if the body was not finished
         return None  # already sent via request.respond(); returning it makes Sanic log an error
+
+    async def _collected(
+        self,
+        provider: LoadedProvider,
+        resp: aiohttp.ClientResponse,
+        transformer,
+        headers: dict[str, str],
+        outcome: Outcome,
+        started: float,
+    ):
+        """A transformer with `collect = True` sees the whole upstream body before the client
+        gets a status line, so it can answer with the status the body implies (an error event
+        inside a 200 stream becomes a 4xx/5xx). A cut or silent upstream is a 502/504 here,
+        not a broken connection: nothing was sent yet."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        deadline = started + settings.response_timeout
+        content = resp.content
+        problem: KleisError | None = None
+        try:
+            while True:
+                wait = min(settings.idle_timeout, deadline - loop.time())
+                try:
+                    if wait <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(wait):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    problem = UpstreamTimeout(
+                        f"{provider.name}: upstream sent nothing for {settings.idle_timeout:g} s"
+                        if loop.time() < deadline
+                        else f"{provider.name}: the response took longer than {settings.response_timeout:g} s"
+                    )
+                    break
+                except (aiohttp.ClientError, ConnectionError) as exc:
+                    problem = UpstreamUnavailable(
+                        f"{provider.name}: upstream connection broke off ({type(exc).__name__})"
+                    )
+                    break
+                if not chunk:
+                    break
+                transformer.feed(chunk)
+            body = transformer.close()
+        except asyncio.CancelledError:
+            outcome.cancelled = True
+            raise
+        finally:
+            outcome.usage = transformer.usage
+            resp.close()
+        if problem is None and not transformer.terminal and resp.status < 400:
+            problem = UpstreamUnavailable(f"{provider.name}: upstream stream ended without its final event")
+        if problem is not None:
+            outcome.incomplete = True
+            log.warning("%s response incomplete (model %s): %s", provider.name, outcome.model, problem)
+            raise problem
+        status = getattr(transformer, "status", None) or resp.status
+        outcome.status = status
+        outcome.ttfb_ms = int((loop.time() - started) * 1000)
+        content_type = getattr(transformer, "content_type", None)
+        if content_type:
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+            headers["content-type"] = content_type
+        return sanic_response.raw(body, status=status, headers=headers)
 
 
 # ══ Discovery ═══════════════════════════════════════════════════════════════

@@ -254,7 +254,12 @@ class Transformer(Protocol):
     once the protocol's terminal event was seen; `error_event` renders a well-formed error
     event the core sends when the upstream stream breaks off. A transformer may also carry
     `content_type` (str) when the body it emits is not what the upstream's Content-Type says,
-    e.g. an SSE stream collected into one JSON body for a client that did not ask to stream."""
+    e.g. an SSE stream collected into one JSON body for a client that did not ask to stream.
+
+    A transformer with `collect = True` is fed the whole upstream body before the client gets
+    anything; after `close()` the core answers with `status` (int, None = the upstream's) and
+    `content_type`, so an error found inside a 200 stream can become a 4xx/5xx. A cut or
+    silent upstream then becomes a 502/504 error instead of a broken connection."""
 
     usage: Usage
     terminal: bool
