@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -25,10 +25,12 @@ from . import (
     Login,
     LoginFailed,
     LoginPending,
+    ModelInfo,
     ProviderError,
     ProxyRequest,
     Tokens,
     Upstream,
+    Usage,
     epoch_ms,
 )
 from ._oauth import (
@@ -40,8 +42,8 @@ from ._oauth import (
     pkce_pair,
     token_request,
 )
-from ._openai import ResponsesCollector, openai_transformer
-from ._sse import compact_json
+from ._openai import openai_transformer, responses_usage
+from ._sse import EventSplitter, compact_json, event_json
 
 CONTRACT = 1
 NAME = "codex"
@@ -63,6 +65,9 @@ OPTIONS = {
     "client_id": "app_EMoamEEZ73f0CkXaXp7hrann",
     "instructions_file": "",  # "" = providers/codex_instructions.md
     "originator": "opencode",
+    # The Codex CLI version Kleis claims when it asks the backend for its model list: the
+    # backend leaves out models whose `minimal_client_version` is newer than this.
+    "client_version": "0.169.0",
     "model_allow": ["gpt-5.3-codex-spark", "gpt-5.4", "gpt-5.4-mini", "gpt-5.5"],
     "model_deny": ["gpt-5.5-pro", "gpt-5.6"],
     "model_min_version": "5.4",  # gpt-X.Y ids newer than this are allowed too
@@ -82,7 +87,9 @@ DROPPED_HEADERS = frozenset((*SESSION_HEADERS, "x-client-request-id", "accept-en
 DROPPED_FIELDS = ("max_output_tokens", "max_completion_tokens")  # the backend rejects both
 PROMOTABLE_ROLES = ("developer", "system")
 TEXT_PART_TYPES = ("input_text", "text")
-MODEL_VERSION = re.compile(r"^gpt-(\d+)\.(\d+)")
+# gpt-<major>[.<minor>] followed by a dash or the end: gpt-6, gpt-6-sol, gpt-6.1-terra, gpt-5.5
+# (not gpt-4o or gpt-image-1). A missing minor counts as .0.
+MODEL_VERSION = re.compile(r"^gpt-(\d+)(?:\.(\d+))?(?=-|$)")
 BUNDLED_INSTRUCTIONS = Path(__file__).with_name("codex_instructions.md")
 
 
@@ -346,16 +353,11 @@ def session_key(request: ProxyRequest) -> str | None:
 def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     """The backend request: our credentials and identity headers, a reshaped copy of the body."""
     headers = {name: value for name, value in request.headers.items() if name not in DROPPED_HEADERS}
-    headers["authorization"] = f"Bearer {account.access_token}"
+    client_originator = headers.get("originator")
+    headers.update(_identity_headers(ctx, account, accept="text/event-stream"))  # the backend only streams
     headers["content-type"] = "application/json"
-    # One consistent first-party identity: the backend serves first-party clients, and a
-    # client's own user agent (an SDK's, say) next to originator=opencode would contradict it.
-    headers["user-agent"] = ctx.options["originator"]
-    headers.setdefault("originator", ctx.options["originator"])
-    headers["accept"] = "text/event-stream"  # the backend only streams; see transformer()
-    chatgpt_account = account.metadata.get("chatgptAccountId") or account.account_id
-    if chatgpt_account:
-        headers["chatgpt-account-id"] = chatgpt_account
+    if client_originator:  # a first-party client (codex_exec, codex_cli_rs) keeps its own
+        headers["originator"] = client_originator
 
     body = dict(request.body)  # shallow: only top-level keys and the input list are replaced
     for field in DROPPED_FIELDS:
@@ -445,11 +447,18 @@ def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mappi
     return ResponsesCollector()
 
 
-def retry_after(status: int, headers: Mapping, body: bytes) -> Cooldown | None:
-    """A usage-window reset from a `usage_limit_reached` body or the x-codex-* window headers."""
+def retry_after(
+    status: int, headers: Mapping, body: bytes, *, now: Callable[[], float] = time.time
+) -> Cooldown | None:
+    """A usage-window reset from a `usage_limit_reached` body (`resets_in_seconds`, else the
+    epoch `resets_at`) or from the exhausted x-codex-{primary,secondary}-* window headers of a
+    429; `now` gives epoch seconds. Anything else (a transient 429, any 5xx) is None: the core
+    reads Retry-After and applies its defaults."""
+    if status >= 500:
+        return None
     error = _error_object(body)
     if error.get("type") == "usage_limit_reached" or error.get("code") == "usage_limit_reached":
-        seconds = _reset_seconds(error.get("resets_in_seconds"), error.get("resets_at"))
+        seconds = _reset_seconds(error.get("resets_in_seconds"), error.get("resets_at"), now)
         if seconds is not None:
             return Cooldown(seconds, window_exhausted=True)
     if status != 429:
@@ -461,7 +470,9 @@ def retry_after(status: int, headers: Mapping, body: bytes) -> Cooldown | None:
         if used is None or used < 100:
             continue
         seconds = _reset_seconds(
-            lowered.get(f"x-codex-{window}-reset-after-seconds"), lowered.get(f"x-codex-{window}-reset-at")
+            lowered.get(f"x-codex-{window}-reset-after-seconds"),
+            lowered.get(f"x-codex-{window}-reset-at"),
+            now,
         )
         if seconds is not None:
             resets.append(seconds)
@@ -479,15 +490,237 @@ def _error_object(body: bytes) -> Mapping:
     return error if isinstance(error, Mapping) else {}
 
 
-def _reset_seconds(after: Any, at: Any) -> float | None:
+def _reset_seconds(after: Any, at: Any, now: Callable[[], float]) -> float | None:
     """Seconds until a reset given as a delay, else as an epoch (seconds or ms)."""
     delay = _number(after)
     if delay is not None:
         return max(delay, 0.0)
     when = epoch_ms(_number(at))
     if when is not None:
-        return max(when / 1000 - time.time(), 0.0)  # retry_after gets no ctx clock
+        return max(when / 1000 - now(), 0.0)
     return None
+
+
+# ── Collected (non-streaming) responses ──────────────────────────────────────
+
+# Where an error the backend reports inside its 200 stream lands for a client that did not
+# stream: nothing was sent yet, so it gets a real HTTP error (OpenAI envelope) its SDK raises.
+# Keys are the upstream error `code`, else its `type`; anything unknown is the upstream's
+# fault (502). OpenCode does not retry 4xx, and retries 429/5xx (reference/clients.md §6).
+ERROR_STATUS = {
+    "context_length_exceeded": 400,
+    "invalid_prompt": 400,
+    "invalid_request_error": 400,
+    "invalid_value": 400,
+    "model_not_found": 404,
+    "usage_not_included": 403,  # the plan does not include Codex: retrying cannot help
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+    "usage_limit_reached": 429,
+    "insufficient_quota": 429,  # what the OpenAI API answers for it
+    "server_is_overloaded": 503,
+    "slow_down": 503,
+    "server_error": 502,
+}
+# The envelope `type` when the upstream gave none, by status (SPEC S5).
+ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+# Upstream error fields worth keeping beside the standard four: the reset hints retry_after
+# reads, and the plan the limit belongs to.
+ERROR_EXTRAS = ("plan_type", "resets_at", "resets_in_seconds")
+RESPONSE_EVENTS = ("response.completed", "response.done", "response.incomplete", "response.failed")
+
+
+class ResponsesCollector:
+    """Answers a non-streaming Responses request from the backend's SSE stream (it only
+    streams). A collecting transformer (`collect = True`): the core feeds it the whole body,
+    calls close(), then answers with `status` and `content_type`.
+
+    - `response.completed` / `response.done` / `response.incomplete`: 200 with the final
+      `response` object (an incomplete one keeps `status: "incomplete"`, as the API does). The
+      backend may end with an empty `output` (seen with `store: false`); `output` is then
+      rebuilt from the streamed items (`response.output_item.added`/`.done` and the text,
+      argument and reasoning-summary deltas between them), ordered by `output_index`.
+    - `error` (fields flat, as the Responses API streams them, or nested under `error`, as the
+      Codex backend does) or `response.failed` (its `response.error`): the OpenAI envelope
+      `{"error": {"message", "type", "param", "code"}}` with the upstream's message and code,
+      status from an explicit `status` in the event, else ERROR_STATUS.
+    - No terminal event: close() returns b"" and `terminal` stays False; the core reports it.
+
+    The first terminal event decides the answer; later ones only update usage."""
+
+    is_sse = False
+    at_boundary = True
+    collect = True
+    content_type = "application/json"
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.terminal = False
+        self.status: int | None = None  # set by close()
+        self._splitter = EventSplitter()
+        self._response: dict | None = None  # the terminal `response` object
+        self._error: tuple[int, dict] | None = None  # (status, envelope)
+        self._items: dict[int, dict] = {}  # output_index -> the item as streamed so far
+
+    def feed(self, chunk: bytes) -> bytes:
+        for event in self._splitter.feed(chunk):
+            self._event(event)
+        return b""
+
+    def close(self) -> bytes:
+        tail = self._splitter.rest()
+        if tail.strip():
+            self._event(tail)
+        if self._error is not None:
+            self.status, envelope = self._error
+            return compact_json(envelope)
+        if self._response is None:
+            return b""
+        response = self._response
+        if not response.get("output") and self._items:
+            response = {**response, "output": [self._items[i] for i in sorted(self._items)]}
+        self.status = 200
+        return compact_json(response)
+
+    def error_event(self, message: str) -> bytes:
+        return b""  # never asked: a collecting transformer's failures are answered by the core
+
+    # ── Events ───────────────────────────────────────────────────────────────
+
+    def _event(self, event: bytes) -> None:
+        payload = event_json(event)
+        if payload is None:
+            return
+        kind = payload.get("type")
+        response = payload.get("response")
+        if isinstance(response, Mapping) and kind in RESPONSE_EVENTS:
+            self.usage = responses_usage(response.get("usage")) or self.usage
+        if self.terminal:
+            return
+        if kind == "error":
+            self._fail(payload)
+        elif kind in RESPONSE_EVENTS and isinstance(response, Mapping):
+            if kind == "response.failed" or response.get("status") == "failed":
+                self._fail(response)
+            else:
+                self._response = dict(response)
+                self.terminal = True
+        elif isinstance(kind, str) and kind.startswith("response."):
+            self._track(kind, payload)
+
+    def _fail(self, source: Mapping) -> None:
+        """An error event or a failed response: `source` holds the error fields flat or under
+        `error`, and maybe the HTTP status the backend would have used."""
+        nested = source.get("error")
+        fields = nested if isinstance(nested, Mapping) else source
+        code, kind = _text(fields.get("code")), _text(fields.get("type"))
+        if kind in ("error", "response"):  # the event's own type, not an error type
+            kind = None
+        status = _http_status(source.get("status")) or _http_status(source.get("status_code"))
+        status = status or ERROR_STATUS.get(code or "") or ERROR_STATUS.get(kind or "") or 502
+        message = _text(fields.get("message")) or (
+            f"the Codex backend failed the response ({code or kind or 'no reason given'})"
+        )
+        error = {
+            "message": message,
+            "type": kind or _error_type(status),
+            "param": fields.get("param") if isinstance(fields.get("param"), str) else None,
+            "code": code,
+        }
+        error.update({name: fields[name] for name in ERROR_EXTRAS if fields.get(name) is not None})
+        self._error = (status, {"error": error})
+        self.terminal = True
+
+    def _track(self, kind: str, payload: Mapping) -> None:
+        """Follow the output items as they stream, for a final response with no `output`."""
+        index = payload.get("output_index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            return
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            item = payload.get("item")
+            if isinstance(item, Mapping):
+                self._items[index] = dict(item)
+            return
+        item = self._items.get(index)
+        if item is None:
+            return
+        if kind in ("response.content_part.added", "response.content_part.done"):
+            part = payload.get("part")
+            if isinstance(part, Mapping):
+                _set_slot(item, "content", payload.get("content_index"), dict(part))
+        elif kind in ("response.output_text.delta", "response.output_text.done"):
+            part = _slot(item, "content", payload.get("content_index"), "output_text")
+            _grow(part, "text", payload, kind.endswith(".done"))
+        elif kind in ("response.function_call_arguments.delta", "response.function_call_arguments.done"):
+            _grow(item, "arguments", payload, kind.endswith(".done"))
+        elif kind in ("response.reasoning_summary_part.added", "response.reasoning_summary_part.done"):
+            part = payload.get("part")
+            if isinstance(part, Mapping):
+                _set_slot(item, "summary", payload.get("summary_index"), dict(part))
+        elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_summary_text.done"):
+            part = _slot(item, "summary", payload.get("summary_index"), "summary_text")
+            _grow(part, "text", payload, kind.endswith(".done"))
+
+
+def _slot(item: dict, field: str, index: Any, part_type: str) -> dict | None:
+    """Part `index` of the item's `field` list, created empty when the stream skipped its
+    `*.part.added` event; None for an unusable index."""
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1024:
+        return None
+    parts = item.get(field)
+    if not isinstance(parts, list):
+        parts = item[field] = []
+    while len(parts) <= index:
+        parts.append(_empty_part(part_type))
+    if not isinstance(parts[index], dict):
+        parts[index] = _empty_part(part_type)
+    return parts[index]
+
+
+def _empty_part(part_type: str) -> dict:
+    if part_type == "output_text":
+        return {"type": "output_text", "text": "", "annotations": []}
+    return {"type": part_type, "text": ""}
+
+
+def _set_slot(item: dict, field: str, index: Any, part: dict) -> None:
+    slot = _slot(item, field, index, str(part.get("type") or "output_text"))
+    if slot is not None:
+        slot.clear()
+        slot.update(part)
+
+
+def _grow(target: dict | None, field: str, payload: Mapping, done: bool) -> None:
+    """Append a delta to `target[field]`, or set the final value from a `*.done` event."""
+    if target is None:
+        return
+    if done:
+        final = payload.get(field)
+        if isinstance(final, str):
+            target[field] = final
+        return
+    delta = payload.get("delta")
+    if isinstance(delta, str):
+        current = target.get(field)
+        target[field] = (current if isinstance(current, str) else "") + delta
+
+
+def _error_type(status: int) -> str:
+    return ERROR_TYPE.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+
+
+def _http_status(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599 else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 # ── Discovery and quota ──────────────────────────────────────────────────────
@@ -510,11 +743,71 @@ def catalogue_model(options: Mapping, model_id: str, model: dict) -> dict | None
 
 
 def _newer_than_minimum(model_id: str, minimum: Any) -> bool:
+    """True when `model_id` is gpt-<major>[.<minor>]… with a version above `minimum` ("5.4",
+    or a bare major such as "6"; a missing minor is 0)."""
     match = MODEL_VERSION.match(model_id)
-    floor = re.fullmatch(r"(\d+)\.(\d+)", str(minimum or "").strip())
+    floor = re.fullmatch(r"(\d+)(?:\.(\d+))?", str(minimum or "").strip())
     if not match or not floor:
         return False
-    return (int(match[1]), int(match[2])) > (int(floor[1]), int(floor[2]))
+    return (int(match[1]), int(match[2] or 0)) > (int(floor[1]), int(floor[2] or 0))
+
+
+async def list_models(ctx: Context, account: Account) -> list[ModelInfo]:
+    """The models this account can use, from the backend's own list (what the Codex CLI's
+    model picker shows): `GET {api_url}/models?client_version=<client_version>` with the
+    account's credentials, answering `{"models": [{"slug", "display_name", "visibility",
+    "supported_in_api", "context_window", "input_modalities", "supported_reasoning_levels",
+    ...}]}` (see tests/data/codex-models-cli-0.169.0.json, as the backend served Codex CLI
+    0.169.0). In the backend's order, each slug once. `context` is `context_window`, the input
+    window the backend enforces (smaller than the model's full window; the list gives no output
+    limit, so `output` stays None for discovery to fill). Raises ProviderError on a transport
+    failure, a non-2xx answer or a body without a `models` list."""
+    status, body = await call_json(
+        ctx,
+        "GET",
+        f"{ctx.options['api_url'].rstrip('/')}/models?"
+        + urlencode({"client_version": ctx.options.get("client_version") or OPTIONS["client_version"]}),
+        headers=_identity_headers(ctx, account, accept="application/json"),
+        timeout=10,
+        what="Codex model list",
+    )
+    if not 200 <= status < 300:
+        raise ProviderError(f"Codex model list request failed (HTTP {status})")
+    entries = body.get("models")
+    if not isinstance(entries, list):
+        raise ProviderError("Codex model list answer is not JSON with a models list")
+    models: dict[str, ModelInfo] = {}
+    for entry in entries:
+        if not isinstance(entry, Mapping) or not _nonblank(entry.get("slug")):
+            continue
+        # "hide" models are internal (review helpers, unreleased previews) and the CLI's picker
+        # leaves them out too. `supported_in_api: false` marks models the backend serves only to
+        # its own first-party surfaces, not through the Responses API that Kleis clients speak;
+        # offering one would only earn the client a refusal.
+        if entry.get("visibility") == "hide" or entry.get("supported_in_api") is False:
+            continue
+        slug = entry["slug"].strip()
+        if slug in models:
+            continue
+        modalities = entry.get("input_modalities")
+        levels = entry.get("supported_reasoning_levels")
+        models[slug] = ModelInfo(
+            id=slug,
+            name=entry["display_name"] if _nonblank(entry.get("display_name")) else None,
+            context=_positive_int(entry.get("context_window")),
+            output=None,
+            input_modalities=tuple(m for m in modalities if isinstance(m, str))
+            if isinstance(modalities, list)
+            else None,
+            reasoning=bool(levels) if isinstance(levels, list) else None,
+        )
+    return list(models.values())
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return int(value) if 0 < value < 2**53 else None
 
 
 async def quota(ctx: Context, account: Account) -> dict:
@@ -567,6 +860,22 @@ def _usage_window(window: Any) -> dict | None:
 
 
 # ── Small helpers ────────────────────────────────────────────────────────────
+
+
+def _identity_headers(ctx: Context, account: Account, *, accept: str) -> dict[str, str]:
+    """Credentials and the first-party identity for a backend call. One consistent identity:
+    the backend serves first-party clients, and a client's own user agent (an SDK's, say)
+    next to originator=opencode would contradict it."""
+    headers = {
+        "authorization": f"Bearer {account.access_token}",
+        "user-agent": ctx.options["originator"],
+        "originator": ctx.options["originator"],
+        "accept": accept,
+    }
+    chatgpt_account = account.metadata.get("chatgptAccountId") or account.account_id
+    if chatgpt_account:
+        headers["chatgpt-account-id"] = chatgpt_account
+    return headers
 
 
 def _auth_url(ctx: Context) -> str:

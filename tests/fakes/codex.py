@@ -1,5 +1,5 @@
 """FakeCodex: OpenAI's OAuth (browser PKCE, device code, rotating refresh) and the ChatGPT
-Codex backend (`/responses`, `/wham/usage`) on loopback.
+Codex backend (`/responses`, `/models`, `/wham/usage`) on loopback.
 
 Point every `_url` option at it with `fake.options()`. Tokens are JWT-shaped and tracked:
 `/responses` only accepts a live access token, refresh tokens are single use.
@@ -14,6 +14,7 @@ import json
 import secrets
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,6 +24,8 @@ from . import FakeServer, Reply, sse
 
 CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 AUTH_CLAIM = "https://api.openai.com/auth"
+# The backend's model list as it answered Codex CLI 0.169.0 (GET /models?client_version=0.169.0).
+MODELS_FILE = Path(__file__).resolve().parent.parent / "data" / "codex-models-cli-0.169.0.json"
 DEFAULT_USAGE = {
     "input_tokens": 120,
     "input_tokens_details": {"cached_tokens": 20},
@@ -83,6 +86,8 @@ class FakeCodex(FakeServer):
             },
             "credits": {"has_credits": False, "unlimited": False, "balance": "0"},
         }
+        self.models_payload: Any = json.loads(MODELS_FILE.read_text())  # str/bytes: sent as is
+        self.models_status = 200
         self.access_tokens: dict[str, dict] = {}  # token -> identity + "exp" (epoch s)
         self.refresh_tokens: dict[str, dict] = {}  # token -> identity + "used"
         self.codes: dict[str, dict] = {}  # authorization code -> identity, challenge, redirect_uri
@@ -94,6 +99,7 @@ class FakeCodex(FakeServer):
         self.app.router.add_get("/codex/device", self._device_page)
         self.app.router.add_get("/wham/usage", self._usage)
         self.app.router.add_post("/responses", self._responses)
+        self.app.router.add_get("/models", self._models)
 
     # ── Helpers for tests ────────────────────────────────────────────────────
 
@@ -169,10 +175,13 @@ class FakeCodex(FakeServer):
         usage: dict | None = None,
         model: str = "gpt-5.5",
         crlf: bool = False,
+        final_output: bool = True,
         **reply: Any,
     ) -> Reply:
         """A text answer as a Responses SSE stream: `events` output_text deltas, then
-        response.completed carrying `usage`. Extra keywords go to Reply (delays, cut_after)."""
+        response.completed carrying `usage`. `final_output=False`: the completed response's
+        `output` is [] (what the backend sends with store: false; the message only streamed).
+        Extra keywords go to Reply (delays, cut_after)."""
         response = _response_shell(model)
         item_id = f"msg_{secrets.token_hex(8)}"
         size = max(1, -(-len(text) // max(events, 1)))
@@ -216,7 +225,7 @@ class FakeCodex(FakeServer):
                     "response": {
                         **response,
                         "status": "completed",
-                        "output": [done_message],
+                        "output": [done_message] if final_output else [],
                         "usage": usage or DEFAULT_USAGE,
                     }
                 },
@@ -277,6 +286,166 @@ class FakeCodex(FakeServer):
             ),
         ]
         return Reply(events=_frames(frames, crlf), **reply)
+
+    @staticmethod
+    def reasoning_tool_call_reply(
+        summary: str = "Looking for the goal.",
+        name: str = "get_goal",
+        arguments: str = '{"id":1}',
+        call_id: str = "call_goal",
+        final_output: bool = False,
+        usage: dict | None = None,
+        model: str = "gpt-5.5",
+        **reply: Any,
+    ) -> Reply:
+        """A reasoning item (output 0, summary streamed in deltas, encrypted content) and a
+        function call (output 1), each added, streamed and done; then response.completed whose
+        `output` is [] unless `final_output`."""
+        response = _response_shell(model)
+        reasoning = {"id": f"rs_{secrets.token_hex(8)}", "type": "reasoning", "summary": []}
+        done_reasoning = {
+            **reasoning,
+            "summary": [{"type": "summary_text", "text": summary}],
+            "encrypted_content": "gAAAAfake-encrypted-reasoning",
+        }
+        call = {
+            "id": f"fc_{secrets.token_hex(8)}",
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call_id,
+            "name": name,
+            "arguments": "",
+        }
+        done_call = {**call, "status": "completed", "arguments": arguments}
+        half = len(summary) // 2
+        frames = [
+            ("response.created", {"response": response}),
+            ("response.output_item.added", {"output_index": 0, "item": reasoning}),
+            (
+                "response.reasoning_summary_part.added",
+                {
+                    "item_id": reasoning["id"],
+                    "output_index": 0,
+                    "summary_index": 0,
+                    "part": {"type": "summary_text", "text": ""},
+                },
+            ),
+            *(
+                (
+                    "response.reasoning_summary_text.delta",
+                    {"item_id": reasoning["id"], "output_index": 0, "summary_index": 0, "delta": piece},
+                )
+                for piece in (summary[:half], summary[half:])
+            ),
+            (
+                "response.reasoning_summary_text.done",
+                {"item_id": reasoning["id"], "output_index": 0, "summary_index": 0, "text": summary},
+            ),
+            ("response.output_item.done", {"output_index": 0, "item": done_reasoning}),
+            ("response.output_item.added", {"output_index": 1, "item": call}),
+            (
+                "response.function_call_arguments.delta",
+                {"item_id": call["id"], "output_index": 1, "delta": arguments},
+            ),
+            (
+                "response.function_call_arguments.done",
+                {"item_id": call["id"], "output_index": 1, "arguments": arguments},
+            ),
+            ("response.output_item.done", {"output_index": 1, "item": done_call}),
+            (
+                "response.completed",
+                {
+                    "response": {
+                        **response,
+                        "status": "completed",
+                        "output": [done_reasoning, done_call] if final_output else [],
+                        "usage": usage or DEFAULT_USAGE,
+                    }
+                },
+            ),
+        ]
+        return Reply(events=_frames(frames, False), **reply)
+
+    @staticmethod
+    def frames_reply(frames: list[tuple[str, dict]], crlf: bool = False, **reply: Any) -> Reply:
+        """Any Responses SSE stream: (event type, payload) pairs; `type` and `sequence_number`
+        are added to each payload."""
+        return Reply(events=_frames(frames, crlf), **reply)
+
+    @staticmethod
+    def error_event_reply(
+        code: str = "context_length_exceeded",
+        message: str = "Your input exceeds the context window of this model.",
+        nested: bool = False,
+        type: str = "invalid_request_error",
+        model: str = "gpt-5.5",
+        **extra: Any,
+    ) -> Reply:
+        """A 200 stream that fails before any output: response.created, then an `error` event.
+        Flat fields (`code`, `message`, `param`), as the Responses API streams them; `nested`:
+        under `error` with a `type`, as the Codex backend sends them. `extra` joins the error
+        fields (e.g. `resets_in_seconds`)."""
+        if nested:
+            error = {
+                "type": "error",
+                "error": {"type": type, "code": code, "message": message, "param": None, **extra},
+            }
+        else:
+            error = {"type": "error", "code": code, "message": message, "param": None, **extra}
+        frames = [("response.created", {"response": _response_shell(model)}), ("error", error)]
+        return Reply(events=_frames(frames, False))
+
+    @staticmethod
+    def failed_reply(
+        code: str = "server_error", message: str = "The model failed to respond.", model: str = "gpt-5.5"
+    ) -> Reply:
+        """A 200 stream ending in response.failed with `response.error` {code, message}."""
+        response = _response_shell(model)
+        failed = {
+            **response,
+            "status": "failed",
+            "error": {"code": code, "message": message},
+            "usage": DEFAULT_USAGE,
+        }
+        frames = [("response.created", {"response": response}), ("response.failed", {"response": failed})]
+        return Reply(events=_frames(frames, False))
+
+    @staticmethod
+    def incomplete_reply(
+        text: str = "Partial answer", reason: str = "max_output_tokens", model: str = "gpt-5.5"
+    ) -> Reply:
+        """A message that streamed, then response.incomplete with `incomplete_details` and an
+        empty `output`."""
+        response = _response_shell(model)
+        item_id = f"msg_{secrets.token_hex(8)}"
+        message = {
+            "id": item_id,
+            "type": "message",
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        frames = [
+            ("response.created", {"response": response}),
+            ("response.output_item.added", {"output_index": 0, "item": message}),
+            (
+                "response.output_text.delta",
+                {"item_id": item_id, "output_index": 0, "content_index": 0, "delta": text},
+            ),
+            (
+                "response.incomplete",
+                {
+                    "response": {
+                        **response,
+                        "status": "incomplete",
+                        "incomplete_details": {"reason": reason},
+                        "output": [],
+                        "usage": DEFAULT_USAGE,
+                    }
+                },
+            ),
+        ]
+        return Reply(events=_frames(frames, False))
 
     @staticmethod
     def json_reply(
@@ -496,6 +665,23 @@ class FakeCodex(FakeServer):
             self.stream_reply(model=model) if body.get("stream") is True else self.json_reply(model=model)
         )
         return await self.render(request, self.next_reply(default))
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """The backend's model list; `client_version` is recorded with the query."""
+        rec = await self.record(request)
+        identity, problem = self._bearer_identity(rec.headers)
+        if identity is None:
+            return _error(401, "Your authentication token is not valid.", code=problem)
+        account = rec.headers.get("chatgpt-account-id")
+        if account is not None and account != identity["account_id"]:
+            return _error(403, "This token does not belong to that account.", code="account_mismatch")
+        if "client_version" not in rec.query:
+            return _error(400, "client_version is required")
+        if isinstance(self.models_payload, (str, bytes)):
+            return web.Response(
+                body=self.models_payload, status=self.models_status, content_type="application/json"
+            )
+        return web.json_response(self.models_payload, status=self.models_status)
 
 
 def _backend_refusal(body: dict) -> str | None:

@@ -6,7 +6,6 @@ import copy
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,6 +19,7 @@ from providers import (
     Cooldown,
     LoginFailed,
     LoginPending,
+    ModelInfo,
     ProviderError,
     ProxyRequest,
     ReauthRequired,
@@ -28,7 +28,7 @@ from providers import (
     codex,
 )
 from providers._oauth import b64url, jwt_claims
-from tests.fakes.codex import FakeCodex, fake_jwt
+from tests.fakes.codex import DEFAULT_USAGE, FakeCodex, fake_jwt
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 NOW = 1_800_000_000_000  # the adapter's clock; the fake keeps real time for token lifetimes
@@ -646,7 +646,307 @@ async def test_expired_access_token_gets_a_401_upstream(ctx, fake, http):
     assert json.loads(body)["error"]["code"] == "token_expired"
 
 
+# ── Collected (non-streaming) responses ──────────────────────────────────────
+
+
+def collect(reply, cuts: tuple[int, ...] = ()) -> tuple[codex.ResponsesCollector, dict | None]:
+    """Run a scripted stream through a fresh collector, split at `cuts`; (collector, body)."""
+    stream = b"".join(reply.events)
+    t = codex.transformer(None, request_with({}), 200, {"content-type": "text/event-stream"})
+    assert isinstance(t, codex.ResponsesCollector) and t.collect and not t.is_sse
+    out, start = b"", 0
+    for cut in (*cuts, len(stream)):
+        out += t.feed(stream[start:cut])
+        start = cut
+    assert out == b""  # nothing goes out before close()
+    body = t.close()
+    return t, (json.loads(body) if body else None)
+
+
+def item_of(reply, output_index: int) -> dict:
+    """The item of the reply's `response.output_item.done` for that index."""
+    for event in reply.events:
+        payload = json.loads(event.split(b"data: ", 1)[1])
+        if payload["type"] == "response.output_item.done" and payload["output_index"] == output_index:
+            return payload["item"]
+    raise AssertionError(f"no output_item.done for {output_index}")
+
+
+def test_collector_rebuilds_an_empty_final_output_wherever_the_stream_splits():
+    reply = FakeCodex.stream_reply(text="Hello from Codex.", events=4, final_output=False)
+    stream = b"".join(reply.events)
+    message = item_of(reply, 0)
+    for cut in range(0, len(stream) + 1, 7):
+        t, body = collect(reply, (cut,))
+        assert (t.status, t.content_type, t.terminal) == (200, "application/json", True)
+        assert body["status"] == "completed" and body["object"] == "response"
+        assert body["output"] == [message]
+        assert body["output"][0]["content"][0]["text"] == "Hello from Codex."
+        assert t.usage == Usage(input_tokens=100, output_tokens=20, cache_read_tokens=20)
+
+
+def test_collector_rebuilds_reasoning_and_a_function_call_in_output_order():
+    reply = FakeCodex.reasoning_tool_call_reply(summary="Looking for the goal.", arguments='{"id":7}')
+    t, body = collect(reply)
+    assert t.status == 200
+    reasoning, call = body["output"]
+    assert reasoning == item_of(reply, 0) and call == item_of(reply, 1)
+    assert reasoning["encrypted_content"] == "gAAAAfake-encrypted-reasoning"
+    assert (call["type"], call["name"], call["arguments"], call["call_id"]) == (
+        "function_call",
+        "get_goal",
+        '{"id":7}',
+        "call_goal",
+    )
+
+
+def test_collector_orders_by_output_index_not_arrival():
+    first = {
+        "id": "msg_a",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "A"}],
+    }
+    second = {"id": "fc_b", "type": "function_call", "call_id": "c", "name": "n", "arguments": "{}"}
+    reply = FakeCodex.frames_reply(
+        [
+            ("response.output_item.done", {"output_index": 1, "item": second}),
+            ("response.output_item.done", {"output_index": 0, "item": first}),
+            (
+                "response.completed",
+                {"response": {"id": "r", "status": "completed", "output": [], "usage": None}},
+            ),
+        ]
+    )
+    _, body = collect(reply)
+    assert body["output"] == [first, second]
+
+
+def test_collector_rebuilds_items_seen_only_as_added_and_deltas():
+    """No output_item.done, no content_part.added: the deltas alone still make the text."""
+    message = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    call = {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "glob", "arguments": ""}
+    reply = FakeCodex.frames_reply(
+        [
+            ("response.output_item.added", {"output_index": 0, "item": message}),
+            ("response.output_text.delta", {"output_index": 0, "content_index": 0, "delta": "Hel"}),
+            ("response.output_text.delta", {"output_index": 0, "content_index": 0, "delta": "lo"}),
+            ("response.output_item.added", {"output_index": 1, "item": call}),
+            ("response.function_call_arguments.delta", {"output_index": 1, "delta": '{"pattern":'}),
+            ("response.function_call_arguments.delta", {"output_index": 1, "delta": '"*"}'}),
+            ("response.completed", {"response": {"id": "r", "status": "completed", "output": []}}),
+        ]
+    )
+    _, body = collect(reply)
+    assert body["output"] == [
+        {**message, "content": [{"type": "output_text", "text": "Hello", "annotations": []}]},
+        {**call, "arguments": '{"pattern":"*"}'},
+    ]
+
+
+def test_collector_keeps_a_final_output_that_is_not_empty():
+    reply = FakeCodex.stream_reply(text="streamed")
+    final = {"id": "msg_final", "type": "message", "role": "assistant", "content": []}
+    events = list(reply.events)
+    completed = json.loads(events[-1].split(b"data: ", 1)[1])
+    completed["response"]["output"] = [final]
+    events[-1] = f"data: {json.dumps(completed)}\n\n".encode()
+    _, body = collect(type(reply)(events=events))
+    assert body["output"] == [final]
+
+
+def test_collector_answers_an_incomplete_response_with_200_and_its_status():
+    t, body = collect(FakeCodex.incomplete_reply(text="Partial answer", reason="max_output_tokens"))
+    assert t.status == 200
+    assert body["status"] == "incomplete"
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["output"][0]["content"][0]["text"] == "Partial answer"
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "type_", "code", "message"),
+    [
+        (
+            FakeCodex.error_event_reply("context_length_exceeded", "Too long for the window."),
+            400,
+            "invalid_request_error",
+            "context_length_exceeded",
+            "Too long for the window.",
+        ),
+        (
+            FakeCodex.error_event_reply("context_length_exceeded", "Nested too long.", nested=True),
+            400,
+            "invalid_request_error",
+            "context_length_exceeded",
+            "Nested too long.",
+        ),
+        (
+            FakeCodex.error_event_reply("invalid_prompt", "Prompt flagged."),
+            400,
+            "invalid_request_error",
+            "invalid_prompt",
+            "Prompt flagged.",
+        ),
+        (
+            FakeCodex.error_event_reply("rate_limit_exceeded", "Rate limit reached. Try again in 2s."),
+            429,
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            "Rate limit reached. Try again in 2s.",
+        ),
+        (
+            FakeCodex.error_event_reply(
+                "usage_limit_reached",
+                "The usage limit has been reached",
+                nested=True,
+                type="usage_limit_reached",
+            ),
+            429,
+            "usage_limit_reached",
+            "usage_limit_reached",
+            "The usage limit has been reached",
+        ),
+        (
+            FakeCodex.error_event_reply("usage_not_included", "Upgrade to use Codex."),
+            403,
+            "permission_error",
+            "usage_not_included",
+            "Upgrade to use Codex.",
+        ),
+        (
+            FakeCodex.error_event_reply("server_is_overloaded", "Overloaded."),
+            503,
+            "server_error",
+            "server_is_overloaded",
+            "Overloaded.",
+        ),
+        (
+            FakeCodex.error_event_reply("server_error", "Something broke.", nested=True, type="server_error"),
+            502,
+            "server_error",
+            "server_error",
+            "Something broke.",
+        ),
+        (
+            FakeCodex.error_event_reply("brand_new_code", "Unheard of."),
+            502,
+            "server_error",
+            "brand_new_code",
+            "Unheard of.",
+        ),
+        (
+            FakeCodex.failed_reply("context_length_exceeded", "Failed: too long."),
+            400,
+            "invalid_request_error",
+            "context_length_exceeded",
+            "Failed: too long.",
+        ),
+        (
+            FakeCodex.failed_reply("server_error", "The model failed to respond."),
+            502,
+            "server_error",
+            "server_error",
+            "The model failed to respond.",
+        ),
+    ],
+)
+def test_collector_turns_stream_errors_into_http_errors(reply, status, type_, code, message):
+    t, body = collect(reply)
+    assert t.terminal and t.status == status
+    assert body == {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def test_collector_error_keeps_reset_hints_that_retry_after_reads():
+    reply = FakeCodex.error_event_reply(
+        "usage_limit_reached",
+        "The usage limit has been reached",
+        nested=True,
+        type="usage_limit_reached",
+        plan_type="plus",
+        resets_in_seconds=900,
+    )
+    t, body = collect(reply)
+    assert t.status == 429
+    assert body["error"]["resets_in_seconds"] == 900 and body["error"]["plan_type"] == "plus"
+    collected = json.dumps(body).encode()
+    assert codex.retry_after(t.status, {}, collected, now=clock) == Cooldown(900.0, window_exhausted=True)
+
+
+def test_collector_error_with_an_explicit_status_or_no_fields():
+    explicit = FakeCodex.frames_reply(
+        [("error", {"status": 429, "error": {"type": "invalid_request_error", "code": "x", "message": "m"}})]
+    )
+    t, body = collect(explicit)
+    assert t.status == 429 and body["error"]["code"] == "x"
+    bare = FakeCodex.frames_reply([("response.failed", {"response": {"id": "r", "status": "failed"}})])
+    t, body = collect(bare)
+    assert t.status == 502
+    assert body == {
+        "error": {
+            "message": "the Codex backend failed the response (no reason given)",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    # a completed event whose response says failed is a failure too
+    done_failed = FakeCodex.frames_reply(
+        [
+            (
+                "response.done",
+                {"response": {"status": "failed", "error": {"code": "server_error", "message": "m"}}},
+            )
+        ]
+    )
+    assert collect(done_failed)[0].status == 502
+
+
+def test_collector_first_terminal_event_wins_and_usage_still_counts():
+    failed = {
+        "id": "r",
+        "status": "failed",
+        "error": {"code": "server_error", "message": "late"},
+        "usage": DEFAULT_USAGE,
+    }
+    reply = FakeCodex.frames_reply(
+        [
+            ("error", {"code": "context_length_exceeded", "message": "first", "param": None}),
+            ("response.failed", {"response": failed}),
+        ]
+    )
+    t, body = collect(reply)
+    assert (t.status, body["error"]["message"]) == (400, "first")
+    assert t.usage == Usage(input_tokens=100, output_tokens=20, cache_read_tokens=20)
+
+
+def test_collector_without_a_terminal_event_leaves_the_answer_to_the_core():
+    reply = FakeCodex.stream_reply()
+    t = codex.ResponsesCollector()
+    t.feed(b"".join(reply.events[:-1]))
+    assert t.close() == b""
+    assert (t.terminal, t.status) == (False, None)
+
+
+async def test_collector_over_a_live_backend_stream(ctx, fake, http):
+    fake.queue(FakeCodex.stream_reply(text="live text", final_output=False, crlf=True))
+    request = request_with({"model": "gpt-5.5", "input": "go"})  # not streaming
+    upstream = codex.prepare(ctx, granted_account(fake), request)
+    async with http.post(upstream.url, headers=upstream.headers, data=upstream.body) as resp:
+        t = codex.transformer(ctx, request, resp.status, resp.headers)
+        async for chunk in resp.content.iter_any():
+            assert t.feed(chunk) == b""
+        body = json.loads(t.close())
+    assert t.status == 200
+    assert body["output"][0]["content"][0]["text"] == "live text"
+
+
 # ── Cooldowns ────────────────────────────────────────────────────────────────
+
+CLOCK_S = 1_900_000_000.0  # the injected `now` of retry_after (epoch seconds)
+
+
+def clock() -> float:
+    return CLOCK_S
 
 
 async def test_retry_after_reads_a_live_usage_limit_error(ctx, fake, http):
@@ -655,16 +955,19 @@ async def test_retry_after_reads_a_live_usage_limit_error(ctx, fake, http):
         http, codex.prepare(ctx, granted_account(fake), request_with({"input": "x"}))
     )
     assert status == 429
-    assert codex.retry_after(status, headers, body) == Cooldown(1800.0, window_exhausted=True)
+    assert codex.retry_after(status, headers, body, now=clock) == Cooldown(1800.0, window_exhausted=True)
 
 
-def test_retry_after_uses_resets_at_without_a_delay():
-    body = json.dumps(
-        {"error": {"type": "usage_limit_reached", "resets_at": int(time.time()) + 600}}
-    ).encode()
-    cooldown = codex.retry_after(429, {}, body)
-    assert cooldown.window_exhausted
-    assert 595 <= cooldown.seconds <= 600
+@pytest.mark.parametrize(
+    ("resets_at", "seconds"),
+    [(CLOCK_S + 600, 600.0), ((CLOCK_S + 90) * 1000, 90.0), (CLOCK_S - 5, 0.0)],
+)
+def test_retry_after_uses_resets_at_against_the_injected_clock(resets_at, seconds):
+    """No delay given: the epoch `resets_at` (seconds or ms) minus `now`, never negative."""
+    body = json.dumps({"error": {"type": "usage_limit_reached", "resets_at": resets_at}}).encode()
+    assert codex.retry_after(429, {}, body, now=clock) == Cooldown(seconds, window_exhausted=True)
+    headers = {"x-codex-primary-used-percent": "100", "x-codex-primary-reset-at": str(int(resets_at))}
+    assert codex.retry_after(429, headers, b"", now=clock) == Cooldown(seconds, window_exhausted=True)
 
 
 def test_retry_after_reads_exhausted_window_headers():
@@ -674,14 +977,17 @@ def test_retry_after_reads_exhausted_window_headers():
         "x-codex-secondary-used-percent": "100",
         "x-codex-secondary-reset-after-seconds": "7200",
     }
-    assert codex.retry_after(429, headers, b"") == Cooldown(7200.0, window_exhausted=True)
+    assert codex.retry_after(429, headers, b"", now=clock) == Cooldown(7200.0, window_exhausted=True)
     partly = {
         "x-codex-primary-used-percent": "100",
         "x-codex-primary-reset-after-seconds": "90",
         "x-codex-secondary-used-percent": "55",
         "x-codex-secondary-reset-after-seconds": "7200",
     }
-    assert codex.retry_after(429, partly, b"") == Cooldown(90.0, window_exhausted=True)
+    assert codex.retry_after(429, partly, b"", now=clock) == Cooldown(90.0, window_exhausted=True)
+
+
+USAGE_LIMIT_BODY = b'{"error":{"type":"usage_limit_reached","resets_in_seconds":300}}'
 
 
 @pytest.mark.parametrize(
@@ -692,10 +998,21 @@ def test_retry_after_reads_exhausted_window_headers():
         (500, {"x-codex-primary-used-percent": "100", "x-codex-primary-reset-after-seconds": "90"}, b"oops"),
         (429, {}, b'{"error":{"type":"usage_limit_reached"}}'),
         (429, {}, b"\xff\xfe not json"),
+        # a 5xx is never a usage window, whatever its body or headers say
+        (500, {}, USAGE_LIMIT_BODY),
+        (503, {"x-codex-primary-used-percent": "100", "x-codex-primary-reset-after-seconds": "90"}, b""),
     ],
 )
 def test_retry_after_leaves_other_errors_to_the_core(status, headers, body):
-    assert codex.retry_after(status, headers, body) is None
+    def no_clock() -> float:
+        raise AssertionError("no clock is needed for this answer")
+
+    assert codex.retry_after(status, headers, body, now=no_clock) is None
+
+
+def test_retry_after_reads_a_usage_window_on_other_4xx():
+    """The body decides, not the status: a 403 usage_limit_reached is a window too."""
+    assert codex.retry_after(403, {}, USAGE_LIMIT_BODY, now=clock) == Cooldown(300.0, window_exhausted=True)
 
 
 # ── Discovery and quota ──────────────────────────────────────────────────────
@@ -716,6 +1033,16 @@ def test_retry_after_leaves_other_errors_to_the_core(status, headers, body):
         ("gpt-5", False),
         ("gpt-5.4-pro", False),
         ("text-embedding-3-large", False),
+        # a bare major counts as <major>.0, so the GPT-6 family passes the 5.4 floor
+        ("gpt-6", True),
+        ("gpt-6-sol", True),
+        ("gpt-6.1-terra", True),
+        ("GPT-6-Luna", True),
+        ("gpt-10-x", True),
+        ("gpt-4o", False),  # the major must end at a dot, a dash or the end of the id
+        ("gpt-6o", False),
+        ("gpt-image-1", False),
+        ("gpt-oss-120b", False),
     ],
 )
 def test_catalogue_model_gate(model_id, kept):
@@ -747,6 +1074,121 @@ def test_catalogue_model_options_are_configurable():
     assert codex.catalogue_model(options, "gpt-5.6-luna", {}) is None
     assert codex.catalogue_model(options, "gpt-5.7", {}) == {}
     assert codex.catalogue_model(options, "gpt-4.1", {}) == {}
+    major_only = {**codex.OPTIONS, "model_min_version": "6", "model_allow": [], "model_deny": []}
+    assert codex.catalogue_model(major_only, "gpt-6-sol", {}) is None  # 6.0 is not above 6
+    assert codex.catalogue_model(major_only, "gpt-6.1-terra", {}) == {}
+    assert codex.catalogue_model(major_only, "gpt-7", {}) == {}
+    assert codex.catalogue_model({**major_only, "model_min_version": "six"}, "gpt-7", {}) is None
+
+
+# ── Live model list ──────────────────────────────────────────────────────────
+
+LISTED = [
+    "gpt-6-astra",
+    "gpt-6.1-sol",
+    "gpt-6.1-terra",
+    "gpt-6-sol",
+    "gpt-6-luna",
+    "gpt-5.6-sol",
+    "gpt-5.6-terra",
+    "gpt-5.6-luna",
+    "gpt-5.5",
+]
+
+
+async def test_list_models_reads_the_backend_list(ctx, fake):
+    account = granted_account(fake)
+
+    models = await codex.list_models(ctx, account)
+
+    # the provider-facts list minus its three `visibility: "hide"` entries, in the backend's order
+    assert [m.id for m in models] == LISTED
+    by_id = {m.id: m for m in models}
+    assert by_id["gpt-6.1-terra"] == ModelInfo(
+        id="gpt-6.1-terra",
+        name="GPT-6.1 Terra",
+        context=500000,
+        output=None,
+        input_modalities=("text", "image"),
+        reasoning=True,
+        tool_call=None,
+    )
+    assert by_id["gpt-5.5"].context == 272000 and by_id["gpt-5.5"].name == "GPT-5.5"
+    (call,) = fake.calls("/models")
+    assert call.method == "GET"
+    assert call.query == {"client_version": "0.169.0"}
+    assert call.headers["authorization"] == f"Bearer {account.access_token}"
+    assert call.headers["chatgpt-account-id"] == "acct_1"
+    assert (call.headers["originator"], call.headers["user-agent"]) == ("opencode", "opencode")
+    assert call.headers["accept"] == "application/json"
+
+
+async def test_list_models_claims_the_configured_client_version(ctx, fake):
+    custom = Context(
+        http=ctx.http, options={**ctx.options, "client_version": "0.170.2"}, now=ctx.now, log=ctx.log
+    )
+    await codex.list_models(custom, granted_account(fake))
+    assert fake.calls("/models")[-1].query == {"client_version": "0.170.2"}
+    assert codex.OPTIONS["client_version"] == "0.169.0"
+
+
+async def test_list_models_filters_and_maps_each_entry(ctx, fake):
+    fake.models_payload = {
+        "models": [
+            {
+                "slug": "gpt-a",
+                "display_name": "A",
+                "visibility": "list",
+                "supported_in_api": True,
+                "context_window": 100,
+                "input_modalities": ["text"],
+                "supported_reasoning_levels": [{"effort": "low", "description": "fast"}],
+            },
+            {"slug": "gpt-app-only", "visibility": "list", "supported_in_api": False},
+            {"slug": "gpt-hidden", "visibility": "hide", "supported_in_api": True},
+            {"slug": "gpt-a", "display_name": "A again", "visibility": "list"},
+            {"slug": "gpt-plain", "supported_reasoning_levels": [], "context_window": "big"},
+            {"slug": "  "},
+            {"display_name": "no slug"},
+            "not an object",
+        ]
+    }
+    models = await codex.list_models(ctx, granted_account(fake))
+    assert models == [
+        ModelInfo(id="gpt-a", name="A", context=100, input_modalities=("text",), reasoning=True),
+        ModelInfo(id="gpt-plain", reasoning=False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "message"),
+    [
+        (500, {"error": {"message": "boom"}}, r"HTTP 500"),
+        (403, {"error": {"message": "no"}}, r"HTTP 403"),
+        (200, "this is not json", "not JSON with a models list"),
+        (200, {"data": []}, "not JSON with a models list"),
+        (200, {"models": {"gpt-a": {}}}, "not JSON with a models list"),
+    ],
+)
+async def test_list_models_raises_on_unusable_answers(ctx, fake, status, payload, message):
+    account = granted_account(fake)
+    fake.models_status, fake.models_payload = status, payload
+    with pytest.raises(ProviderError, match=message) as raised:
+        await codex.list_models(ctx, account)
+    assert account.access_token not in str(raised.value)
+
+
+async def test_list_models_with_a_dead_token_or_no_server_raises(ctx, fake, http):
+    account = granted_account(fake)
+    fake.expire_access_tokens()
+    with pytest.raises(ProviderError, match="HTTP 401") as raised:
+        await codex.list_models(ctx, account)
+    assert account.access_token not in str(raised.value)
+    closed = Context(
+        http=http, options={**ctx.options, "api_url": "http://127.0.0.1:9"}, now=ctx.now, log=ctx.log
+    )
+    with pytest.raises(ProviderError, match="Codex model list request failed"):
+        await codex.list_models(closed, account)
 
 
 async def test_quota_decodes_the_usage_endpoint(ctx, fake):
