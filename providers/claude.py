@@ -10,10 +10,11 @@ Responses get the client's own tool names back, one SSE event at a time.
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
 import json
 import re
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -25,6 +26,7 @@ from . import (
     Cooldown,
     Login,
     LoginFailed,
+    ModelInfo,
     ProviderError,
     ProxyRequest,
     Tokens,
@@ -41,7 +43,10 @@ NAME = "claude"
 CATALOGUE = "anthropic"
 PREFIXES = ("anthropic/", "claude/")
 BASE_PATH = "/anthropic/v1"
-ROUTES = {"/anthropic/v1/messages": "messages"}
+ROUTES = {
+    "/anthropic/v1/messages": "messages",
+    "/anthropic/v1/messages/count_tokens": "count_tokens",
+}
 NPM = {"messages": "@ai-sdk/anthropic"}
 ERROR_STYLE = "anthropic"
 MODEL_KEY_PREFIX = "anthropic/"
@@ -84,6 +89,15 @@ IMPORT_HINT = (
     'auth.json with an "anthropic" OAuth entry'
 )
 QUOTA_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=10)
+UPSTREAM_PATHS = {"messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens"}
+# Messages fields the count_tokens API refuses ("Extra inputs are not permitted"); its request
+# takes model, messages, system, tools, tool_choice, thinking and the beta extras
+# (context_management, mcp_servers, output_config, output_format, speed, cache_control), per
+# Anthropic's API reference for POST /v1/messages/count_tokens. A client that reuses its
+# Messages body (max_tokens, stream, metadata, sampling) would otherwise get a 400.
+NOT_COUNTED = frozenset(
+    {"max_tokens", "stream", "metadata", "temperature", "top_p", "top_k", "stop_sequences", "service_tier"}
+)
 
 
 # ── Login, refresh, import ───────────────────────────────────────────────────
@@ -290,12 +304,15 @@ def _session_of(user_id: str) -> str:
 
 
 def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
-    """The Messages request as Claude Code would send it with this account's token."""
+    """The Messages (or count_tokens) request as Claude Code would send it with this account's
+    token: `{api_url}/v1/messages[/count_tokens]?…&beta=true`, the account's bearer token, the
+    required betas merged with the client's, and the body shaped by `shape_body`."""
     options = ctx.options
     query = request.query
     if "beta" not in {name for name, _ in parse_qsl(query, keep_blank_values=True)}:
         query = f"{query}&beta=true" if query else "beta=true"
     headers = {k: v for k, v in request.headers.items() if k.lower() not in DROPPED_HEADERS}
+    client_agent = request.headers.get("user-agent") or ""
     headers.update(
         {
             "authorization": f"Bearer {account.access_token}",
@@ -304,14 +321,19 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
             ),
             "anthropic-version": request.headers.get("anthropic-version")
             or options["default_anthropic_version"],
-            "user-agent": options["user_agent"],
+            # Claude Code's own user agent already is what Anthropic expects; a pinned older one
+            # would only make a current client look stale.
+            "user-agent": client_agent if client_agent.startswith("claude-cli/") else options["user_agent"],
             "x-app": "cli",
         }
     )
     headers.setdefault("content-type", "application/json")
     body = shape_body(request.body, options["system_identity"], options["tool_prefix"])
+    path = UPSTREAM_PATHS.get(request.endpoint, "/v1/messages")
+    if request.endpoint == "count_tokens":
+        body = {k: v for k, v in body.items() if k not in NOT_COUNTED}
     return Upstream(
-        url=f"{options['api_url'].rstrip('/')}/v1/messages?{query}", headers=headers, body=compact_json(body)
+        url=f"{options['api_url'].rstrip('/')}{path}?{query}", headers=headers, body=compact_json(body)
     )
 
 
@@ -328,35 +350,28 @@ def merge_betas(required: Any, client: str | None) -> list[str]:
 
 
 def shape_body(body: dict, identity: str, prefix: str) -> dict:
-    """The body with the identity block, sanitised system and prefixed tool names.
+    """The body with the identity block, sanitised system and every tool name mapped (`ToolNames`).
 
     Copy on write: only the containers that change are copied, so the client's body is never
     mutated and a long history is not deep-copied on every request."""
     shaped = dict(body)
     if "system" in body:
         shaped["system"] = shape_system(body["system"], identity)
-    server = server_tool_names(body)
-    tools = body.get("tools")
-    if isinstance(tools, list):
-        shaped["tools"] = [
-            tool if _is_server_tool(tool) else _renamed(tool, prefix, server) for tool in tools
-        ]
-    choice = body.get("tool_choice")
-    if isinstance(choice, Mapping) and choice.get("type") == "tool":
-        shaped["tool_choice"] = _renamed(choice, prefix, server)
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        shaped["messages"] = [_message_with_prefixes(m, prefix, server) for m in messages]
+    shaped.update(rename_tools(body, tool_names(body, prefix).upstream))
     return shaped
 
 
 def shape_system(system: Any, identity: str) -> Any:
-    """Identity block first, then the client's system text sanitised; never the identity twice."""
+    """Identity block first, then the client's system text sanitised; never the identity twice.
+
+    A system that already opens like Claude Code's (`claude_code_system`) is returned as is."""
     head = {"type": "text", "text": identity}
     if isinstance(system, str):
         text = sanitize(system)
         return [head] if text in ("", identity) else [head, {"type": "text", "text": text}]
     if not isinstance(system, list):
+        return system
+    if claude_code_system(system, identity):
         return system
     blocks, has_identity = [], False
     for block in system:
@@ -367,6 +382,32 @@ def shape_system(system: Any, identity: str) -> Any:
                 block = {**block, "text": text}
         blocks.append(block)
     return blocks if has_identity else [head, *blocks]
+
+
+# The identities Claude Code opens its system prompt with: the CLI, the CLI inside the Agent SDK,
+# and the Agent SDK / `claude -p` (the last is what 2.1.328 sends in the captured samples).
+CLAUDE_CODE_IDENTITIES = frozenset(
+    {
+        "You are Claude Code, Anthropic's official CLI for Claude.",
+        "You are Claude Code, Anthropic's official CLI for Claude, running within the Claude Agent SDK.",
+        "You are a Claude agent, built on Anthropic's Claude Agent SDK.",
+    }
+)
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
+def claude_code_system(system: list, identity: str) -> bool:
+    """Whether a system block list already is Claude Code's: an identity text block first, or
+    right after a leading `x-anthropic-billing-header: …` text block (Claude Code 2.1.x). Such
+    a prompt already complies, so it goes up byte for byte (no identity in front, no rewrites)."""
+    texts = [
+        block.get("text") if isinstance(block, Mapping) and block.get("type") == "text" else None
+        for block in system[:2]
+    ]
+    if texts and isinstance(texts[0], str) and texts[0].startswith(BILLING_HEADER):
+        texts = texts[1:]
+    first = texts[0] if texts else None
+    return isinstance(first, str) and (first.strip() == identity or first.strip() in CLAUDE_CODE_IDENTITIES)
 
 
 # Anthropic refuses OAuth requests whose system prompt looks like OpenCode's; these three
@@ -383,11 +424,76 @@ def sanitize(text: str) -> str:
     return DIRECTORIES_TAG.sub("Directories\n", text)
 
 
+# ── Tool names ───────────────────────────────────────────────────────────────
+
+# Anthropic's rule for custom tool names (Messages API reference, `tools[].name`).
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+TOOL_NAME_MAX = 128
+NOT_IN_TOOL_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+
+
 def prefixed(name: str, prefix: str) -> str:
-    """`shell` → `mcp_Shell`; names already carrying the prefix stay as they are."""
+    """`shell` → `mcp_Shell`; names already carrying the prefix stay as they are (prior art §3.4)."""
     if not name or name.startswith(prefix):
         return name
     return prefix + name[0].upper() + name[1:]
+
+
+class ToolNames:
+    """The one-to-one map between the client's tool names and Anthropic's for one request.
+
+    Each client name gets `prefixed(name)` (`shell` → `mcp_Shell`) unless that is not a valid
+    Anthropic name (over 128 characters, or outside `[a-zA-Z0-9_-]`) or another name has a
+    better claim to it: a name that already is its own upstream form (`mcp_Read`) beats one
+    that only needs the prefix (`Read`), which beats one whose first letter had to change
+    (`read`). Server tools (typed tools such as `web_search_20250305`) keep their fixed names,
+    which no client name may take. A name left without its preferred form gets it cleaned,
+    cut and suffixed with `_` and 8 hex digits of a SHA-256 of the client name, so the map is
+    the same on every turn whatever order the names come in.
+
+    `upstream`: client name → Anthropic name; `client`: the inverse."""
+
+    def __init__(self, names: Iterable[str], prefix: str, fixed: Iterable[str] = ()):
+        self.prefix = prefix
+        self.upstream: dict[str, str] = {name: name for name in fixed}
+        taken = set(self.upstream)
+        losers: list[str] = []
+        wanted = {name for name in names if name and name not in taken}
+        for name in sorted(wanted, key=lambda name: (_claim(name, prefix), name)):
+            want = prefixed(name, prefix)
+            if want in taken or not TOOL_NAME.fullmatch(want):
+                losers.append(name)
+            else:
+                self.upstream[name] = want
+                taken.add(want)
+        for name in losers:  # after every preferred form is placed, so a suffix never displaces one
+            self.upstream[name] = _suffixed(name, prefix, taken)
+            taken.add(self.upstream[name])
+        self.client = {up: name for name, up in self.upstream.items()}
+
+    def to_client(self, name: str) -> str:
+        """The client's spelling of an upstream name; a prefixed name the request never had
+        (the model made it up) loses the prefix, anything else stays."""
+        if name in self.client:
+            return self.client[name]
+        if self.prefix and name.startswith(self.prefix) and len(name) > len(self.prefix):
+            return name[len(self.prefix) :]
+        return name
+
+
+def _claim(name: str, prefix: str) -> int:
+    want = prefixed(name, prefix)
+    return 0 if want == name else 1 if want == prefix + name else 2
+
+
+def _suffixed(name: str, prefix: str, taken: set[str]) -> str:
+    base = NOT_IN_TOOL_NAME.sub("_", prefixed(name, prefix))
+    for salt in itertools.count():
+        digest = hashlib.sha256(f"{salt}:{name}".encode() if salt else name.encode()).hexdigest()[:8]
+        candidate = f"{base[: TOOL_NAME_MAX - 9]}_{digest}"
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")
 
 
 def _is_server_tool(tool: Any) -> bool:
@@ -402,69 +508,113 @@ def server_tool_names(body: Mapping) -> set[str]:
     return {t["name"] for t in tools if _is_server_tool(t) and isinstance(t.get("name"), str)}
 
 
-def _renamed(item: Any, prefix: str, server: set[str]) -> Any:
-    if not isinstance(item, Mapping):
-        return item
-    name = item.get("name")
-    if not isinstance(name, str) or name in server:
-        return item
-    new = prefixed(name, prefix)
-    return item if new == name else {**item, "name": new}
+def tool_names(body: Mapping, prefix: str) -> ToolNames:
+    """The map for this request body, from every tool name in it (see `rename_tools`)."""
+    seen: list[str] = []
+
+    def note(name: str) -> str:
+        seen.append(name)
+        return name
+
+    rename_tools(body, note)
+    return ToolNames(seen, prefix, server_tool_names(body))
 
 
-def _message_with_prefixes(message: Any, prefix: str, server: set[str]) -> Any:
+def rename_tools(body: Mapping, rename: Callable[[str], str] | Mapping[str, str]) -> dict[str, Any]:
+    """The top-level fields of `body` that change when `rename` is applied to every tool name
+    in it (copies of just the changed containers). Where tool names appear in a Messages body:
+    `tools[].name` (custom tools only), `tool_choice.name` ({type: tool}), `tool_use` blocks,
+    `tool_reference` blocks (`tool_name`, inside `tool_result` content: tool search as Claude
+    Code does it), `tool_search_tool_result.content.tool_references[]`, and
+    `context_management.edits[].exclude_tools`."""
+    if isinstance(rename, Mapping):
+        mapping = rename
+        rename = lambda name: mapping.get(name, name)  # noqa: E731
+    changes: dict[str, Any] = {}
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        new = [tool if _is_server_tool(tool) else _named(tool, "name", rename) for tool in tools]
+        if _changed(new, tools):
+            changes["tools"] = new
+    choice = body.get("tool_choice")
+    if isinstance(choice, Mapping) and choice.get("type") == "tool":
+        new_choice = _named(choice, "name", rename)
+        if new_choice is not choice:
+            changes["tool_choice"] = new_choice
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        new = [_message(message, rename) for message in messages]
+        if _changed(new, messages):
+            changes["messages"] = new
+    management = body.get("context_management")
+    edits = management.get("edits") if isinstance(management, Mapping) else None
+    if isinstance(edits, list):
+        new = [_edit(edit, rename) for edit in edits]
+        if _changed(new, edits):
+            changes["context_management"] = {**management, "edits": new}
+    return changes
+
+
+def _changed(new: list, old: list) -> bool:
+    return any(a is not b for a, b in zip(new, old, strict=True))
+
+
+def _named(item: Any, key: str, rename: Callable[[str], str]) -> Any:
+    if not isinstance(item, Mapping) or not isinstance(item.get(key), str):
+        return item
+    name = rename(item[key])
+    return item if name == item[key] else {**item, key: name}
+
+
+def _message(message: Any, rename: Callable[[str], str]) -> Any:
     content = message.get("content") if isinstance(message, Mapping) else None
     if not isinstance(content, list):
         return message
-    blocks = [
-        _renamed(b, prefix, server) if isinstance(b, Mapping) and b.get("type") == "tool_use" else b
-        for b in content
-    ]
-    if all(new is old for new, old in zip(blocks, content, strict=True)):
-        return message
-    return {**message, "content": blocks}
+    blocks = [_block(block, rename) for block in content]
+    return {**message, "content": blocks} if _changed(blocks, content) else message
 
 
-def client_tool_names(body: Mapping, prefix: str) -> dict[str, str]:
-    """Upstream name → the exact name the client used, from its tools, tool_choice and history.
+def _block(block: Any, rename: Callable[[str], str]) -> Any:
+    kind = block.get("type") if isinstance(block, Mapping) else None
+    if kind == "tool_use":
+        return _named(block, "name", rename)
+    if kind == "tool_reference":
+        return _named(block, "tool_name", rename)
+    if kind == "tool_result" and isinstance(block.get("content"), list):
+        content = block["content"]
+        new = [_named(b, "tool_name", rename) if _is(b, "tool_reference") else b for b in content]
+        return {**block, "content": new} if _changed(new, content) else block
+    if kind == "tool_search_tool_result" and isinstance(block.get("content"), Mapping):
+        result = block["content"]
+        refs = result.get("tool_references")
+        if isinstance(refs, list):
+            new = [_named(ref, "tool_name", rename) if _is(ref, "tool_reference") else ref for ref in refs]
+            if _changed(new, refs):
+                return {**block, "content": {**result, "tool_references": new}}
+    return block
 
-    A client name that already carries the prefix maps to itself."""
-    server = server_tool_names(body)
-    names: list[str] = []
-    tools = body.get("tools")
-    if isinstance(tools, list):
-        names += [
-            t["name"]
-            for t in tools
-            if not _is_server_tool(t) and isinstance(t, Mapping) and isinstance(t.get("name"), str)
-        ]
-    choice = body.get("tool_choice")
-    if isinstance(choice, Mapping) and isinstance(choice.get("name"), str):
-        names.append(choice["name"])
-    messages = body.get("messages")
-    for message in messages if isinstance(messages, list) else ():
-        content = message.get("content") if isinstance(message, Mapping) else None
-        for block in content if isinstance(content, list) else ():
-            if (
-                isinstance(block, Mapping)
-                and block.get("type") == "tool_use"
-                and isinstance(block.get("name"), str)
-            ):
-                names.append(block["name"])
-    restore: dict[str, str] = {}
-    for name in names:
-        if name and name not in server:
-            restore.setdefault(prefixed(name, prefix), name)  # first one wins on a collision
-    return restore
+
+def _is(item: Any, kind: str) -> bool:
+    return isinstance(item, Mapping) and item.get("type") == kind
+
+
+def _edit(edit: Any, rename: Callable[[str], str]) -> Any:
+    names = edit.get("exclude_tools") if isinstance(edit, Mapping) else None
+    if not isinstance(names, list):
+        return edit
+    new = [rename(name) if isinstance(name, str) else name for name in names]
+    return {**edit, "exclude_tools": new} if new != names else edit
 
 
 # ── Responses ────────────────────────────────────────────────────────────────
 
 
 # Events whose JSON must be read: usage carriers and terminal events. Every other event is
-# passed on without parsing unless it may carry a prefixed tool name.
+# passed on without parsing unless it may carry a prefixed tool name: a `tool_use` block (its
+# `name`) or a `tool_reference` (its `tool_name`, in server tool search results).
 WATCHED = re.compile(rb'"type"\s*:\s*"(?:message_start|message_delta|message_stop|error)"')
-TOOL_USE = b'"tool_use"'
+NAMED_BLOCKS = (b'"tool_use"', b'"tool_reference"')
+NAME_KEYS = {"tool_use": "name", "tool_reference": "tool_name"}
 
 
 def read_usage(usage: Usage, raw: Any) -> None:
@@ -482,16 +632,19 @@ def read_usage(usage: Usage, raw: Any) -> None:
 
 
 class ClaudeStream:
-    """Restores tool names and reads usage in Messages responses (SSE, JSON or other)."""
+    """Restores tool names and reads usage in Messages responses (SSE, JSON or other).
 
-    def __init__(self, mode: str, names: Callable[[], dict[str, str]], prefix: str):
+    `names` builds the request's `ToolNames`; it is called at most once, and only when a
+    response event carries a prefixed tool name."""
+
+    def __init__(self, mode: str, names: Callable[[], ToolNames], prefix: str):
         self.mode = mode  # "sse" | "json" | "raw"
         self.is_sse = mode == "sse"
         self.usage = Usage()
         self.terminal = False
         self.at_boundary = True
         self._names_of = names
-        self._names: dict[str, str] | None = None
+        self._names: ToolNames | None = None
         self._prefix = prefix
         self._marker = b'"' + prefix.encode()
         # Events worth parsing: usage carriers, the end, errors, and prefixed tool names.
@@ -536,7 +689,7 @@ class ClaudeStream:
             payload = event_json(event)
             if payload is not None:
                 self._watch(payload)
-        if self._marker in event and TOOL_USE in event:
+        if self._marker in event and any(marker in event for marker in NAMED_BLOCKS):
             payload = payload if payload is not None else event_json(event)
             if payload is not None and self._restore(payload):
                 return _with_data(event, payload)
@@ -577,16 +730,18 @@ class ClaudeStream:
         return raw
 
     def _restore(self, value: Any) -> bool:
-        """Give prefixed `tool_use` names (anywhere in `value`) their client spelling."""
+        """Give prefixed `tool_use` / `tool_reference` names (anywhere in `value`) their client
+        spelling."""
         changed = False
         if isinstance(value, dict):
-            name = value.get("name")
-            if value.get("type") == "tool_use" and isinstance(name, str) and name.startswith(self._prefix):
+            key = NAME_KEYS.get(value.get("type"))  # type: ignore[arg-type]
+            name = value.get(key) if key else None
+            if isinstance(name, str) and name.startswith(self._prefix):
                 if self._names is None:
                     self._names = self._names_of()
-                original = self._names.get(name) or name[len(self._prefix) :] or name
+                original = self._names.to_client(name)
                 if original != name:
-                    value["name"] = original
+                    value[key] = original
                     changed = True
             children = value.values()
         elif isinstance(value, list):
@@ -612,15 +767,19 @@ def _with_data(event: bytes, payload: dict) -> bytes:
 
 
 def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mapping) -> ClaudeStream:
+    """Messages: SSE or JSON with tool names restored and usage read. count_tokens: the body
+    (`{"input_tokens": N}` or an error) relayed as is, with no usage: counting is not billed."""
     content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
-    if is_sse(content_type, request.stream):
+    if request.endpoint == "count_tokens":
+        mode = "raw"
+    elif is_sse(content_type, request.stream):
         mode = "sse"
     elif content_type is None or "json" in content_type.lower():
         mode = "json"
     else:
         mode = "raw"
     prefix = ctx.options["tool_prefix"]
-    return ClaudeStream(mode, lambda: client_tool_names(request.body, prefix), prefix)
+    return ClaudeStream(mode, lambda: tool_names(request.body, prefix), prefix)
 
 
 # ── Limits and quota ─────────────────────────────────────────────────────────
@@ -629,34 +788,43 @@ def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mappi
 UNIFIED = "anthropic-ratelimit-unified-"
 
 
-def retry_after(
-    status: int, headers: Mapping, body: bytes, *, now: Callable[[], float] = time.time
-) -> Cooldown | None:
-    """Cooldown from Anthropic's unified rate-limit headers (reset times in epoch seconds).
+def retry_after(status: int, headers: Mapping, body: bytes, *, now: Callable[[], float]) -> Cooldown | None:
+    """How long to rest an account after a 429, from Anthropic's unified rate-limit headers
+    (`anthropic-ratelimit-unified-<window>-status` / `-reset`, windows such as `5h` and `7d`,
+    resets in epoch seconds; the unnamed `…-unified-status` / `-reset` is the overall state,
+    whose reset follows the binding window even when that window still allows requests).
+    `now` gives epoch seconds. Returns a `Cooldown` with `window_exhausted=True`, or None.
 
-    A rejected window, or a 429 that names a unified reset, is a usage window running out; a
-    429 without them is a short burst limit and is left to Retry-After (None)."""
-    resets: dict[str, int] = {}  # window ("" = overall, "5h", "7d", ...) -> epoch ms
-    rejected: set[str] = set()
+    Only what was refused counts:
+    1. windows whose own status is `rejected` and that name a reset: rest until the latest of
+       those resets (every rejected window must have reopened);
+    2. else, when the overall status is `rejected`: until the overall reset;
+    3. rejected (a window or overall) without any usable reset: Retry-After seconds, else 60 s.
+    A 429 with no rejected status (a short burst limit) and every other status (5xx, 529
+    overloaded) return None: the core then decides from Retry-After or its defaults. Overage
+    (extra usage) and fallback headers are not usage windows and are ignored."""
+    if status != 429:
+        return None
+    statuses: dict[str, str] = {}  # window ("" = overall, "5h", "7d", ...) -> status
+    resets: dict[str, int] = {}  # window -> epoch ms
     for name, value in headers.items():
         name = name.lower()
         if not name.startswith(UNIFIED) or "overage" in name or "fallback" in name:
             continue
         window, _, field = name[len(UNIFIED) :].rpartition("-")
-        if field == "status" and str(value).strip().lower() == "rejected":
-            rejected.add(window)
+        if field == "status":
+            statuses[window] = str(value).strip().lower()
         elif field == "reset" and (at := _epoch_ms(value)) is not None:
             resets[window] = at
-    if rejected:
-        candidates = [resets[w] for w in rejected if w in resets] or list(resets.values())
-        reset = max(candidates) if candidates else None
-    elif status == 429 and resets:
-        reset = resets.get("", min(resets.values()))
-    else:
+    rejected = {window for window, state in statuses.items() if window and state == "rejected"}
+    reset = max((resets[w] for w in rejected if w in resets), default=None)
+    if reset is None and statuses.get("") == "rejected":
+        reset = resets.get("")
+    if reset is None and not rejected and statuses.get("") != "rejected":
         return None
-    if reset is None:  # rejected without a reset time: Retry-After, else the usual minute
-        hint = next((v for k, v in headers.items() if k.lower() == "retry-after"), "")
-        return Cooldown(seconds=float(hint) if str(hint).isdigit() else 60.0, window_exhausted=True)
+    if reset is None:
+        hint = str(next((v for k, v in headers.items() if k.lower() == "retry-after"), "")).strip()
+        return Cooldown(seconds=float(hint) if hint.isdigit() else 60.0, window_exhausted=True)
     return Cooldown(seconds=max(reset / 1000 - now(), 0.0), window_exhausted=True)
 
 
@@ -667,28 +835,39 @@ def _epoch_ms(value: Any) -> int | None:
         return epoch_ms(value)
 
 
-async def quota(ctx: Context, account: Account) -> dict:
-    """The five-hour and seven-day utilisation windows of the account's plan."""
-    headers = {
+def _oauth_headers(ctx: Context, account: Account, user_agent: str) -> dict[str, str]:
+    """Headers of Kleis's own calls to Anthropic's OAuth-authenticated endpoints (usage, models)."""
+    return {
         "authorization": f"Bearer {account.access_token}",
         "accept": "application/json",
         "anthropic-beta": "oauth-2025-04-20",
         "anthropic-version": ctx.options["default_anthropic_version"],
-        "user-agent": "Kleis/1 account-usage",
+        "user-agent": user_agent,
     }
+
+
+async def _get_json(ctx: Context, url: str, headers: dict[str, str], what: str) -> Mapping:
+    """GET a JSON object; ProviderError (status or error class only, never a token) otherwise."""
     try:
-        async with ctx.http.get(ctx.options["usage_url"], headers=headers, timeout=QUOTA_TIMEOUT) as resp:
+        async with ctx.http.get(url, headers=headers, timeout=QUOTA_TIMEOUT) as resp:
             status, text = resp.status, await resp.text()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ProviderError(f"Claude usage request failed: {type(exc).__name__}") from None
-    if status != 200:
-        raise ProviderError(f"Claude usage request failed with HTTP {status}")
+        raise ProviderError(f"Claude {what} request failed: {type(exc).__name__}") from None
+    if not 200 <= status < 300:
+        raise ProviderError(f"Claude {what} request failed with HTTP {status}")
     try:
         raw = json.loads(text)
     except ValueError:
         raw = None
     if not isinstance(raw, Mapping):
-        raise ProviderError("Claude usage response is not a JSON object")
+        raise ProviderError(f"Claude {what} response is not a JSON object")
+    return raw
+
+
+async def quota(ctx: Context, account: Account) -> dict:
+    """The five-hour and seven-day utilisation windows of the account's plan."""
+    headers = _oauth_headers(ctx, account, "Kleis/1 account-usage")
+    raw = await _get_json(ctx, ctx.options["usage_url"], headers, "usage")
     extra = raw.get("extra_usage")
     return {
         "five_hour": _window(raw.get("five_hour")),
@@ -718,3 +897,40 @@ def _window(value: Any) -> dict | None:
         else None,
         "resets_at": resets_at if isinstance(resets_at, str) else None,
     }
+
+
+# ── Models ───────────────────────────────────────────────────────────────────
+
+MODELS_PAGE = 1000  # the most Anthropic's model list gives per page
+MODELS_MAX_PAGES = 20  # a bound on paging, far above any real list
+
+
+async def list_models(ctx: Context, account: Account) -> list[ModelInfo]:
+    """The models this account can use, from Anthropic's `GET {api_url}/v1/models` (pages of
+    `limit=1000`, then `after_id=<last_id>` while `has_more`, at most 20 pages). Each model gives
+    `id` and `display_name` (→ `name`); the list carries no limits, so those stay None.
+    Raises ProviderError on a network error, a non-2xx answer (a 401 too: the core refreshes
+    tokens, not this) or a body that is not the documented JSON."""
+    url = f"{ctx.options['api_url'].rstrip('/')}/v1/models"
+    headers = _oauth_headers(ctx, account, ctx.options["user_agent"])
+    models: dict[str, ModelInfo] = {}
+    after: str | None = None
+    for _ in range(MODELS_MAX_PAGES):
+        query = {"limit": str(MODELS_PAGE), **({"after_id": after} if after else {})}
+        page = await _get_json(ctx, f"{url}?{urlencode(query)}", headers, "model list")
+        data = page.get("data")
+        if not isinstance(data, list):
+            raise ProviderError("Claude model list response has no data list")
+        for item in data:
+            model_id = _text(item.get("id")) if isinstance(item, Mapping) else None
+            if model_id and model_id not in models:
+                models[model_id] = ModelInfo(id=model_id, name=_text(item.get("display_name")))
+        last = _text(page.get("last_id")) or (
+            _text(data[-1].get("id")) if data and isinstance(data[-1], Mapping) else None
+        )
+        if page.get("has_more") is not True or not last or last == after:
+            break
+        after = last
+    else:
+        ctx.log.warning("Claude model list: stopped after %d pages", MODELS_MAX_PAGES)
+    return list(models.values())

@@ -2,8 +2,14 @@
 
 Routes: `GET /oauth/authorize` (approves at once and answers `code#state` as text),
 `POST /v1/oauth/token` (authorization_code with PKCE, rotating single-use refresh tokens),
-`POST /v1/messages` (bearer check, then the queued reply or a realistic default) and
+`POST /v1/messages` (bearer check, then the queued reply or a realistic default),
+`POST /v1/messages/count_tokens` (bearer check, then the queued reply or `{"input_tokens": N}`),
+`GET /v1/models` (bearer check, `limit` / `after_id` paging over `models`) and
 `GET /api/oauth/usage`.
+
+Like Anthropic, the Messages and count_tokens routes answer 400 `invalid_request_error` to
+tool names outside `^[a-zA-Z0-9_-]{1,128}$`, to duplicate tool names and to a `tool_choice` or
+`tool_reference` naming no tool of the request; count_tokens also refuses Messages-only fields.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import base64
 import hashlib
 import itertools
 import json
+import re
 import time
 from typing import Any
 
@@ -22,6 +29,29 @@ from . import FakeServer, Reply, sse
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 DEFAULT_UUID = "4f9c2b1e-0000-4000-8000-00000000c1a0"
 DEFAULT_EMAIL = "dev@example.test"
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+# What POST /v1/messages/count_tokens accepts (Anthropic API reference); anything else is a 400.
+COUNT_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "context_management",
+        "mcp_servers",
+        "output_config",
+        "output_format",
+        "speed",
+        "cache_control",
+    }
+)
+DEFAULT_MODELS = [
+    {"type": "model", "id": "claude-opus-4-1-20250805", "display_name": "Claude Opus 4.1"},
+    {"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5"},
+    {"type": "model", "id": "claude-haiku-4-5-20251001", "display_name": "Claude Haiku 4.5"},
+]
 
 
 def challenge_of(verifier: str) -> str:
@@ -60,10 +90,17 @@ class FakeClaude(FakeServer):
                 "currency": "USD",
             },
         }
+        # GET /v1/models: the list it pages over, the most one page may hold (Anthropic: 1000),
+        # and a reply that replaces every answer (an error, or a body that is not a list).
+        self.models: list[dict[str, Any]] = [dict(m) for m in DEFAULT_MODELS]
+        self.models_page_max = 1000
+        self.models_reply: Reply | None = None
         self._ids = itertools.count(1)
         self.app.router.add_get("/oauth/authorize", self._authorize)
         self.app.router.add_post("/v1/oauth/token", self._token)
         self.app.router.add_post("/v1/messages", self._messages)
+        self.app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
+        self.app.router.add_get("/v1/models", self._models)
         self.app.router.add_get("/api/oauth/usage", self._usage)
 
     def options(self) -> dict[str, str]:
@@ -173,11 +210,60 @@ class FakeClaude(FakeServer):
             body = rec.json or {}
         except ValueError:
             body = {}
+        problem = tool_name_problem(body)
+        if problem:
+            return await self.render(request, self.error_reply(400, "invalid_request_error", problem))
         model = body.get("model", "claude-sonnet-4-5")
         default = (
             self.stream_reply(model=model) if body.get("stream") is True else self.json_reply(model=model)
         )
         return await self.render(request, self.next_reply(default))
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        rec = await self.record(request)
+        if not self._authorized(request):
+            return await self.render(
+                request, self.error_reply(401, "authentication_error", "Invalid bearer token")
+            )
+        try:
+            body = rec.json
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return await self.render(request, self.error_reply(400, "invalid_request_error", "not JSON"))
+        extra = sorted(set(body) - COUNT_FIELDS)
+        problem = f"{extra[0]}: Extra inputs are not permitted" if extra else tool_name_problem(body)
+        if problem:
+            return await self.render(request, self.error_reply(400, "invalid_request_error", problem))
+        return await self.render(request, self.next_reply(Reply(body={"input_tokens": count_of(body)})))
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        await self.record(request)
+        if not self._authorized(request):
+            return await self.render(
+                request, self.error_reply(401, "authentication_error", "Invalid bearer token")
+            )
+        if self.models_reply is not None:
+            return await self.render(request, self.models_reply)
+        try:
+            limit = int(request.query.get("limit", "20"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 1000:
+            return await self.render(request, self.error_reply(400, "invalid_request_error", "limit"))
+        limit = min(limit, self.models_page_max)
+        ids = [m["id"] for m in self.models]
+        after = request.query.get("after_id")
+        start = ids.index(after) + 1 if after in ids else 0
+        page = self.models[start : start + limit]
+        return web.json_response(
+            {
+                "data": page,
+                "has_more": start + limit < len(self.models),
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+            }
+        )
 
     async def _usage(self, request: web.Request) -> web.Response:
         await self.record(request)
@@ -334,6 +420,35 @@ class FakeClaude(FakeServer):
                 else "seven_day",
             },
         )
+
+
+def tool_name_problem(body: dict) -> str | None:
+    """What Anthropic would refuse about the tool names of a request, or None."""
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    names = [t.get("name") for t in tools if isinstance(t, dict)]
+    for name in names:
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            return f"tools: tool name {name!r} does not match ^[a-zA-Z0-9_-]{{1,128}}$"
+    if len(set(names)) != len(names):
+        return "tools: Tool names must be unique."
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "tool" and choice.get("name") not in names:
+        return f"tool_choice: tool {choice.get('name')!r} not found in tools"
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            is_result = isinstance(block, dict) and block.get("type") == "tool_result"
+            inner = block.get("content") if is_result else None
+            for ref in inner if isinstance(inner, list) else ():
+                if isinstance(ref, dict) and ref.get("type") == "tool_reference":
+                    if ref.get("tool_name") not in names:
+                        return f"Tool reference '{ref.get('tool_name')}' not found in available tools"
+    return None
+
+
+def count_of(body: dict) -> int:
+    """A deterministic stand-in for a token count: compact JSON characters over 4."""
+    return len(json.dumps(body, separators=(",", ":"))) // 4
 
 
 def _halves(text: str) -> list[str]:

@@ -2,8 +2,10 @@
 shaping on captured OpenCode requests, and the response transformer."""
 
 import copy
+import hashlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -92,7 +94,11 @@ def test_module_meets_the_contract():
         assert callable(getattr(claude, name)), name
     for name in providers.REQUIRED_CONSTANTS:
         assert hasattr(claude, name), name
-    assert claude.ROUTES == {"/anthropic/v1/messages": "messages"}
+    assert claude.ROUTES == {
+        "/anthropic/v1/messages": "messages",
+        "/anthropic/v1/messages/count_tokens": "count_tokens",
+    }
+    assert callable(claude.retry_after) and callable(claude.quota) and callable(claude.list_models)
     assert claude.OPTIONS["beta_headers"] == BETAS.split(",")
     # The authorize URLs are opened by the user's browser, never fetched, so they need not end in _url.
     assert set(providers.option_urls(claude.OPTIONS)) == {"api_url", "token_url", "usage_url"}
@@ -570,12 +576,170 @@ def test_restore_map_keeps_client_spelling():
         ],
         "messages": [{"role": "assistant", "content": [{"type": "tool_use", "name": "old_tool"}]}],
     }
-    assert claude.client_tool_names(body, "mcp_") == {
-        "mcp_Shell": "Shell",
-        "mcp_Bash": "bash",
+    names = claude.tool_names(body, "mcp_")
+    assert names.upstream == {
+        "computer_bash": "computer_bash",
+        "Shell": "mcp_Shell",
+        "Bash": "mcp_Bash",
+        "bash": suffixed("mcp_Bash", "bash"),
         "mcp_own": "mcp_own",
-        "mcp_Old_tool": "old_tool",
+        "old_tool": "mcp_Old_tool",
     }
+    assert {up: names.to_client(up) for up in names.upstream.values()} == {
+        up: client for client, up in names.upstream.items()
+    }
+    assert names.to_client("mcp_Invented") == "Invented"  # a name the request never had
+    assert names.to_client("mcp_") == "mcp_" and names.to_client("other") == "other"
+
+
+# ── Tool names: one to one, within Anthropic's limits ────────────────────────
+
+VALID_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+
+
+def suffixed(base: str, client_name: str) -> str:
+    """What a name that lost its preferred form becomes: base cut to fit, `_`, 8 hex digits."""
+    return f"{base[:119]}_{hashlib.sha256(client_name.encode()).hexdigest()[:8]}"
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        # prior art for ordinary names
+        (
+            ["shell", "Glob", "mcp_own", "_x", "9lives"],
+            ["mcp_Shell", "mcp_Glob", "mcp_own", "mcp__x", "mcp_9lives"],
+        ),
+        # the same name in two cases: the one already in PascalCase keeps mcp_Read
+        (["read", "Read"], [suffixed("mcp_Read", "read"), "mcp_Read"]),
+        (["Read", "read"], ["mcp_Read", suffixed("mcp_Read", "read")]),
+        # a client name that already is an upstream name keeps it
+        (["Read", "mcp_Read"], [suffixed("mcp_Read", "Read"), "mcp_Read"]),
+        (
+            ["shell", "Shell", "mcp_Shell"],
+            [suffixed("mcp_Shell", "shell"), suffixed("mcp_Shell", "Shell"), "mcp_Shell"],
+        ),
+        # too long once prefixed (Anthropic allows 128 characters)
+        (
+            ["a" * 124, "b" * 125, "c" * 128],
+            [
+                "mcp_A" + "a" * 123,
+                suffixed("mcp_B" + "b" * 124, "b" * 125),
+                suffixed("mcp_C" + "c" * 127, "c" * 128),
+            ],
+        ),
+        # characters Anthropic refuses
+        (
+            ["my.tool", "ns:tool", "wß"],
+            [
+                suffixed("mcp_My_tool", "my.tool"),
+                suffixed("mcp_Ns_tool", "ns:tool"),
+                suffixed("mcp_W_", "wß"),
+            ],
+        ),
+    ],
+)
+def test_tool_names_are_one_to_one_and_valid(names, expected):
+    mapping = claude.ToolNames(names, "mcp_")
+    assert [mapping.upstream[n] for n in names] == expected
+    assert all(VALID_NAME.match(up) for up in expected)
+    assert len(set(expected)) == len(names)  # one to one
+    assert [mapping.to_client(up) for up in expected] == names
+    # the same names in another order (a later turn) map the same way
+    assert claude.ToolNames(list(reversed(names)), "mcp_").upstream == mapping.upstream
+
+
+def test_tool_names_never_take_a_server_tools_name():
+    mapping = claude.ToolNames(["web_search", "x"], "", fixed={"web_search"})
+    assert mapping.upstream == {"web_search": "web_search", "x": "x"}
+    clash = claude.ToolNames(["web_search", "Web_search"], "", fixed={"Web_search"})
+    assert clash.upstream["web_search"] == "web_search"
+    taken = claude.ToolNames(["tool"], "mcp_", fixed={"mcp_Tool"})
+    assert taken.upstream["tool"] == suffixed("mcp_Tool", "tool")
+
+
+def test_every_place_a_tool_name_appears_is_mapped(ctx):
+    body = {
+        "model": "m",
+        "tools": [
+            {"name": "read", "input_schema": {}},
+            {"name": "Read", "input_schema": {}, "defer_loading": True},
+            {"type": "web_search_20250305", "name": "web_search"},
+            {"type": "bash_20250124", "name": "bash"},
+        ],
+        "tool_choice": {"type": "tool", "name": "read"},
+        "context_management": {
+            "edits": [
+                {"type": "clear_tool_uses_20250919", "exclude_tools": ["Read", "web_search"]},
+                {"type": "clear_thinking_20251015", "keep": "all"},
+            ]
+        },
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": "t1", "name": "read", "input": {"name": "read"}},
+                    {"type": "tool_use", "id": "t2", "name": "Read", "input": {}},
+                    {"type": "tool_use", "id": "t3", "name": "bash", "input": {}},
+                    {"type": "server_tool_use", "id": "s1", "name": "web_search", "input": {}},
+                    {
+                        "type": "tool_search_tool_result",
+                        "tool_use_id": "s2",
+                        "content": {
+                            "type": "tool_search_tool_search_result",
+                            "tool_references": [{"type": "tool_reference", "tool_name": "Read"}],
+                        },
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "t1",
+                        "content": [
+                            {"type": "tool_reference", "tool_name": "Read"},
+                            {"type": "tool_reference", "tool_name": "read"},
+                            {"type": "text", "text": "Read"},
+                        ],
+                    },
+                    {"type": "tool_result", "tool_use_id": "t2", "content": "plain"},
+                ],
+            },
+        ],
+    }
+    before = copy.deepcopy(body)
+    shaped = json.loads(claude.prepare(ctx, account(), request(body)).body)
+    assert body == before
+    low = suffixed("mcp_Read", "read")
+    assert [t["name"] for t in shaped["tools"]] == [low, "mcp_Read", "web_search", "bash"]
+    assert shaped["tools"][1]["defer_loading"] is True
+    assert shaped["tool_choice"] == {"type": "tool", "name": low}
+    assert shaped["context_management"]["edits"] == [
+        {"type": "clear_tool_uses_20250919", "exclude_tools": ["mcp_Read", "web_search"]},
+        {"type": "clear_thinking_20251015", "keep": "all"},
+    ]
+    assistant = shaped["messages"][1]["content"]
+    assert [b.get("name") for b in assistant[:4]] == [low, "mcp_Read", "bash", "web_search"]
+    assert assistant[0]["input"] == {"name": "read"}  # tool input is the client's business
+    assert assistant[4]["content"]["tool_references"] == [{"type": "tool_reference", "tool_name": "mcp_Read"}]
+    result = shaped["messages"][2]["content"]
+    assert result[0]["content"] == [
+        {"type": "tool_reference", "tool_name": "mcp_Read"},
+        {"type": "tool_reference", "tool_name": low},
+        {"type": "text", "text": "Read"},
+    ]
+    assert result[1] == before["messages"][2]["content"][1]
+    assert shaped["messages"][0] == before["messages"][0]
+
+
+def test_a_body_without_tool_names_is_not_copied():
+    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    assert claude.rename_tools(body, lambda name: "mcp_" + name) == {}
+    shaped = claude.shape_body(body, IDENTITY, "mcp_")
+    assert shaped["messages"] is body["messages"]
 
 
 # ── Transformer ──────────────────────────────────────────────────────────────
@@ -619,6 +783,74 @@ def test_sse_restores_exact_client_names(ctx, upstream, client):
     payload, event = tool_start(upstream)
     out = run(transformer(ctx), [event])
     assert out == (event if upstream == "mcp_own" else restored(payload, client))
+
+
+COLLIDING_BODY = {
+    "model": "m",
+    "stream": True,
+    "tools": [{"name": "read"}, {"name": "Read"}, {"name": "x" * 128}],
+    "messages": [],
+}
+
+
+@pytest.mark.parametrize(
+    ("upstream", "client"),
+    [
+        (suffixed("mcp_Read", "read"), "read"),
+        ("mcp_Read", "Read"),
+        (suffixed("mcp_X" + "x" * 127, "x" * 128), "x" * 128),
+    ],
+)
+def test_sse_restores_each_of_two_colliding_names(ctx, upstream, client):
+    payload, event = tool_start(upstream)
+    out = run(transformer(ctx, COLLIDING_BODY), [event])
+    assert out == restored(payload, client)
+
+
+def test_tool_references_coming_down_get_the_clients_names(ctx):
+    block = {
+        "type": "tool_search_tool_result",
+        "tool_use_id": "srvtoolu_1",
+        "content": {
+            "type": "tool_search_tool_search_result",
+            "tool_references": [
+                {"type": "tool_reference", "tool_name": "mcp_Read"},
+                {"type": "tool_reference", "tool_name": suffixed("mcp_Read", "read")},
+            ],
+        },
+    }
+    event = sse({"type": "content_block_start", "index": 2, "content_block": block}, "content_block_start")
+    out = run(transformer(ctx, COLLIDING_BODY), [event])
+    names = [
+        r["tool_name"]
+        for r in json.loads(out.split(b"data: ", 1)[1])["content_block"]["content"]["tool_references"]
+    ]
+    assert names == ["Read", "read"]
+    body = {"type": "message", "content": [block], "usage": {"input_tokens": 3, "output_tokens": 1}}
+    stream = transformer(ctx, {**COLLIDING_BODY, "stream": False}, content_type="application/json")
+    stream.feed(json.dumps(body).encode())
+    restored_body = json.loads(stream.close())
+    assert [r["tool_name"] for r in restored_body["content"][0]["content"]["tool_references"]] == [
+        "Read",
+        "read",
+    ]
+
+
+def test_sse_builds_the_name_map_only_for_an_event_with_a_tool_name(ctx):
+    built = []
+
+    def names():
+        built.append(1)
+        return claude.tool_names(TOOLS_BODY, "mcp_")
+
+    stream = claude.ClaudeStream("sse", names, "mcp_")
+    plain = FakeClaude.stream_reply("mcp_Shell is a fine name").events
+    assert run(stream, plain) == b"".join(plain)
+    assert built == []
+    _, event = tool_start("mcp_Shell")
+    stream = claude.ClaudeStream("sse", names, "mcp_")
+    stream.feed(event + event)
+    assert built == [1]  # once per response
 
 
 def full_stream(crlf: bool = False) -> tuple[list[bytes], list[bytes]]:
@@ -970,52 +1202,95 @@ def clock():
     return 1_800_000_000.0
 
 
-def test_retry_after_rejected_window(fake):
+def unified(**windows: tuple[str, int] | None) -> dict[str, str]:
+    """Unified rate-limit headers: window name ("overall" for the unnamed one) -> (status, reset
+    as seconds from `clock()`); a None reset leaves the reset header out."""
+    headers = {}
+    for window, (status, reset) in windows.items():
+        stem = "anthropic-ratelimit-unified-" + ("" if window == "overall" else f"{window}-")
+        headers[stem + "status"] = status
+        if reset is not None:
+            headers[stem + "reset"] = str(int(clock()) + reset)
+    return headers
+
+
+def test_retry_after_rests_until_the_rejected_window_reopens(fake):
     reply = FakeClaude.rate_limit_reply(1_800_003_600)
     assert claude.retry_after(429, reply.headers, b"", now=clock) == Cooldown(3600.0, window_exhausted=True)
+    # The 5h window refused; the overall reset follows the 7d window (still allowed), 5 days out.
+    five_hour = unified(
+        overall=("rejected", 5 * 86400), **{"5h": ("rejected", 2400), "7d": ("allowed", 5 * 86400)}
+    )
+    assert claude.retry_after(429, five_hour, b"", now=clock) == Cooldown(2400.0, window_exhausted=True)
+    # The other way round: the 7d window refused while the 5h one allows.
     seven_day = {
-        "anthropic-ratelimit-unified-status": "rejected",
-        "anthropic-ratelimit-unified-5h-status": "allowed",
-        "anthropic-ratelimit-unified-5h-reset": "1800000100",
-        "anthropic-ratelimit-unified-7d-status": "rejected",
-        "anthropic-ratelimit-unified-7d-reset": "1800086400",
+        **unified(overall=("rejected", 3 * 86400), **{"5h": ("allowed", 100), "7d": ("rejected", 86400)}),
         "anthropic-ratelimit-unified-overage-status": "rejected",
         "anthropic-ratelimit-unified-overage-reset": "1809999999",
     }
     assert claude.retry_after(429, seven_day, b"", now=clock) == Cooldown(86400.0, window_exhausted=True)
+    # Two windows refused: usable again only once both reopened.
+    both = unified(**{"5h": ("rejected", 600), "7d": ("rejected", 7200), "7d_opus": ("allowed", 99999)})
+    assert claude.retry_after(429, both, b"", now=clock) == Cooldown(7200.0, window_exhausted=True)
+    # A window rejected without its reset, another rejected with one: the one with a reset.
+    partial = unified(**{"5h": ("rejected", None), "7d": ("rejected", 300)})
+    assert claude.retry_after(429, partial, b"", now=clock) == Cooldown(300.0, window_exhausted=True)
 
 
-def test_retry_after_429_with_unified_reset_and_transient():
-    headers = {
-        "Anthropic-Ratelimit-Unified-Reset": "1800000090",
-        "Anthropic-Ratelimit-Unified-Status": "allowed",
-    }
-    assert claude.retry_after(429, headers, b"", now=clock) == Cooldown(90.0, window_exhausted=True)
-    only_5h = {"anthropic-ratelimit-unified-5h-reset": "1800000030"}
-    assert claude.retry_after(429, only_5h, b"", now=clock) == Cooldown(30.0, window_exhausted=True)
-    assert claude.retry_after(429, {"retry-after": "7"}, b"", now=clock) is None
-    assert (
-        claude.retry_after(
-            529,
-            {
-                "anthropic-ratelimit-unified-reset": "1800000090",
-                "anthropic-ratelimit-unified-status": "allowed",
-            },
-            b"",
-            now=clock,
-        )
-        is None
+def test_retry_after_uses_the_overall_reset_only_when_no_window_says_more():
+    overall = unified(overall=("rejected", 1800))
+    assert claude.retry_after(429, overall, b"", now=clock) == Cooldown(1800.0, window_exhausted=True)
+    windows_allowed = unified(overall=("rejected", 900), **{"5h": ("allowed", 100), "7d": ("allowed", 9000)})
+    assert claude.retry_after(429, windows_allowed, b"", now=clock) == Cooldown(900.0, window_exhausted=True)
+    window_without_reset = unified(overall=("rejected", 500), **{"5h": ("rejected", None)})
+    assert claude.retry_after(429, window_without_reset, b"", now=clock) == Cooldown(
+        500.0, window_exhausted=True
     )
-    assert (
-        claude.retry_after(529, {"anthropic-ratelimit-unified-overage-status": "rejected"}, b"", now=clock)
-        is None
-    )
-    past = {"anthropic-ratelimit-unified-reset": "1799999000"}
+    past = unified(overall=("rejected", -1000))
     assert claude.retry_after(429, past, b"", now=clock) == Cooldown(0.0, window_exhausted=True)
-    rejected_no_reset = {"anthropic-ratelimit-unified-status": "rejected", "retry-after": "120"}
-    assert claude.retry_after(429, rejected_no_reset, b"", now=clock) == Cooldown(
-        120.0, window_exhausted=True
+    # rejected and no reset anywhere: Retry-After, else a minute
+    bare = {**unified(overall=("rejected", None)), "retry-after": "120"}
+    assert claude.retry_after(429, bare, b"", now=clock) == Cooldown(120.0, window_exhausted=True)
+    assert claude.retry_after(429, unified(**{"7d": ("rejected", None)}), b"", now=clock) == Cooldown(
+        60.0, window_exhausted=True
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        # a 429 that no unified window refused: a burst limit, the core reads Retry-After
+        (429, {"retry-after": "7"}),
+        (429, {}),
+        (429, unified(overall=("allowed", 90))),
+        (
+            429,
+            unified(
+                overall=("allowed", 5 * 86400),
+                **{"5h": ("allowed", 60), "7d": ("allowed_warning", 5 * 86400)},
+            ),
+        ),
+        (429, {"anthropic-ratelimit-unified-overage-status": "rejected"}),
+        (429, {"Anthropic-Ratelimit-Unified-5h-Reset": "1800000030"}),
+        # 5xx and 529 overloaded: the core decides, whatever the headers say
+        (529, unified(overall=("rejected", 90), **{"5h": ("rejected", 90)})),
+        (500, unified(overall=("rejected", 90))),
+        (503, {"retry-after": "30"}),
+    ],
+)
+def test_retry_after_leaves_the_rest_to_the_core(status, headers):
+    assert claude.retry_after(status, headers, b"", now=clock) is None
+
+
+def test_retry_after_reads_the_injected_clock_and_header_case():
+    headers = {
+        "Anthropic-Ratelimit-Unified-5h-Status": "Rejected",
+        "Anthropic-Ratelimit-Unified-5h-Reset": "1800000600",
+    }
+    assert claude.retry_after(429, headers, b"", now=lambda: 1_800_000_000.0).seconds == 600.0
+    assert claude.retry_after(429, headers, b"", now=lambda: 1_800_000_500.0).seconds == 100.0
+    with pytest.raises(TypeError):
+        claude.retry_after(429, headers, b"")  # the clock is the caller's, never a hidden default
 
 
 async def test_quota_through_the_fake(ctx, fake):
