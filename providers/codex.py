@@ -353,11 +353,14 @@ def session_key(request: ProxyRequest) -> str | None:
 def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     """The backend request: our credentials and identity headers, a reshaped copy of the body."""
     headers = {name: value for name, value in request.headers.items() if name not in DROPPED_HEADERS}
-    client_originator = headers.get("originator")
+    client_originator, client_agent = headers.get("originator"), headers.get("user-agent")
     headers.update(_identity_headers(ctx, account, accept="text/event-stream"))  # the backend only streams
     headers["content-type"] = "application/json"
-    if client_originator:  # a first-party client (codex_exec, codex_cli_rs) keeps its own
+    if client_originator:
+        # A first-party Codex client (codex_exec, codex_cli_rs) names itself: its originator and
+        # user agent go on as the pair the backend sees from that client directly.
         headers["originator"] = client_originator
+        headers["user-agent"] = client_agent or client_originator
 
     body = dict(request.body)  # shallow: only top-level keys and the input list are replaced
     for field in DROPPED_FIELDS:

@@ -557,7 +557,7 @@ def test_prepare_without_a_session_sets_no_session_headers(ctx, fake):
         "accept": "text/event-stream",  # the backend only streams; Kleis collects for non-stream clients
         "authorization": "Bearer at",
         "content-type": "application/json",
-        "user-agent": "opencode",
+        "user-agent": "codex_cli_rs",  # a client naming its originator keeps a matching identity
         "originator": "codex_cli_rs",
         "chatgpt-account-id": "acct_row",
     }
