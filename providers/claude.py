@@ -1,10 +1,13 @@
-"""Claude: Anthropic Pro/Max/Console OAuth accounts; serves POST /anthropic/v1/messages.
+"""Claude: Anthropic Pro/Max/Console OAuth accounts; serves POST /anthropic/v1/messages and
+POST /anthropic/v1/messages/count_tokens.
 
 Logins are a PKCE code flow where the user pastes the code Anthropic shows (`code#state`).
 Anthropic only accepts these tokens on traffic that looks like Claude Code, so every request
 gets the Claude Code betas and user agent, the Claude Code identity as its first system block,
-three small rewrites of OpenCode's system prompt, and tool names of the form `mcp_Name`.
-Responses get the client's own tool names back, one SSE event at a time.
+three small rewrites of OpenCode's system prompt, and tool names of the form `mcp_Name`
+(one to one, see `ToolNames`). Genuine Claude Code already looks like itself: its system
+blocks and `claude-cli/…` user agent go up unchanged. Responses get the client's own tool
+names back, one SSE event at a time.
 """
 
 from __future__ import annotations

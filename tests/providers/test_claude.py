@@ -19,16 +19,19 @@ from providers import (
     Context,
     Cooldown,
     LoginFailed,
+    ModelInfo,
     ProxyRequest,
     ReauthRequired,
     Usage,
     claude,
 )
-from tests.fakes import sse
+from tests.fakes import Reply, sse
 from tests.fakes.claude import DEFAULT_EMAIL, DEFAULT_UUID, FakeClaude, challenge_of
+from tests.fakes.claude import count_of as claude_fake_count
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
+CLIENT_SAMPLES = DATA  # claude-code-2.1.328-*.json: real Claude Code requests (method, path, headers, body)
 IDENTITY = "You are Claude Code, Anthropic's official CLI for Claude."
 BETAS = "claude-code-20250219,oauth-2025-04-20,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"  # noqa: E501
 
@@ -1313,3 +1316,244 @@ async def test_quota_through_the_fake(ctx, fake):
     assert sent.headers["anthropic-beta"] == "oauth-2025-04-20"
     with pytest.raises(providers.ProviderError, match="HTTP 401"):
         await claude.quota(ctx, account("bad"))
+
+
+# ── count_tokens ─────────────────────────────────────────────────────────────
+
+
+def count_request(body: dict, headers: dict | None = None, query: str = "beta=true") -> ProxyRequest:
+    return ProxyRequest(
+        endpoint="count_tokens", headers=headers or {}, query=query, body=body, api_key_id="k"
+    )
+
+
+def test_count_tokens_is_prepared_like_messages(ctx, fake):
+    body = {
+        "model": "claude-sonnet-4-5",
+        "system": "You are a helpful bot.",
+        "tools": [{"name": "read", "input_schema": {}}, {"name": "Read", "input_schema": {}}],
+        "tool_choice": {"type": "tool", "name": "Read"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "context_management": {"edits": []},
+        "messages": [{"role": "user", "content": "hi"}],
+        # Messages-only fields a client may copy over: dropped, count_tokens refuses them
+        "max_tokens": 1000,
+        "stream": True,
+        "metadata": {"user_id": "u"},
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 5,
+        "stop_sequences": ["x"],
+        "service_tier": "auto",
+    }
+    headers = {"anthropic-beta": "token-counting-2024-11-01", "user-agent": "Anthropic/Python 0.70.0"}
+    up = claude.prepare(ctx, account("tok-c"), count_request(body, headers, query=""))
+    assert up.url == fake.url + "/v1/messages/count_tokens?beta=true"
+    messages = claude.prepare(ctx, account("tok-c"), request(body, headers))
+    assert {k: v for k, v in up.headers.items()} == messages.headers
+    assert up.headers["anthropic-beta"] == BETAS + ",token-counting-2024-11-01"
+    assert up.headers["authorization"] == "Bearer tok-c"
+    shaped = json.loads(up.body)
+    assert set(shaped) == {
+        "model",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "context_management",
+        "messages",
+    }
+    assert {k: v for k, v in json.loads(messages.body).items() if k in shaped} == shaped
+    assert shaped["system"][0] == {"type": "text", "text": IDENTITY}
+    assert [t["name"] for t in shaped["tools"]] == [suffixed("mcp_Read", "read"), "mcp_Read"]
+    assert shaped["tool_choice"]["name"] == "mcp_Read"
+
+
+def test_count_tokens_answer_is_relayed_and_not_counted(ctx):
+    for content_type in ("application/json", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        stream = claude.transformer(ctx, count_request({"model": "m", "messages": []}), 200, headers)
+        answer = b'{"input_tokens": 2095, "usage": {"input_tokens": 2095}}'
+        assert stream.feed(answer[:9]) + stream.feed(answer[9:]) + stream.close() == answer
+        assert stream.usage == Usage()  # counting is not billed
+        assert stream.terminal and not stream.is_sse
+
+
+async def test_count_tokens_through_the_fake(ctx, fake):
+    grant = fake.grant()
+    raw = json.loads((CLIENT_SAMPLES / "claude-code-2.1.328-count-tokens.json").read_text())
+    req = count_request(raw["body"], {k.lower(): v for k, v in raw["headers"].items()})
+    status, out, stream = await forward(ctx, account(grant["access_token"]), req)
+    sent = fake.calls("/v1/messages/count_tokens")[-1]
+    assert status == 200, out
+    assert json.loads(out) == {"input_tokens": claude_fake_count(sent.json)}
+    assert stream.usage == Usage()
+    assert [t["name"] for t in sent.json["tools"]] == ["mcp_" + t["name"] for t in raw["body"]["tools"]]
+    # a Messages-shaped body is accepted too: the fake refuses what Anthropic refuses
+    body = {**raw["body"], "max_tokens": 10, "stream": True, "metadata": {"user_id": "u"}}
+    status, out, _ = await forward(ctx, account(grant["access_token"]), count_request(body))
+    assert status == 200, out
+
+
+# ── Claude Code passes through where it already complies ─────────────────────
+
+
+def claude_code_sample(name: str) -> dict:
+    return json.loads((CLIENT_SAMPLES / f"claude-code-2.1.328-{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["messages-text", "messages-turn1", "messages-turn2"])
+def test_claude_code_system_and_user_agent_pass_through(ctx, name):
+    raw = claude_code_sample(name)
+    headers = {k.lower(): v for k, v in raw["headers"].items()}
+    up = claude.prepare(ctx, account(), request(raw["body"], headers, query="beta=true"))
+    body = json.loads(up.body)
+    assert body["system"] == raw["body"]["system"]
+    assert body["system"][0]["text"].startswith("x-anthropic-billing-header: cc_version=2.1.328.")
+    assert up.headers["user-agent"] == "claude-cli/2.1.328 (external, sdk-cli)"
+
+
+BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.328.7de; cc_entrypoint=cli;"}
+SDK_IDENTITY = (
+    "You are Claude Code, Anthropic's official CLI for Claude, running within the Claude Agent SDK."
+)
+AGENT_IDENTITY = "You are a Claude agent, built on Anthropic's Claude Agent SDK."
+OPENCODE_TEXT = "Here is some useful information about the environment you are running in:"
+
+
+@pytest.mark.parametrize(
+    "system",
+    [
+        [
+            {"type": "text", "text": IDENTITY, "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": OPENCODE_TEXT},
+        ],
+        [BILLING, {"type": "text", "text": IDENTITY}, {"type": "text", "text": OPENCODE_TEXT}],
+        [BILLING, {"type": "text", "text": SDK_IDENTITY}, {"type": "text", "text": OPENCODE_TEXT}],
+        [{"type": "text", "text": AGENT_IDENTITY}],
+    ],
+)
+def test_a_system_that_opens_with_the_identity_is_left_alone(ctx, system):
+    up = claude.prepare(ctx, account(), request({"model": "m", "system": system}))
+    assert json.loads(up.body)["system"] == system  # not even sanitised
+
+
+@pytest.mark.parametrize(
+    ("system", "expected"),
+    [
+        # billing header without an identity after it: identity in front, as for any client
+        (
+            [BILLING, {"type": "text", "text": "hi"}],
+            [{"type": "text", "text": IDENTITY}, BILLING, {"type": "text", "text": "hi"}],
+        ),
+        # identity later on: not Claude Code's layout, so the usual sanitising (no second identity)
+        (
+            [{"type": "text", "text": OPENCODE_TEXT}, {"type": "text", "text": IDENTITY}],
+            [{"type": "text", "text": claude.sanitize(OPENCODE_TEXT)}, {"type": "text", "text": IDENTITY}],
+        ),
+        # the identity after something that is not the billing header
+        (
+            [{"type": "text", "text": "x"}, {"type": "text", "text": AGENT_IDENTITY}],
+            [
+                {"type": "text", "text": IDENTITY},
+                {"type": "text", "text": "x"},
+                {"type": "text", "text": AGENT_IDENTITY},
+            ],
+        ),
+    ],
+)
+def test_other_systems_keep_the_usual_shaping(ctx, system, expected):
+    up = claude.prepare(ctx, account(), request({"model": "m", "system": system}))
+    assert json.loads(up.body)["system"] == expected
+
+
+@pytest.mark.parametrize(
+    ("client", "sent"),
+    [
+        ("claude-cli/2.1.328 (external, sdk-cli)", "claude-cli/2.1.328 (external, sdk-cli)"),
+        ("claude-cli/3.0.0 (external, cli)", "claude-cli/3.0.0 (external, cli)"),
+        ("Anthropic/Python 0.70.0", "claude-cli/2.1.2 (external, cli)"),
+        ("opencode/1.18.33 ai-sdk/anthropic", "claude-cli/2.1.2 (external, cli)"),
+        ("my-claude-cli/1.0", "claude-cli/2.1.2 (external, cli)"),
+        (None, "claude-cli/2.1.2 (external, cli)"),
+    ],
+)
+def test_user_agent_kept_only_for_claude_code(ctx, client, sent):
+    headers = {"user-agent": client} if client else {}
+    assert claude.prepare(ctx, account(), request({"model": "m"}, headers)).headers["user-agent"] == sent
+
+
+# ── Model list ───────────────────────────────────────────────────────────────
+
+
+async def test_list_models_through_the_fake(ctx, fake):
+    grant = fake.grant()
+    models = await claude.list_models(ctx, account(grant["access_token"]))
+    assert models == [
+        ModelInfo(id="claude-opus-4-1-20250805", name="Claude Opus 4.1"),
+        ModelInfo(id="claude-sonnet-4-5-20250929", name="Claude Sonnet 4.5"),
+        ModelInfo(id="claude-haiku-4-5-20251001", name="Claude Haiku 4.5"),
+    ]
+    (sent,) = fake.calls("/v1/models")
+    assert sent.query == {"limit": "1000"}
+    assert sent.headers["authorization"] == f"Bearer {grant['access_token']}"
+    assert sent.headers["anthropic-version"] == "2023-06-01"
+    assert sent.headers["anthropic-beta"] == "oauth-2025-04-20"
+
+
+async def test_list_models_pages_with_after_id(ctx, fake):
+    grant = fake.grant()
+    fake.models = [
+        {"type": "model", "id": f"claude-{i:04d}", "display_name": f"Claude {i}"} for i in range(2500)
+    ]
+    fake.models.append({"type": "model", "id": "claude-no-name"})
+    models = await claude.list_models(ctx, account(grant["access_token"]))
+    assert [m.id for m in models] == [m["id"] for m in fake.models]
+    assert models[7] == ModelInfo(id="claude-0007", name="Claude 7")
+    assert models[-1] == ModelInfo(id="claude-no-name", name=None)
+    assert all(m.context is None and m.output is None for m in models)
+    assert [c.query for c in fake.calls("/v1/models")] == [
+        {"limit": "1000"},
+        {"limit": "1000", "after_id": "claude-0999"},
+        {"limit": "1000", "after_id": "claude-1999"},
+    ]
+
+
+async def test_list_models_stops_after_twenty_pages(ctx, fake, caplog):
+    grant = fake.grant()
+    fake.models_page_max = 2
+    fake.models = [{"type": "model", "id": f"m-{i}", "display_name": None} for i in range(50)]
+    models = await claude.list_models(ctx, account(grant["access_token"]))
+    assert len(fake.calls("/v1/models")) == 20
+    assert [m.id for m in models] == [f"m-{i}" for i in range(40)]
+    assert "20 pages" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (FakeClaude.error_reply(500, "api_error", "boom"), "HTTP 500"),
+        (FakeClaude.error_reply(403, "permission_error", "no"), "HTTP 403"),
+        (Reply(body="not json", content_type="text/plain"), "not a JSON object"),
+        (Reply(body=["a", "list"]), "not a JSON object"),
+        (Reply(body={"models": []}), "no data list"),
+    ],
+)
+async def test_list_models_failures(ctx, fake, reply, message):
+    grant = fake.grant()
+    fake.models_reply = reply
+    with pytest.raises(providers.ProviderError, match=message) as caught:
+        await claude.list_models(ctx, account(grant["access_token"]))
+    assert grant["access_token"] not in str(caught.value)
+
+
+async def test_list_models_with_a_refused_token(ctx, fake):
+    with pytest.raises(providers.ProviderError, match="HTTP 401") as caught:
+        await claude.list_models(ctx, account("sk-ant-oat01-unknown"))
+    assert "sk-ant" not in str(caught.value)
+    unreachable = Context(
+        http=ctx.http, options={**ctx.options, "api_url": "http://127.0.0.1:9"}, now=ctx.now, log=ctx.log
+    )
+    with pytest.raises(providers.ProviderError, match="failed: Client") as caught:
+        await claude.list_models(unreachable, account("sk-ant-oat01-x"))
+    assert "sk-ant" not in str(caught.value)
