@@ -26,6 +26,27 @@ RESPONSES_MARKERS = (
 CHAT_MARKERS = (b"[DONE]", b'"usage":{', b'"usage": {', b'"finish_reason":"', b'"finish_reason": "')
 CHAT_USAGE = re.compile(rb'"usage":\s*\{')
 CHAT_FINISH = re.compile(rb'"finish_reason":\s*"')
+# A stripping stream reads usage itself, so its terminal scan only looks for the end markers.
+CHAT_END_MARKERS = (b"[DONE]", b'"finish_reason":"', b'"finish_reason": "')
+# A JSON key can only appear unescaped outside strings, so these find every chunk carrying a usage
+# object (a `"usage":null` placeholder does not match and is left alone).
+USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+# The fields of a chat.completion.chunk that say nothing by themselves (OpenAI API reference,
+# "The chat completion chunk object"): a chunk without choices and with nothing beyond these
+# exists only to carry usage.
+CHUNK_ENVELOPE = frozenset(
+    {
+        "id",
+        "object",
+        "created",
+        "model",
+        "system_fingerprint",
+        "service_tier",
+        "choices",
+        "usage",
+        "obfuscation",
+    }
+)
 MAX_JSON_BODY = 64 * 1024 * 1024
 
 
@@ -77,11 +98,18 @@ def terminal_usage(event: bytes) -> Usage | None:
 
 
 class OpenAIStream:
-    """Pass-through transformer for `responses` and `chat_completions` endpoints."""
+    """Pass-through transformer for `responses` and `chat_completions` endpoints.
 
-    def __init__(self, endpoint: str, sse: bool):
+    With `strip_usage` (chat streams only) the stream also hides usage the client did not ask
+    for: Kleis forces `stream_options.include_usage` upstream to count tokens, so a chunk that
+    only carries usage (`choices` empty) is dropped and a `usage` object on a chunk with choices
+    is removed. Usage is still read from them. Only those chunks are parsed and re-encoded;
+    every other byte passes through unchanged."""
+
+    def __init__(self, endpoint: str, sse: bool, strip_usage: bool = False):
         self.endpoint = endpoint
         self.is_sse = sse
+        self.strip_usage = strip_usage and endpoint == "chat_completions"
         self.usage = Usage()
         self.terminal = False
         self.at_boundary = True
@@ -97,16 +125,45 @@ class OpenAIStream:
         # inside an event, and a cut stream never leaves half a JSON line at the client.
         out = self._splitter.whole(chunk)
         if out:
+            if self.strip_usage:
+                out = self._strip(out)
             self._scan(out)
         return out
 
     def _scan(self, out: bytes) -> None:
         """Inspect only the events that may end the stream or carry usage. They come last, so
         a chunk holding many events only has its last three searched."""
-        markers = RESPONSES_MARKERS if self.endpoint == "responses" else CHAT_MARKERS
+        if self.endpoint == "responses":
+            markers = RESPONSES_MARKERS
+        else:
+            markers = CHAT_END_MARKERS if self.strip_usage else CHAT_MARKERS
         region = tail_events_start(out, 3) if len(out) > 2048 else 0
         for start, end in marked_events(out, markers, region):
             self._inspect(out[start:end])
+
+    def _strip(self, out: bytes) -> bytes:
+        """`out` (whole events) without the usage the client did not ask for; reads it into
+        `self.usage`. Every usage-bearing event in `out` is found (two substring searches), not
+        only the last ones: a hidden usage object must never slip through."""
+        spans = marked_events(out, USAGE_MARKERS)
+        if not spans:
+            return out
+        parts: list[bytes] = []
+        pos = 0
+        for start, end in spans:
+            event = out[start:end]
+            payload = event_json(event)
+            usage = payload.get("usage") if payload is not None else None
+            if not isinstance(usage, Mapping):
+                continue  # not a chunk with a top-level usage object: leave it as it is
+            self.usage = chat_usage(usage) or self.usage
+            parts.append(out[pos:start])
+            pos = end
+            if payload.get("choices") or not CHUNK_ENVELOPE.issuperset(payload):
+                del payload["usage"]
+                parts.append(replace_data(event, payload))
+        parts.append(out[pos:])
+        return b"".join(parts)
 
     def close(self) -> bytes:
         if not self.is_sse:
@@ -114,6 +171,8 @@ class OpenAIStream:
             return b""
         tail = self._splitter.rest()
         if tail.strip():
+            if self.strip_usage:
+                tail = self._strip(tail)
             self._inspect(tail)
         return tail
 
@@ -129,7 +188,7 @@ class OpenAIStream:
             return
         if CHAT_FINISH.search(event):
             self.terminal = True
-        if CHAT_USAGE.search(event):
+        if not self.strip_usage and CHAT_USAGE.search(event):  # a stripping stream read it in _strip
             payload = event_json(event)
             if payload is not None:
                 self.usage = chat_usage(payload.get("usage")) or self.usage
@@ -153,12 +212,33 @@ class OpenAIStream:
         return sse_frame(payload)
 
 
-def openai_transformer(endpoint: str, request_stream: bool, headers: Mapping[str, str]) -> OpenAIStream:
-    """The transformer for an OpenAI-protocol response with these headers."""
+def replace_data(event: bytes, payload: Mapping) -> bytes:
+    """`event` with its data line(s) replaced by one line carrying `payload` as compact JSON;
+    other fields (`event:`, `id:`), the line ending style and the terminator are kept."""
+    body = event.rstrip(b"\r\n")
+    terminator = event[len(body) :]
+    newline = b"\r\n" if b"\r\n" in body or terminator.startswith(b"\r") else b"\n"
+    lines: list[bytes] = []
+    data = b"data: " + json.dumps(payload, separators=(",", ":")).encode()
+    for line in body.split(b"\n"):
+        line = line.removesuffix(b"\r")
+        if line.startswith(b"data:"):
+            if data:
+                lines.append(data)
+                data = b""
+            continue
+        lines.append(line)
+    return newline.join(lines) + terminator
+
+
+def openai_transformer(
+    endpoint: str, request_stream: bool, headers: Mapping[str, str], *, strip_usage: bool = False
+) -> OpenAIStream:
+    """The transformer for an OpenAI-protocol response with these headers; `strip_usage` hides
+    chat-stream usage the client did not ask for (see OpenAIStream)."""
     content_type = None
     for name, value in headers.items():
         if name.lower() == "content-type":
             content_type = value
             break
-    return OpenAIStream(endpoint, is_sse(content_type, request_stream))
-
+    return OpenAIStream(endpoint, is_sse(content_type, request_stream), strip_usage)

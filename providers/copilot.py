@@ -8,11 +8,13 @@ OAuth host, REST API and Copilot API are derived from it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +25,7 @@ from . import (
     Login,
     LoginFailed,
     LoginPending,
+    ModelInfo,
     ProviderError,
     ProxyRequest,
     ReauthRequired,
@@ -386,75 +389,146 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     suffix = SUFFIXES.get(request.endpoint)
     if suffix is None:
         raise ProviderError(f"Copilot has no {request.endpoint} endpoint")
-    _, _, api_url = endpoints(ctx.options, account.metadata.get("enterpriseDomain") or None)
-    url = api_url + suffix + (f"?{request.query}" if request.query else "")
+    url = api_base(ctx, account) + suffix + (f"?{request.query}" if request.query else "")
     headers = {k: v for k, v in request.headers.items() if k.lower() not in DROPPED_HEADERS}
     headers.pop("copilot-vision-request", None)
     initiator, vision = classify(request.endpoint, request.body)
-    headers.update(
-        {
-            "authorization": f"Bearer {account.access_token}",
-            "openai-intent": "conversation-edits",
-            "x-initiator": initiator,
-        }
-    )
+    headers.update({**api_headers(account), "x-initiator": initiator})
     if vision:
         headers["copilot-vision-request"] = "true"
     headers.setdefault("content-type", "application/json")
     body = request.body
-    if request.endpoint == "chat_completions" and request.stream:
+    if forces_usage(request):
+        # without it a chat stream carries no usage at all; the transformer hides it again
         options = body.get("stream_options")
         options = options if isinstance(options, dict) else {}
-        if options.get("include_usage") is not True:
-            # without it a chat stream carries no usage at all
-            body = {**body, "stream_options": {**options, "include_usage": True}}
+        body = {**body, "stream_options": {**options, "include_usage": True}}
     return Upstream(url=url, headers=headers, body=compact_json(body))
+
+
+def api_base(ctx: Context, account: Account) -> str:
+    """The Copilot API base URL of `account`: `https://copilot-api.<domain>` for an enterprise
+    (GHE.com) account, else the `api_url` option."""
+    return endpoints(ctx.options, account.metadata.get("enterpriseDomain") or None)[2]
+
+
+def api_headers(account: Account) -> dict[str, str]:
+    """What every Copilot API call carries: the GitHub token as bearer (no token exchange, see
+    the module docstring) and the intent Copilot's own clients send."""
+    return {"authorization": f"Bearer {account.access_token}", "openai-intent": "conversation-edits"}
+
+
+def forces_usage(request: ProxyRequest) -> bool:
+    """True for a streamed chat request whose client did not ask for usage
+    (`stream_options.include_usage` not true): Kleis asks upstream for it and hides it again."""
+    if request.endpoint != "chat_completions" or not request.stream:
+        return False
+    options = request.body.get("stream_options")
+    return not (isinstance(options, Mapping) and options.get("include_usage") is True)
+
+
+# Part types that are an image, per API: chat `image_url` parts (any role, user or tool), Responses
+# `input_image` parts and `computer_screenshot` outputs (OpenAI API reference, "Create a model
+# response" input item types).
+IMAGE_TYPES = {
+    "chat_completions": frozenset({"image_url"}),
+    "responses": frozenset({"input_image", "computer_screenshot"}),
+}
+# Where parts sit below an item: message `content`, and a tool result's `output`
+# (`function_call_output`, `custom_tool_call_output`, `computer_call_output`), which may itself
+# hold content parts.
+PART_KEYS = ("content", "output")
+# Bounds of the image walk, so a hostile body costs at most this many node visits: the depth
+# counts containers below `messages`/`input` (a Responses tool output's parts sit at 3), the
+# budget the dicts and lists looked at.
+VISION_MAX_DEPTH = 8
+VISION_MAX_NODES = 20_000
 
 
 def classify(endpoint: str, body: Mapping) -> tuple[str, bool]:
     """(x-initiator, vision) for a request: `user` when the last item is a user turn, `agent`
-    for follow-ups after tool calls; vision when any item carries an image part."""
-    if endpoint == "responses":
-        items, image = body.get("input"), "input_image"
-    else:
-        items, image = body.get("messages"), "image_url"
+    for follow-ups after tool calls; vision when an image part sits anywhere in the
+    conversation (see `has_image`)."""
+    items = body.get("input") if endpoint == "responses" else body.get("messages")
     if not isinstance(items, list) or not items:
         return "user", False  # a plain string input is a user prompt without images
-    vision = any(
-        isinstance(item, Mapping)
-        and isinstance(item.get("content"), list)
-        and any(isinstance(part, Mapping) and part.get("type") == image for part in item["content"])
-        for item in items
-    )
     last = items[-1]
     initiator = "user" if isinstance(last, Mapping) and last.get("role") == "user" else "agent"
-    return initiator, vision
+    return initiator, has_image(items, IMAGE_TYPES.get(endpoint, frozenset()))
+
+
+def has_image(items: list, types: frozenset[str]) -> bool:
+    """True when a part whose `type` is in `types` sits in `items` or below them under
+    `content`/`output` (lists, or a single part object). Strings are never looked into.
+    Iterative and bounded by VISION_MAX_DEPTH and VISION_MAX_NODES: past the bounds the answer
+    is False, as for a conversation without images."""
+    stack: list[tuple[Any, int]] = [(items, 0)]
+    budget = VISION_MAX_NODES
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return False
+        if isinstance(node, list):
+            if depth < VISION_MAX_DEPTH:  # never more children than visits left
+                children = itertools.islice(node, budget)
+                stack.extend((child, depth + 1) for child in children if isinstance(child, (list, Mapping)))
+            continue
+        kind = node.get("type")
+        if isinstance(kind, str) and kind in types:
+            return True
+        if depth < VISION_MAX_DEPTH:
+            for key in PART_KEYS:
+                child = node.get(key)
+                if isinstance(child, (list, Mapping)):
+                    stack.append((child, depth + 1))
+    return False
 
 
 def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mapping) -> OpenAIStream:
-    return openai_transformer(request.endpoint, request.stream, headers)
+    return openai_transformer(request.endpoint, request.stream, headers, strip_usage=forces_usage(request))
 
 
-def retry_after(status: int, headers: Mapping, body: bytes) -> Cooldown | None:
-    """A used-up Copilot quota (`quota_exceeded`) rests the account until the reset the headers
-    give, else until the monthly reset (1st, 00:00 UTC); the core bounds the length. Short rate
-    limits (`rate_limited`) are left to the core's Retry-After handling."""
-    if status < 400 or not body:
+def retry_after(
+    status: int, headers: Mapping, body: bytes, *, now: Callable[[], float] = time.time
+) -> Cooldown | None:
+    """A used-up Copilot quota (error code or type `quota_exceeded` / `insufficient_quota` in a
+    4xx body) rests the account until the reset the headers give (`Retry-After` seconds or
+    HTTP date, `x-ratelimit-reset` epoch seconds), else until the monthly reset (1st, 00:00 UTC,
+    when Copilot's premium allowance renews); the core bounds the length. `now` gives epoch
+    seconds (the core passes its clock). Short rate limits (`rate_limited`) and 5xx answers
+    are None: the core decides those from Retry-After and its own policy."""
+    if not 400 <= status < 500 or not body:
         return None
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
-    if oauth_error_code(payload) not in QUOTA_CODES:
+    if not _quota_error(payload):
         return None
-    now = time.time()
-    seconds = _header_seconds(headers, now) or seconds_to_month_start(now)
+    at = now()
+    seconds = _header_seconds(headers, at) or seconds_to_month_start(at)
     return Cooldown(seconds=seconds, window_exhausted=True)
+
+
+def _quota_error(payload: Any) -> bool:
+    if not isinstance(payload, Mapping):
+        return False
+    error = payload.get("error")
+    if isinstance(error, Mapping):
+        return _quota_code(error.get("code")) or _quota_code(error.get("type"))
+    return _quota_code(error) or _quota_code(payload.get("code"))
+
+
+def _quota_code(value: Any) -> bool:
+    return isinstance(value, str) and value in QUOTA_CODES
 
 
 def _header_seconds(headers: Mapping, now: float) -> float | None:
     lower = {str(k).lower(): v for k, v in headers.items()}
     retry = _number(lower.get("retry-after"))
+    if retry is None and isinstance(lower.get("retry-after"), str):
+        retry = _http_date(lower["retry-after"], now)  # RFC 9110 allows an HTTP date too
     if retry is not None and retry > 0:
         return retry
     reset = _number(lower.get("x-ratelimit-reset"))
@@ -481,6 +555,74 @@ def catalogue_model(options: Mapping, model_id: str, model: dict) -> dict | None
     return {**model, "provider": {**provider, "npm": NPM["responses"]}}
 
 
+async def list_models(ctx: Context, account: Account) -> list[ModelInfo]:
+    """The chat models this account may use today, from Copilot's `GET {api base}/models`
+    (same base, bearer and intent as the chat request; enterprise accounts use their domain).
+
+    Copilot answers `{"data": [{"id", "name", "model_picker_enabled", "policy": {"state"},
+    "capabilities": {"type", "limits": {"max_context_window_tokens", "max_output_tokens",
+    "max_prompt_tokens"}, "supports": {"vision", "tool_calls", "reasoning_effort", ...}}}]}`
+    (as read by ericc-ch/copilot-api and the Copilot SDKs). Kept: `type` "chat", picker-enabled,
+    policy not "disabled" (the rule Copilot's own model picker applies). Mapped: context =
+    max_context_window_tokens, output = max_output_tokens, `supports.vision` true → input
+    ("text", "image"), a `supports` without it → ("text",) (Copilot omits false flags), no
+    `supports` → unknown; `supports.tool_calls` → tool_call, a non-empty
+    `supports.reasoning_effort` → reasoning (else unknown). Raises ProviderError on a
+    transport failure, a non-2xx answer or a body without a `data` list."""
+    headers = {
+        **api_headers(account),
+        "accept": "application/json",
+        "user-agent": str(ctx.options["user_agent"]),
+    }
+    status, body = await call_json(
+        ctx, "GET", api_base(ctx, account) + "/models", headers=headers, what="Copilot model list"
+    )
+    if not 200 <= status < 300:
+        code = oauth_error_code(body)
+        raise ProviderError(f"Copilot model list answered HTTP {status}{f' ({code})' if code else ''}")
+    data = body.get("data")
+    if not isinstance(data, list):
+        raise ProviderError("Copilot model list answered without a `data` list")
+    models: list[ModelInfo] = []
+    seen: set[str] = set()
+    for entry in data:
+        model = _model_info(entry)
+        if model is not None and model.id not in seen:
+            seen.add(model.id)
+            models.append(model)
+    return models
+
+
+def _model_info(entry: Any) -> ModelInfo | None:
+    if not isinstance(entry, Mapping) or not _text(entry.get("id")):
+        return None
+    capabilities = _mapping(entry.get("capabilities"))
+    policy = _mapping(entry.get("policy"))
+    if (
+        capabilities.get("type") != "chat"
+        or entry.get("model_picker_enabled") is not True
+        or policy.get("state") == "disabled"
+    ):
+        return None
+    limits = _mapping(capabilities.get("limits"))
+    supports = _mapping(capabilities.get("supports"))
+    vision, tools, effort = (
+        supports.get("vision"),
+        supports.get("tool_calls"),
+        supports.get("reasoning_effort"),
+    )
+    return ModelInfo(
+        id=entry["id"].strip(),
+        name=_text(entry.get("name")),
+        context=_count(limits.get("max_context_window_tokens")),
+        output=_count(limits.get("max_output_tokens")),
+        # Copilot leaves false flags out, so a `supports` without vision means text only
+        input_modalities=("text", "image") if vision is True else ("text",) if supports else None,
+        reasoning=True if isinstance(effort, list) and effort else None,
+        tool_call=tools if isinstance(tools, bool) else None,
+    )
+
+
 # ── Small helpers ────────────────────────────────────────────────────────────
 
 
@@ -493,6 +635,24 @@ def _number(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def _http_date(value: str, now: float) -> float | None:
+    try:
+        return parsedate_to_datetime(value).timestamp() - now
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _mapping(value: Any) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _count(value: Any) -> int | None:
+    """A positive whole number of tokens, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 2**53:
+        return None
+    return int(value)
 
 
 def _positive(value: Any, default: float) -> float:

@@ -1,4 +1,4 @@
-"""A fake GitHub + Copilot upstream: device flow, GET /user, chat completions and responses.
+"""A fake GitHub + Copilot upstream: device flow, GET /user, chat completions, responses, models.
 
 One server plays github.com, api.github.com and api.githubcopilot.com, so `options()` points
 all three URLs at it. Tokens are live once `grant()` or an approved device login issued them.
@@ -25,23 +25,30 @@ def chat_stream_reply(
     cached_tokens: int = 8,
     completion_tokens: int = 5,
     include_usage: bool = True,
+    usage_on_finish: bool = False,
     finish_reason: str = "stop",
     done: bool = True,
     crlf: bool = False,
 ) -> Reply:
-    """A streamed chat completion: role chunk, one chunk per word, finish chunk, usage, [DONE]."""
+    """A streamed chat completion: role chunk, one chunk per word, finish chunk, usage, [DONE].
+
+    With `usage_on_finish` the usage rides on the finish chunk (which has choices) instead of a
+    chunk of its own, as Copilot does for some models."""
     base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def chunk(delta: dict, finish: str | None = None, **extra) -> dict:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
 
+    usage = _chat_usage(prompt_tokens, cached_tokens, completion_tokens)
     events = [sse(chunk({"role": "assistant", "content": ""}), crlf=crlf)]
     words = text.split(" ")
     events += [sse(chunk({"content": w if i == 0 else f" {w}"}), crlf=crlf) for i, w in enumerate(words)]
-    events.append(sse(chunk({}, finish_reason), crlf=crlf))
-    if include_usage:
-        usage = _chat_usage(prompt_tokens, cached_tokens, completion_tokens)
-        events.append(sse({**base, "choices": [], "usage": usage}, crlf=crlf))
+    if include_usage and usage_on_finish:
+        events.append(sse(chunk({}, finish_reason, usage=usage), crlf=crlf))
+    else:
+        events.append(sse(chunk({}, finish_reason), crlf=crlf))
+        if include_usage:
+            events.append(sse({**base, "choices": [], "usage": usage}, crlf=crlf))
     if done:
         events.append(sse("[DONE]", crlf=crlf))
     return Reply(events=events)
@@ -182,11 +189,103 @@ def error_reply(
     )
 
 
+def copilot_model(
+    id: str,
+    name: str,
+    *,
+    family: str | None = None,
+    type: str = "chat",
+    picker: bool = True,
+    policy: str | None = "enabled",
+    context: int | None = 128_000,
+    output: int | None = 16_384,
+    prompt: int | None = 64_000,
+    vision: bool = False,
+    tool_calls: bool = True,
+    reasoning_effort: list[str] | None = None,
+    endpoints: list[str] | None = None,
+    vendor: str = "OpenAI",
+) -> dict:
+    """One entry of Copilot's GET /models `data`, in the shape Copilot answers (fields as read by
+    ericc-ch/copilot-api `get-models.ts` and Copilot SDK model types)."""
+    limits = {
+        k: v
+        for k, v in (
+            ("max_context_window_tokens", context),
+            ("max_output_tokens", output),
+            ("max_prompt_tokens", prompt),
+        )
+        if v is not None
+    }
+    supports: dict = {"streaming": True, "tool_calls": tool_calls, "parallel_tool_calls": tool_calls}
+    if vision:
+        supports["vision"] = True
+        limits["vision"] = {
+            "max_prompt_image_size": 3_145_728,
+            "max_prompt_images": 1,
+            "supported_media_types": ["image/jpeg", "image/png", "image/webp", "image/gif"],
+        }
+    if reasoning_effort:
+        supports["reasoning_effort"] = reasoning_effort
+    model = {
+        "id": id,
+        "name": name,
+        "object": "model",
+        "vendor": vendor,
+        "version": id,
+        "preview": False,
+        "model_picker_enabled": picker,
+        "capabilities": {
+            "family": family or id,
+            "object": "model_capabilities",
+            "tokenizer": "o200k_base",
+            "type": type,
+            "limits": limits,
+            "supports": supports,
+        },
+    }
+    if policy is not None:
+        model["policy"] = {"state": policy, "terms": f"Enable access to {name}."}
+    if endpoints is not None:
+        model["supported_endpoints"] = endpoints
+    return model
+
+
+def default_models() -> list[dict]:
+    """A realistic model list: three usable chat models, one hidden from the picker, one the
+    organisation's policy disabled, and one embedding model."""
+    return [
+        copilot_model(
+            "gpt-4.1", "GPT-4.1", context=128_000, output=16_384, prompt=128_000, vision=True,
+            endpoints=["/chat/completions"],
+        ),
+        copilot_model(
+            "gpt-5-mini", "GPT-5 mini", context=264_000, output=64_000, prompt=128_000, vision=True,
+            reasoning_effort=["low", "medium", "high"], endpoints=["/chat/completions", "/responses"],
+        ),
+        copilot_model(
+            "claude-sonnet-4.6", "Claude Sonnet 4.6", context=200_000, output=32_000, prompt=168_000,
+            vision=True, vendor="Anthropic", endpoints=["/chat/completions", "/v1/messages"],
+        ),
+        copilot_model("gpt-4o-mini-2024-07-18", "GPT-4o mini", picker=False, vision=True),
+        copilot_model(
+            "claude-opus-4.7", "Claude Opus 4.7", policy="disabled", vendor="Anthropic", vision=True,
+            context=200_000, output=32_000,
+        ),
+        copilot_model(
+            "text-embedding-3-small", "Embedding V3 small", type="embeddings", picker=False, policy=None,
+            context=None, output=None, prompt=None, tool_calls=False,
+        ),
+    ]  # fmt: skip
+
+
 class FakeCopilot(FakeServer):
     """GitHub device flow, GET /user and the Copilot chat/responses API on one loopback server."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.models: list[dict] = default_models()  # what GET /models answers in `data`
+        self.models_reply: Reply | None = None  # answer GET /models with this instead
         self.users: dict[str, dict] = {}  # live GitHub token -> {"id", "login", "email"}
         self.devices: dict[str, dict] = {}  # device code -> {"status", "user"}
         self.user_status: int | None = None  # force GET /user to answer this status
@@ -200,6 +299,7 @@ class FakeCopilot(FakeServer):
                 web.get("/user", self._user),
                 web.post("/chat/completions", self._chat),
                 web.post("/responses", self._responses),
+                web.get("/models", self._models),
             ]
         )
 
@@ -332,6 +432,14 @@ class FakeCopilot(FakeServer):
             else Reply(body=responses_body(model=model))
         )
         return await self.render(request, self.next_reply(default))
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        rec = await self.record(request)
+        if self._bearer(rec.headers) not in self.users:
+            return await self.render(request, error_reply(401, "Bad credentials", "authentication_error"))
+        if self.models_reply is not None:
+            return await self.render(request, self.models_reply)
+        return web.json_response({"object": "list", "data": self.models})
 
     @staticmethod
     def _bearer(headers: dict[str, str]) -> str:

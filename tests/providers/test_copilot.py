@@ -23,7 +23,7 @@ from providers import (
     Usage,
     copilot,
 )
-from tests.fakes import Reply
+from tests.fakes import Reply, sse
 from tests.fakes.copilot import (
     chat_json_reply,
     chat_stream_reply,
@@ -597,15 +597,142 @@ async def test_chat_stream_usage_is_forced_and_seen(ctx, fake):
     assert stream.usage == Usage(input_tokens=42, output_tokens=5, cache_read_tokens=8)
 
 
-def test_chat_stream_with_crlf_and_split_chunks(ctx):
+@pytest.mark.parametrize("asked", [True, False])
+def test_chat_stream_with_crlf_and_split_chunks(ctx, asked):
     reply = chat_stream_reply(prompt_tokens=100, cached_tokens=30, completion_tokens=7, crlf=True)
-    request = chat([{"role": "user", "content": "hi"}])
+    request = chat([{"role": "user", "content": "hi"}], stream_options={"include_usage": asked})
     stream = copilot.transformer(ctx, request, 200, {"Content-Type": "text/event-stream"})
     raw = b"".join(reply.events)
     out = b"".join(stream.feed(raw[i : i + 7]) for i in range(0, len(raw), 7)) + stream.close()
-    assert out == raw
+    usage_event = reply.events[-2]
+    assert b'"usage"' in usage_event and b'"choices": []' in usage_event
+    assert out == (raw if asked else raw.replace(usage_event, b""))
     assert stream.usage == Usage(input_tokens=70, output_tokens=7, cache_read_tokens=30)
     assert stream.terminal
+
+
+def events_of(raw: bytes) -> list[bytes]:
+    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
+
+
+def run(ctx, request: ProxyRequest, raw: bytes, step: int | None = None):
+    """Feed `raw` through the adapter's transformer (in `step`-byte pieces); (client bytes, stream)."""
+    stream = copilot.transformer(ctx, request, 200, {"Content-Type": "text/event-stream"})
+    pieces = [raw] if step is None else [raw[i : i + step] for i in range(0, len(raw), step)]
+    out = b"".join(stream.feed(piece) for piece in pieces) + stream.close()
+    return out, stream
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"stream_options": {"include_usage": False}}, {"stream_options": {"include_obfuscation": False}}],
+    ids=["no-stream-options", "include-usage-false", "other-stream-options"],
+)
+@pytest.mark.parametrize("step", [None, 1, 13])
+def test_forced_usage_chunk_is_dropped(ctx, extra, step):
+    reply = chat_stream_reply("one two", prompt_tokens=30, cached_tokens=10, completion_tokens=2)
+    raw = b"".join(reply.events)
+    out, stream = run(ctx, chat(HI, **extra), raw, step)
+    assert out == b"".join(e for e in reply.events if b'"usage"' not in e)
+    assert all(json.loads(e[6:])["choices"] for e in events_of(out)[:-1])  # chunk.choices[0] works
+    assert events_of(out)[-1] == b"data: [DONE]\n\n"
+    assert stream.usage == Usage(input_tokens=20, output_tokens=2, cache_read_tokens=10)
+    assert stream.terminal
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_forced_usage_on_a_content_chunk_is_removed(ctx, crlf):
+    reply = chat_stream_reply("one two", completion_tokens=2, usage_on_finish=True, crlf=crlf)
+    raw = b"".join(reply.events)
+    out, stream = run(ctx, chat(HI), raw, 5)
+    finish = reply.events[-2]
+    assert b'"usage"' in finish and b'"finish_reason": "stop"' in finish
+    assert out.startswith(b"".join(reply.events[:-2]))  # everything else byte for byte
+    assert out.endswith(reply.events[-1])  # [DONE]
+    rewritten = out[len(b"".join(reply.events[:-2])) : -len(reply.events[-1])]
+    nl = b"\r\n" if crlf else b"\n"
+    assert rewritten.startswith(b"data: {") and rewritten.endswith(b"}" + nl + nl)
+    chunk = json.loads(rewritten[6:])
+    expected = json.loads(finish.strip()[6:])
+    del expected["usage"]
+    assert chunk == expected
+    assert stream.usage == Usage(input_tokens=42, output_tokens=2, cache_read_tokens=8)
+    assert stream.terminal
+
+
+def test_asked_usage_passes_through_unchanged(ctx):
+    for reply in (chat_stream_reply(), chat_stream_reply(usage_on_finish=True)):
+        raw = b"".join(reply.events)
+        out, stream = run(ctx, chat(HI, stream_options={"include_usage": True}), raw, 3)
+        assert out == raw
+        assert stream.usage == Usage(input_tokens=42, output_tokens=5, cache_read_tokens=8)
+
+
+def test_usage_chunk_with_other_fields_keeps_them(ctx):
+    # a choices-less chunk that also says something else (Azure's prompt_filter_results) is
+    # not Kleis's to drop: only its usage goes
+    usage = {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10}
+    filtered = {"id": "x", "choices": [], "prompt_filter_results": [{"prompt_index": 0}], "usage": usage}
+    raw = b"".join(
+        [
+            sse({"id": "x", "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]}),
+            sse(filtered, event="chunk"),
+            sse("[DONE]"),
+        ]
+    )
+    out, stream = run(ctx, chat(HI), raw)
+    events = events_of(out)
+    assert (
+        events[1]
+        == b'event: chunk\ndata: {"id":"x","choices":[],"prompt_filter_results":[{"prompt_index":0}]}\n\n'
+    )
+    assert events[0] == events_of(raw)[0] and events[2] == b"data: [DONE]\n\n"
+    assert stream.usage == Usage(input_tokens=9, output_tokens=1)
+
+
+def test_usage_in_a_large_chunk_is_found_anywhere(ctx):
+    # many events in one read, the usage chunk not among the last three: still dropped
+    reply = chat_stream_reply(" ".join(f"w{i}" for i in range(300)), completion_tokens=300)
+    events = list(reply.events)
+    usage_event = events.pop(-2)
+    events.insert(5, usage_event)
+    raw = b"".join(events)
+    out, stream = run(ctx, chat(HI), raw)
+    assert out == raw.replace(usage_event, b"")
+    assert stream.usage.output_tokens == 300
+
+
+def test_null_usage_and_nested_usage_keys_are_left_alone(ctx):
+    chunks = [
+        {"id": "x", "choices": [{"index": 0, "delta": {"content": '"usage":{'}}], "usage": None},
+        {"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "meta": {"usage": {}}},
+    ]
+    raw = b"".join([*(sse(c) for c in chunks), sse("[DONE]")])
+    out, stream = run(ctx, chat(HI), raw)
+    assert out == raw
+    assert stream.usage == Usage()
+    assert stream.terminal
+
+
+def test_usage_at_eof_without_a_blank_line(ctx):
+    reply = chat_stream_reply(done=False)
+    raw = b"".join(reply.events).rstrip(b"\n")  # the usage chunk is the unterminated tail
+    out, stream = run(ctx, chat(HI), raw)
+    assert out == b"".join(reply.events[:-1])
+    assert stream.usage == Usage(input_tokens=42, output_tokens=5, cache_read_tokens=8)
+
+
+def test_nothing_is_stripped_where_nothing_was_forced(ctx):
+    # Responses streams and non-streamed chat get no forced usage, so nothing is removed
+    raw = b"".join(responses_stream_reply().events)
+    out, stream = run(ctx, responses("hi"), raw, 11)
+    assert out == raw and not stream.strip_usage
+    body = json.dumps(chat_json_reply().body).encode()
+    plain = copilot.transformer(ctx, chat(HI, stream=False), 200, {"Content-Type": "application/json"})
+    assert plain.feed(body) + plain.close() == body and not plain.strip_usage
 
 
 async def test_chat_json_usage(ctx, fake):
@@ -699,7 +826,7 @@ async def test_scripted_error_reply_is_relayed(ctx, fake):
     assert status == 429
     assert not stream.is_sse  # a JSON error body never gets keepalives
     assert json.loads(out)["error"]["code"] == "rate_limited"
-    assert copilot.retry_after(status, {"retry-after": "30"}, out) is None
+    assert copilot.retry_after(status, {"retry-after": "30"}, out, now=lambda: 0) is None
 
 
 async def test_dropped_reply_is_recorded(ctx, fake):
@@ -713,17 +840,65 @@ async def test_dropped_reply_is_recorded(ctx, fake):
 # ── Cooldowns and discovery ──────────────────────────────────────────────────
 
 
+QUOTA = json.dumps({"error": {"message": "You have no quota", "code": "quota_exceeded"}}).encode()
+MID_MARCH = datetime(2026, 3, 15, 12, 0, tzinfo=UTC).timestamp()
+
+
 def test_retry_after_quota_exceeded():
-    body = json.dumps({"error": {"message": "You have no quota", "code": "quota_exceeded"}}).encode()
-    assert copilot.retry_after(402, {"Retry-After": "120"}, body) == Cooldown(
+    clock = lambda: MID_MARCH  # noqa: E731
+    assert copilot.retry_after(402, {"Retry-After": "120"}, QUOTA, now=clock) == Cooldown(
         seconds=120.0, window_exhausted=True
     )
-    cooldown = copilot.retry_after(429, {}, body)
-    assert cooldown.window_exhausted
-    assert 0 < cooldown.seconds <= 31 * 86_400
-    assert copilot.retry_after(429, {}, b'{"error":{"code":"rate_limited"}}') is None
-    assert copilot.retry_after(500, {}, b"not json") is None
-    assert copilot.retry_after(200, {}, body) is None
+    # no hint in the headers: the monthly reset, counted from the injected clock
+    assert copilot.retry_after(429, {}, QUOTA, now=clock) == Cooldown(
+        seconds=16 * 86_400 + 12 * 3600, window_exhausted=True
+    )
+    # x-ratelimit-reset is epoch seconds, read against the same clock
+    reset = {"x-ratelimit-reset": str(int(MID_MARCH) + 900)}
+    assert copilot.retry_after(429, reset, QUOTA, now=clock) == Cooldown(seconds=900, window_exhausted=True)
+    # an HTTP-date Retry-After (RFC 9110)
+    date = {"Retry-After": "Sun, 15 Mar 2026 12:10:00 GMT"}
+    assert copilot.retry_after(429, date, QUOTA, now=clock) == Cooldown(seconds=600, window_exhausted=True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": {"message": "no quota", "type": "insufficient_quota", "code": None}},
+        {"error": "quota_exceeded"},
+        {"code": "insufficient_quota", "message": "no quota"},
+    ],
+)
+def test_retry_after_other_quota_shapes(body):
+    cooldown = copilot.retry_after(403, {}, json.dumps(body).encode(), now=lambda: MID_MARCH)
+    assert cooldown == Cooldown(seconds=16 * 86_400 + 12 * 3600, window_exhausted=True)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (429, b'{"error":{"code":"rate_limited","message":"slow down"}}'),  # a burst limit, not a window
+        (500, QUOTA),  # 5xx: the core decides, whatever the body says
+        (503, b'{"error":{"message":"upstream overloaded","type":"server_error"}}'),
+        (502, b"not json"),
+        (200, QUOTA),
+        (429, b""),
+        (429, b"[1, 2]"),
+        (429, b'{"error":{"code":["quota_exceeded"],"type":{"x":1}}}'),  # unhashable values
+    ],
+)
+def test_retry_after_is_none_without_quota_info(status, body):
+    def clock():
+        raise AssertionError("no clock read without a quota")
+
+    assert copilot.retry_after(status, {"Retry-After": "30"}, body, now=clock) is None
+
+
+def test_retry_after_reads_no_wall_clock(monkeypatch):
+    import time
+
+    monkeypatch.setattr(time, "time", lambda: (_ for _ in ()).throw(AssertionError("time.time called")))
+    assert copilot.retry_after(429, {}, QUOTA, now=lambda: MID_MARCH).window_exhausted
 
 
 def test_seconds_to_month_start():

@@ -212,8 +212,11 @@ async def test_opencode_chat_turns_replayed(start_kleis, copilot_fake, http):
         data = sse_data(raw)
         assert data[-1] == "[DONE]"
         chunks = [json.loads(d) for d in data[:-1]]
-        assert chunks[-1]["usage"]["prompt_tokens"] == 50
-        assert any(c["choices"] and c["choices"][0]["finish_reason"] == "stop" for c in chunks)
+        if turn == 1:  # OpenCode asks for usage: it gets the usage chunk
+            assert chunks[-1]["usage"]["prompt_tokens"] == 50 and chunks[-1]["choices"] == []
+        else:  # forced by Kleis only: read, then hidden
+            assert all(c["choices"] and "usage" not in c for c in chunks)
+        assert chunks[-1 if turn == 2 else -2]["choices"][0]["finish_reason"] == "stop"
 
     first, second = copilot_fake.calls("/chat/completions")
     upstream_headers_ok(first, grant, "user")
@@ -501,13 +504,9 @@ async def test_rate_limited_account_fails_over_on_both_endpoints(db_url, start_k
         f"Bearer {grant_b['access_token']}",
     ]
 
-    async def saved():
-        rows = {r["id"]: r for r in await account_rows(kleis)}
-        return rows if "503" in (rows[first["id"]]["last_error"] or "") else None
-
-    rows = await wait_for(saved)
-    assert rows[first["id"]]["cooldown_until"] > int(time.time() * 1000)
-    assert rows[second["id"]]["cooldown_until"] is None
+    # one 5xx is a state of the upstream, not of the account: it fails over but is not benched
+    _, listing = await kleis.admin("GET", "/admin/accounts", expect=200)
+    assert {a["id"]: a["status"] for a in listing["accounts"]} == {first["id"]: "ok", second["id"]: "ok"}
 
     by = buckets_by_endpoint(await kleis.buckets())
     for endpoint, model in (("chat_completions", "gpt-4.1"), ("responses", "gpt-5")):
