@@ -924,3 +924,125 @@ def test_catalogue_model():
         "provider": {"api": "x", "npm": "@ai-sdk/openai"},
     }
     assert with_provider["provider"] == {"api": "x"}
+
+
+# ── Live model list ──────────────────────────────────────────────────────────
+
+
+async def test_list_models_offers_enabled_chat_models(ctx, fake):
+    grant = fake.grant()
+    models = await copilot.list_models(ctx, account(grant["access_token"]))
+    assert models == [
+        providers.ModelInfo(
+            id="gpt-4.1",
+            name="GPT-4.1",
+            context=128_000,
+            output=16_384,
+            input_modalities=("text", "image"),
+            reasoning=None,
+            tool_call=True,
+        ),
+        providers.ModelInfo(
+            id="gpt-5-mini",
+            name="GPT-5 mini",
+            context=264_000,
+            output=64_000,
+            input_modalities=("text", "image"),
+            reasoning=True,
+            tool_call=True,
+        ),
+        providers.ModelInfo(
+            id="claude-sonnet-4.6",
+            name="Claude Sonnet 4.6",
+            context=200_000,
+            output=32_000,
+            input_modalities=("text", "image"),
+            reasoning=None,
+            tool_call=True,
+        ),
+    ]  # hidden gpt-4o-mini, policy-disabled claude-opus-4.7 and the embedding model left out
+    [call] = fake.calls("/models")
+    assert call.method == "GET"
+    assert call.headers["authorization"] == f"Bearer {grant['access_token']}"
+    assert call.headers["openai-intent"] == "conversation-edits"
+    assert call.headers["user-agent"] == copilot.OPTIONS["user_agent"]
+    assert call.headers["accept"] == "application/json"
+
+
+async def test_list_models_maps_what_the_list_says_and_leaves_the_rest_unknown(ctx, fake):
+    from tests.fakes.copilot import copilot_model
+
+    bare = copilot_model("o9", "O9", context=None, output=None, prompt=None, tool_calls=False)
+    no_caps = {"id": "mystery", "model_picker_enabled": True, "capabilities": {"type": "chat"}}
+    fake.models = [
+        bare,
+        no_caps,
+        copilot_model("no-policy", "No policy", policy=None),  # absent policy: not disabled
+        copilot_model("unconfigured", "Unconfigured", policy="unconfigured"),
+        {**copilot_model("weird", "Weird"), "model_picker_enabled": "yes"},  # only true counts
+        copilot_model("gpt-4.1", "dup"),
+        copilot_model("gpt-4.1", "dup again"),
+        {"id": "", "model_picker_enabled": True, "capabilities": {"type": "chat"}},
+        "not a model",
+        {
+            **copilot_model("big", "Big"),
+            "capabilities": {"type": "chat", "limits": {"max_output_tokens": -1}},
+        },
+    ]
+    models = await copilot.list_models(ctx, account(fake.grant()["access_token"]))
+    by_id = {m.id: m for m in models}
+    assert [m.id for m in models] == ["o9", "mystery", "no-policy", "unconfigured", "gpt-4.1", "big"]
+    assert by_id["o9"] == providers.ModelInfo(
+        id="o9", name="O9", context=None, output=None, input_modalities=("text",), tool_call=False
+    )
+    assert by_id["mystery"] == providers.ModelInfo(id="mystery")  # nothing known: discovery fills it
+    assert by_id["gpt-4.1"].name == "dup"
+    assert by_id["big"].output is None and by_id["big"].tool_call is None
+
+
+async def test_list_models_uses_the_enterprise_host(ctx):
+    # enterprise accounts talk to copilot-api.<domain>; a stub session records the call (no
+    # network) and fails it, and the failure names the list, never the token
+    seen = []
+
+    class Unreachable:
+        def request(self, method, url, **kwargs):
+            seen.append((method, url, kwargs["headers"]))
+            raise aiohttp.ClientConnectionError("no route")
+
+    stub = Context(http=Unreachable(), options=ctx.options, now=ctx.now, log=ctx.log)
+    with pytest.raises(providers.ProviderError) as err:
+        await copilot.list_models(stub, account("gho_secret_ent", enterpriseDomain="ghe.example.com"))
+    assert str(err.value) == "Copilot model list request failed: ClientConnectionError"
+    [(method, url, headers)] = seen
+    assert (method, url) == ("GET", "https://copilot-api.ghe.example.com/models")
+    assert headers["authorization"] == "Bearer gho_secret_ent"
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (
+            error_reply(403, "Copilot is not enabled", "forbidden", code="copilot_disabled"),
+            "HTTP 403 (copilot_disabled)",
+        ),
+        (Reply(status=500, body={"message": "boom"}), "HTTP 500"),
+        (Reply(body={"object": "list"}), "without a `data` list"),
+        (Reply(body={"data": {"gpt-4.1": {}}}), "without a `data` list"),
+        (Reply(body=["gpt-4.1"]), "without a `data` list"),
+        (Reply(events=[b'{"data": [not json'], content_type="application/json"), "without a `data` list"),
+    ],
+)
+async def test_list_models_raises_on_a_bad_answer(ctx, fake, reply, message):
+    grant = fake.grant()
+    fake.models_reply = reply
+    with pytest.raises(providers.ProviderError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        await copilot.list_models(ctx, account(grant["access_token"]))
+    assert grant["access_token"] not in str(err.value)
+
+
+async def test_list_models_with_a_revoked_token(ctx, fake):
+    with pytest.raises(providers.ProviderError, match="HTTP 401") as err:
+        await copilot.list_models(ctx, account("gho_revoked_secret"))
+    assert "gho_revoked_secret" not in str(err.value)
+    assert fake.calls("/models")[0].headers["authorization"] == "Bearer gho_revoked_secret"
