@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.fakes.claude import DEFAULT_EMAIL, DEFAULT_UUID, FakeClaude
+from tests.fakes.claude import count_of as claude_count
 
 DATA = Path(__file__).parent.parent / "data"
 MESSAGES = "/anthropic/v1/messages"
@@ -251,6 +252,68 @@ async def test_upstream_headers_and_url(start_kleis, claude_fake, http):
         50,
         24,
     )
+
+
+# ── count_tokens ─────────────────────────────────────────────────────────────
+
+
+async def test_sdk_count_tokens_plain_and_beta(start_kleis, claude_fake, sdk):
+    kleis, key, key_view, account = await kleis_with_account(start_kleis, claude_fake)
+    client = sdk(kleis, key)
+    tools = [SHELL_TOOL, {**SHELL_TOOL, "name": "shell"}]
+    messages = [{"role": "user", "content": "how long is this?"}]
+    counted = await client.messages.count_tokens(
+        model=MODEL,
+        system="Be brief.",
+        tools=tools,
+        tool_choice={"type": "tool", "name": "shell"},
+        messages=messages,
+    )
+    first = claude_fake.calls("/v1/messages/count_tokens")[-1]
+    assert counted.input_tokens == claude_count(first.json) > 0
+    beta = await client.beta.messages.count_tokens(
+        model=MODEL, messages=messages, betas=["token-counting-2024-11-01"]
+    )
+    second = claude_fake.calls("/v1/messages/count_tokens")[-1]
+    assert beta.input_tokens == claude_count(second.json)
+    assert claude_fake.calls("/v1/messages") == []
+
+    for rec in (first, second):
+        assert rec.query == {"beta": "true"}
+        assert (
+            rec.headers["authorization"]
+            == f"Bearer {kleis.services.pool.accounts[account['id']].access_token}"
+        )
+        assert rec.headers["user-agent"] == "claude-cli/2.1.2 (external, cli)"
+    assert first.headers["anthropic-beta"].split(",") == REQUIRED_BETAS
+    assert second.headers["anthropic-beta"].split(",") == [*REQUIRED_BETAS, "token-counting-2024-11-01"]
+    # shaped like a Messages request: identity first, tools renamed one to one, tool_choice too
+    assert first.json["system"] == [{"type": "text", "text": IDENTITY}, {"type": "text", "text": "Be brief."}]
+    upstream = [t["name"] for t in first.json["tools"]]
+    assert upstream[0] == "mcp_Shell" and upstream[1].startswith("mcp_Shell_")
+    assert first.json["tool_choice"] == {"type": "tool", "name": upstream[1]}
+
+    rows = await kleis.buckets()
+    row = only_bucket(rows)
+    assert (row["endpoint"], row["model"], row["api_key_id"]) == ("count_tokens", MODEL, key_view["id"])
+    assert (row["request_count"], row["success_count"]) == (2, 2)
+    assert (row["input_tokens"], row["output_tokens"]) == (0, 0)  # counting is not billed
+
+
+async def test_count_tokens_errors_are_relayed(start_kleis, claude_fake, http):
+    kleis, key, _, _ = await kleis_with_account(start_kleis, claude_fake)
+    claude_fake.queue(FakeClaude.error_reply(400, "invalid_request_error", "messages: field required"))
+    async with http.post(
+        kleis.url + MESSAGES + "/count_tokens", json={"model": MODEL}, headers={"x-api-key": key}
+    ) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"] == {
+            "type": "invalid_request_error",
+            "message": "messages: field required",
+        }
+    async with http.get(kleis.url + MESSAGES + "/count_tokens", headers={"x-api-key": key}) as resp:
+        assert resp.status in (404, 405)
+    assert len(claude_fake.calls("/v1/messages/count_tokens")) == 1
 
 
 # ── OpenCode's captured requests ─────────────────────────────────────────────
@@ -599,6 +662,47 @@ async def test_rate_limited_account_fails_over_and_cools_down(db_url, start_klei
     row = only_bucket(await kleis.buckets())
     assert (row["provider_account_id"], row["api_key_id"]) == (second["id"], key_view["id"])
     assert (row["request_count"], row["success_count"], row["rate_limit_count"]) == (2, 2, 0)
+
+
+async def test_cooldown_follows_the_window_that_refused(start_kleis, claude_fake, http):
+    """The 5h window refused with 40 minutes to go while the overall reset follows the 7d
+    window, 5 days out: the account rests 40 minutes, not days. A 429 no window refused (a
+    burst limit) rests as long as Retry-After says."""
+    kleis = await start_kleis()
+    first = await kleis.import_account("claude", claude_fake.grant(uuid="uuid-a"), label="a")
+    second = await kleis.import_account("claude", claude_fake.grant(uuid="uuid-b"), label="b")
+    key, _ = await kleis.create_key()
+    now = int(time.time())
+    refused = {
+        "anthropic-ratelimit-unified-status": "rejected",
+        "anthropic-ratelimit-unified-reset": str(now + 5 * 86400),
+        "anthropic-ratelimit-unified-5h-status": "rejected",
+        "anthropic-ratelimit-unified-5h-reset": str(now + 2400),
+        "anthropic-ratelimit-unified-7d-status": "allowed",
+        "anthropic-ratelimit-unified-7d-reset": str(now + 5 * 86400),
+        "anthropic-ratelimit-unified-representative-claim": "five_hour",
+    }
+    claude_fake.queue(FakeClaude.error_reply(429, "rate_limit_error", "limit", refused))
+    async with http.post(kleis.url + MESSAGES, json=simple_body(), headers={"x-api-key": key}) as resp:
+        assert resp.status == 200
+        assert resp.headers["x-kleis-account"] == second["id"]
+    _, listing = await kleis.admin("GET", "/admin/accounts", expect=200)
+    view = {a["id"]: a for a in listing["accounts"]}[first["id"]]
+    assert view["cooldownKind"] == "window"
+    assert abs(view["cooldownUntil"] - (now + 2400) * 1000) <= 5000
+
+    burst = {
+        "retry-after": "30",
+        "anthropic-ratelimit-unified-status": "allowed",
+        "anthropic-ratelimit-unified-reset": str(now + 5 * 86400),
+    }
+    claude_fake.queue(FakeClaude.error_reply(429, "rate_limit_error", "slow down", burst))
+    async with http.post(kleis.url + MESSAGES, json=simple_body(), headers={"x-api-key": key}) as resp:
+        assert resp.status == 429  # the only account left refused; its answer is relayed
+    _, listing = await kleis.admin("GET", "/admin/accounts", expect=200)
+    view = {a["id"]: a for a in listing["accounts"]}[second["id"]]
+    assert view["cooldownKind"] != "window"
+    assert abs(view["cooldownUntil"] - (now + 30) * 1000) <= 5000
 
 
 async def test_expiring_token_is_refreshed_once_under_concurrency(db_url, start_kleis, claude_fake, http):
