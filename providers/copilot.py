@@ -62,7 +62,15 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 SUFFIXES = {"chat_completions": "/chat/completions", "responses": "/responses"}
 # Client headers that must not reach Copilot: Kleis credentials, and headers aiohttp sets itself
 # (it decompresses on its own, so the client's accept-encoding could ask for zstd it cannot read).
-DROPPED_HEADERS = {"authorization", "x-api-key", "accept-encoding", "content-length", "host"}
+# The body is re-encoded as plain JSON here, so a client's content-encoding no longer applies.
+DROPPED_HEADERS = {
+    "authorization",
+    "x-api-key",
+    "accept-encoding",
+    "content-encoding",
+    "content-length",
+    "host",
+}
 # Error codes in a Copilot error body that mean the plan's quota is used up, not a short burst.
 QUOTA_CODES = {"quota_exceeded", "insufficient_quota"}
 HOSTNAME = re.compile(

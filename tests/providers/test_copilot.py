@@ -474,6 +474,7 @@ def test_prepare_query_enterprise_and_client_headers(ctx):
         "authorization": "Bearer kleis-key",
         "x-api-key": "kleis-key",
         "accept-encoding": "zstd",
+        "content-encoding": "zstd",
         "content-length": "99",
         "copilot-vision-request": "true",
         "x-initiator": "user",
