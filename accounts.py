@@ -61,6 +61,7 @@ LEASE_MS = 60_000
 LEASE_WAIT_S = 15.0  # how long a request waits for another instance's refresh
 COOLDOWN_MIN, COOLDOWN_MAX, COOLDOWN_DEFAULT = 1.0, 6 * 3600.0, 60.0
 ERROR_COOLDOWN = 10.0  # 5xx / unreachable without a hint: short, it is not a rate limit
+ERROR_STREAK = 3  # consecutive 5xx / unreachable answers before an account is benched
 STICKY_TTL_MS = 3600_000
 STICKY_MAX = 20_000
 QUOTA_TTL_MS = 60_000
@@ -152,24 +153,38 @@ def duration_seconds(value: str, now: int) -> float | None:
     return sum(float(n) * scale[u] for n, u in parts)
 
 
+def provider_hint(
+    provider: LoadedProvider, status: int, headers: Mapping[str, str], body: bytes, now: int
+) -> Cooldown | None:
+    """The adapter's own reading of its reset hints (`retry_after`), or None."""
+    if not provider.has("retry_after"):
+        return None
+    try:
+        return provider.module.retry_after(status, headers, body, now=lambda: now / 1000)
+    except Exception:
+        log.exception("%s retry_after failed", provider.name)
+        return None
+
+
 def upstream_cooldown(
     provider: LoadedProvider, status: int, headers: Mapping[str, str], body: bytes, now: int
-) -> Cooldown:
-    """How long to rest an account after the upstream refused with `status`: the adapter's
-    own reading of its reset hints first, then the standard headers, then a default (60 s
-    for a 429, 10 s for a 5xx)."""
-    if provider.has("retry_after"):
-        try:
-            hint = provider.module.retry_after(status, headers, body)
-        except Exception:
-            log.exception("%s retry_after failed", provider.name)
-            hint = None
-        if hint is not None:
-            return hint
+) -> Cooldown | None:
+    """How long to rest an account after the upstream refused with `status`, or None when
+    the refusal says nothing about the account.
+
+    - 429: the adapter's reading of its reset hints (only the windows the upstream itself
+      marks exhausted), else `Retry-After` / `x-ratelimit-reset*`, else 60 s.
+    - 5xx and 529 (overloaded): a state of the upstream, not of the account, unless the
+      adapter finds a usage-window hint in it. None: the caller fails over for this request
+      and benches the account only after `ERROR_STREAK` such answers in a row
+      (`AccountPool.failed`)."""
+    hint = provider_hint(provider, status, headers, body, now)
+    if hint is not None and (status == 429 or hint.window_exhausted):
+        return hint
+    if status != 429:
+        return None
     seconds = header_cooldown({k.lower(): v for k, v in headers.items()}, now)
-    if seconds is None:
-        seconds = COOLDOWN_DEFAULT if status == 429 else ERROR_COOLDOWN
-    return Cooldown(seconds, window_exhausted=False)
+    return Cooldown(COOLDOWN_DEFAULT if seconds is None else seconds, window_exhausted=False)
 
 
 # ══ The pool ════════════════════════════════════════════════════════════════
@@ -192,6 +207,7 @@ class AccountPool:
         self._locks: dict[str, asyncio.Lock] = {}
         self._cooldown_writes: dict[str, tuple[asyncio.Task, tuple]] = {}
         self._quotas: dict[str, tuple[int, dict]] = {}
+        self.streaks: dict[str, int] = {}  # account id -> 5xx / unreachable answers in a row
 
     # ── cache ──
     async def load(self) -> None:
@@ -332,6 +348,23 @@ class AccountPool:
             self.sticky.popitem(last=False)
 
     # ── cooldowns ──
+    def failed(self, account: AccountState, reason: str) -> None:
+        """One 5xx, timeout or connection failure: the request fails over, and the account
+        is benched for `ERROR_COOLDOWN` only when `ERROR_STREAK` came in a row (one passing
+        overload must not make every other request a local 503)."""
+        streak = self.streaks.get(account.id, 0) + 1
+        if streak >= ERROR_STREAK:
+            self.streaks.pop(account.id, None)
+            self.cool_down(account, Cooldown(ERROR_COOLDOWN), f"{reason} ({streak} times in a row)", "error")
+        else:
+            self.streaks[account.id] = streak
+            log.info("%s account %s: %s", account.provider, account.label or account.id, reason[:200])
+
+    def answered(self, account: AccountState) -> None:
+        """The upstream answered this account normally: its failure streak ends."""
+        if self.streaks:
+            self.streaks.pop(account.id, None)
+
     def cool_down(
         self, account: AccountState, cooldown: Cooldown, reason: str, kind: str | None = None
     ) -> None:

@@ -332,10 +332,14 @@ def _created_at(model: dict) -> str:
     return "1970-01-01T00:00:00Z"
 
 
-def anthropic_model_list(registry: dict, route: Route) -> dict:
-    """`GET /v1/models` in the Anthropic shape (one page); ids are unprefixed upstream ids."""
+def openai_model(registry: dict, route: Route, model_id: str) -> dict | None:
+    """`GET /v1/models/{id}` in the OpenAI shape, or None when the route does not list it."""
+    return next((m for m in openai_model_list(registry, route)["data"] if m["id"] == model_id), None)
+
+
+def _anthropic_entries(registry: dict, route: Route) -> list[dict]:
     suffix = f" ({route.name})"
-    data = [
+    return [
         {
             "type": "model",
             "id": mid,
@@ -344,12 +348,55 @@ def anthropic_model_list(registry: dict, route: Route) -> dict:
         }
         for mid, model in _listed(registry, route)
     ]
+
+
+ANTHROPIC_PAGE_DEFAULT, ANTHROPIC_PAGE_MAX = 20, 1000  # the Models API's `limit` default and range
+
+
+class PageError(ValueError):
+    """A paging parameter the Anthropic Models API would refuse (message names it)."""
+
+
+def anthropic_model_list(
+    registry: dict,
+    route: Route,
+    limit: int = ANTHROPIC_PAGE_DEFAULT,
+    after_id: str | None = None,
+    before_id: str | None = None,
+) -> dict:
+    """`GET /v1/models` in the Anthropic shape: one page of `limit` models (1 to 1000, default
+    20) after `after_id` or before `before_id`, with `has_more`, `first_id`, `last_id` as the
+    Models API pages (docs.anthropic.com, "List Models"). Ids are unprefixed upstream ids.
+    Raises PageError for a limit out of range, both cursors, or a cursor that is not listed."""
+    if not 1 <= limit <= ANTHROPIC_PAGE_MAX:
+        raise PageError(f"limit: must be between 1 and {ANTHROPIC_PAGE_MAX}")
+    if after_id is not None and before_id is not None:
+        raise PageError("send either after_id or before_id, not both")
+    entries = _anthropic_entries(registry, route)
+    ids = [e["id"] for e in entries]
+    if after_id is not None:
+        if after_id not in ids:
+            raise PageError(f"after_id: no model {after_id[:80]!r} in this list")
+        start = ids.index(after_id) + 1
+        data, has_more = entries[start : start + limit], start + limit < len(entries)
+    elif before_id is not None:
+        if before_id not in ids:
+            raise PageError(f"before_id: no model {before_id[:80]!r} in this list")
+        end = ids.index(before_id)
+        data, has_more = entries[max(end - limit, 0) : end], end - limit > 0
+    else:
+        data, has_more = entries[:limit], limit < len(entries)
     return {
         "data": data,
-        "has_more": False,
+        "has_more": has_more,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
     }
+
+
+def anthropic_model(registry: dict, route: Route, model_id: str) -> dict | None:
+    """`GET /v1/models/{id}` in the Anthropic shape, or None when the route does not list it."""
+    return next((m for m in _anthropic_entries(registry, route) if m["id"] == model_id), None)
 
 
 # ── Catalogue source ─────────────────────────────────────────────────────────

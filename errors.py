@@ -24,6 +24,7 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     409: "invalid_request_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "overloaded_error",
 }
@@ -96,6 +97,18 @@ class MethodNotAllowed(KleisError):
 
 class RequestTooLarge(KleisError):
     status, code = 413, "request_too_large"
+
+
+class UnsupportedContentEncoding(KleisError):
+    status, code = 415, "unsupported_content_encoding"
+
+
+class BadHeader(BadRequest):
+    code = "invalid_header"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
 
 
 # ── 401/403/429: who is asking ───────────────────────────────────────────────
@@ -171,6 +184,10 @@ class AdminTokenNotConfigured(KleisError):
 
 class UpstreamUnavailable(KleisError):
     status, code = 502, "upstream_unavailable"
+
+
+class UpstreamRedirected(UpstreamUnavailable):
+    code = "upstream_redirect"
 
 
 class UpstreamTimeout(KleisError):

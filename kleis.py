@@ -22,11 +22,13 @@ import logging
 import re
 import socket
 import sys
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import ModuleType
 
 import aiohttp
+import zstandard
 from sanic import Request, Sanic
 from sanic import response as sanic_response
 from sanic.exceptions import SanicException
@@ -45,6 +47,7 @@ from accounts import (
 )
 from errors import (
     AccountNeedsReauth,
+    BadHeader,
     BadRequest,
     ConfigProblem,
     InvalidApiKey,
@@ -54,11 +57,14 @@ from errors import (
     MissingApiKey,
     MissingModel,
     ModelNotAllowed,
+    ModelNotFound,
     NotFound,
     ProviderNotAllowed,
     RequestTooLarge,
     TooManyAttempts,
     TransformFailed,
+    UnsupportedContentEncoding,
+    UpstreamRedirected,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
@@ -149,6 +155,7 @@ REQUEST_HEADER_DROP = frozenset({
     "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te",
     "trailer", "transfer-encoding", "upgrade", "authorization", "x-api-key", "cookie", "accept-encoding",
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded", "expect",
+    "content-encoding",  # the body is decoded here and re-encoded by the adapter
 })  # fmt: skip
 RESPONSE_HEADER_DROP = frozenset({
     "content-length", "content-encoding", "connection", "keep-alive", "transfer-encoding", "upgrade",
@@ -167,8 +174,91 @@ class UpstreamFailure(Exception):
         self.timeout = timeout
 
 
+# What aiohttp refuses to send (RFC 9110 §5.5 allows no control character but HTAB in a field).
+FORBIDDEN_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def client_headers(request: Request) -> dict[str, str]:
-    return {k.lower(): v for k, v in request.headers.items() if k.lower() not in REQUEST_HEADER_DROP}
+    """The client's headers to forward: lower-case names, repeated lines joined with ", "
+    (RFC 9110 §5.3: equal to one comma-separated line). Raises BadHeader (400) for a control
+    character, which no upstream request may carry."""
+    out: dict[str, str] = {}
+    for name, value in request.headers.items():
+        name = name.lower()
+        if name in REQUEST_HEADER_DROP:
+            continue
+        if FORBIDDEN_HEADER_CHARS.search(value) or FORBIDDEN_HEADER_CHARS.search(name):
+            raise BadHeader(f"the header {name[:60]!r} contains a control character")
+        seen = out.get(name)
+        out[name] = value if seen is None else f"{seen}, {value}"
+    return out
+
+
+def decoded_body(raw: bytes, content_encoding: str, limit: int) -> bytes:
+    """The request body with its `Content-Encoding` undone (codings listed in the order they
+    were applied, RFC 9110 §8.4). Codex CLI sends zstd; gzip and deflate are the other codings
+    clients use. The size limit applies to the decoded body (RequestTooLarge, 413); an unknown
+    coding is UnsupportedContentEncoding (415); a corrupt body is BadRequest (400)."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        decode = BODY_DECODERS.get(coding)
+        if decode is None:
+            raise UnsupportedContentEncoding(
+                f"Content-Encoding {coding[:40]!r} is not supported; send {', '.join(BODY_DECODERS)} or none"
+            )
+        try:
+            raw = decode(raw, limit)
+        except BodyTooLarge:
+            raise RequestTooLarge(
+                f"the decoded request body is larger than {limit // (1024 * 1024)} MB ([server] max_body_mb)"
+            ) from None
+        except (zlib.error, zstandard.ZstdError, ValueError) as exc:
+            raise BadRequest(f"the request body is not valid {coding} ({str(exc)[:120]})") from None
+    return raw
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _zstd_decoded(raw: bytes, limit: int) -> bytes:
+    # stream_reader: frames without a content size (streamed compression) decode too, and
+    # reading stops one byte past the limit, so a small bomb never inflates in memory.
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    out = bytearray()
+    while len(out) <= limit:
+        chunk = reader.read(min(1 << 20, limit + 1 - len(out)))
+        if not chunk:
+            return bytes(out)
+        out += chunk
+    raise BodyTooLarge
+
+
+def _zlib_decoded(raw: bytes, limit: int, wbits: int) -> bytes:
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(raw, limit + 1)
+    if len(out) > limit:
+        raise BodyTooLarge
+    if not inflater.eof:
+        raise ValueError("truncated data")
+    return out
+
+
+def _deflate_decoded(raw: bytes, limit: int) -> bytes:
+    try:
+        return _zlib_decoded(raw, limit, zlib.MAX_WBITS)  # "deflate" is the zlib format ...
+    except zlib.error:
+        return _zlib_decoded(raw, limit, -zlib.MAX_WBITS)  # ... though some clients send it raw
+
+
+BODY_DECODERS = {
+    "zstd": _zstd_decoded,
+    "gzip": lambda raw, limit: _zlib_decoded(raw, limit, 16 + zlib.MAX_WBITS),
+    "x-gzip": lambda raw, limit: _zlib_decoded(raw, limit, 16 + zlib.MAX_WBITS),
+    "deflate": _deflate_decoded,
+}
 
 
 def relay_headers(upstream: Mapping[str, str], sse: bool) -> dict[str, str]:
@@ -244,7 +334,11 @@ class Proxy:
         key = self.authenticate(request)
         if key.provider_scopes is not None and provider.name not in key.provider_scopes:
             raise ProviderNotAllowed(f"this API key is not allowed to use provider {provider.name}")
-        body = parse_proxy_body(request.body)
+        raw = request.body
+        coding = request.headers.get("content-encoding")
+        if coding:
+            raw = decoded_body(raw, coding, self.settings.max_body_mb * 1024 * 1024)
+        body = parse_proxy_body(raw)
         raw_model = body["model"].strip()
         prefixes = tuple(provider.module.PREFIXES)
         if not discovery.model_allowed(raw_model, prefixes, key.model_scopes):
@@ -300,21 +394,32 @@ class Proxy:
             except ReauthRequired as exc:
                 failure = exc  # marked needs_reauth by the pool; try the next account
                 continue
-            except (ProviderError, UpstreamFailure) as exc:
+            except UpstreamFailure as exc:
+                failure = exc
+                pool.failed(account, str(exc))
+                continue
+            except ProviderError as exc:  # the token endpoint failed: no usable token now
                 failure = exc
                 pool.cool_down(account, Cooldown(ERROR_COOLDOWN), str(exc), kind="error")
                 continue
+            if 300 <= resp.status < 400:
+                await self._discard(resp)
+                raise self._redirected(provider, resp)
             if resp.status in FAILOVER_STATUSES or resp.status == 401:
                 body = await self._read_error(resp)
                 relay = (resp.status, resp.headers, body)
+                reason = f"upstream answered HTTP {resp.status}"
                 cooldown = upstream_cooldown(provider, resp.status, resp.headers, body, self.clock.now())
-                pool.cool_down(
-                    account,
-                    cooldown,
-                    f"upstream answered HTTP {resp.status}",
-                    kind="transient" if resp.status == 429 else "error",
-                )
+                if cooldown is not None:
+                    pool.cool_down(
+                        account, cooldown, reason, kind="transient" if resp.status == 429 else "error"
+                    )
+                elif resp.status == 401:  # refused even with a token refreshed a moment ago
+                    pool.cool_down(account, Cooldown(ERROR_COOLDOWN), reason, kind="error")
+                else:
+                    pool.failed(account, reason)
                 continue
+            pool.answered(account)
             pool.stick(provider.name, key, session, account)
             return await self._stream(request, provider, preq, resp, account, outcome, started)
         if relay is not None:
@@ -336,7 +441,10 @@ class Proxy:
         self, provider: LoadedProvider, account: AccountState, preq: ProxyRequest
     ) -> aiohttp.ClientResponse:
         """Send the prepared request; returns once the upstream's status line and headers came."""
-        upstream = provider.module.prepare(provider.ctx, account.adapter_view(), preq)
+        try:
+            upstream = provider.module.prepare(provider.ctx, account.adapter_view(), preq)
+        except RecursionError:  # the body parsed, but an adapter's walk of it went too deep
+            raise BadRequest("the request body is nested too deeply") from None
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.settings.connect_timeout, sock_connect=self.settings.connect_timeout
         )
@@ -356,6 +464,23 @@ class Proxy:
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(f"cannot reach upstream ({type(exc).__name__})") from None
+
+    @staticmethod
+    def _redirected(provider: LoadedProvider, resp: aiohttp.ClientResponse) -> KleisError:
+        """An upstream 3xx is never relayed: an SDK would follow `Location` and send the
+        prompt (and any credentials it holds) wherever it points. Only its origin is logged."""
+        location = resp.headers.get("location", "")
+        origin = re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*", location)
+        log.warning(
+            "%s upstream answered HTTP %d redirecting to %s; not followed (check its *_url options)",
+            provider.name,
+            resp.status,
+            origin[0] if origin else "a relative location",
+        )
+        return UpstreamRedirected(
+            f"{provider.name}: the upstream answered HTTP {resp.status} (a redirect); Kleis does not "
+            "follow or relay redirects"
+        )
 
     async def _discard(self, resp: aiohttp.ClientResponse) -> None:
         with contextlib.suppress(Exception):
@@ -744,6 +869,9 @@ def error_style_for(providers_: Mapping[str, LoadedProvider], path: str) -> str:
     return "admin"
 
 
+TOKEN_LIKE = re.compile(r"[A-Za-z0-9_\-]{24,}")
+
+
 def as_kleis_error(exc: Exception, request: Request, max_body_mb: int) -> KleisError:
     """Any exception as the catalogue's error (an unexpected one is logged and a 500)."""
     if isinstance(exc, KleisError):
@@ -753,7 +881,11 @@ def as_kleis_error(exc: Exception, request: Request, max_body_mb: int) -> KleisE
     if isinstance(exc, SanicException):
         status = getattr(exc, "status_code", 500) or 500
         if status == 404:
-            return NotFound(f"no route for {request.method} {request.path}")
+            # What clients try that Kleis does not serve, for the operator (token-like
+            # path segments masked: a mistyped scoped models URL carries its token).
+            path = TOKEN_LIKE.sub("…", request.path[:300])
+            log.info("no route for %s %s", request.method, path)
+            return NotFound(f"no route for {request.method} {path}")
         if status == 405:
             return MethodNotAllowed(f"{request.method} is not allowed here")
         if status == 413:
@@ -867,14 +999,35 @@ def create_app(
         return handler
 
     def models_route(provider: LoadedProvider):
+        route = discovery.Route.from_module(provider.name, provider.module, provider.options)
+
         async def handler(request):
-            route = discovery.Route.from_module(provider.name, provider.module, provider.options)
+            reg = registry.build(request, proxy.authenticate(request))
+            if provider.error_style != "anthropic":
+                return sanic_response.json(discovery.openai_model_list(reg, route))
+            args = request.args
+            try:
+                limit = int(args.get("limit", discovery.ANTHROPIC_PAGE_DEFAULT))
+                page = discovery.anthropic_model_list(
+                    reg, route, limit, args.get("after_id"), args.get("before_id")
+                )
+            except ValueError as exc:  # PageError, or a limit that is not a number
+                raise BadRequest(
+                    str(exc) if isinstance(exc, discovery.PageError) else "limit: must be a whole number"
+                ) from None
+            return sanic_response.json(page)
+
+        async def one(request, model_id: str):
             reg = registry.build(request, proxy.authenticate(request))
             if provider.error_style == "anthropic":
-                return sanic_response.json(discovery.anthropic_model_list(reg, route))
-            return sanic_response.json(discovery.openai_model_list(reg, route))
+                model = discovery.anthropic_model(reg, route, model_id)
+            else:
+                model = discovery.openai_model(reg, route, model_id)
+            if model is None:
+                raise ModelNotFound(f"the model {model_id[:120]!r} does not exist on {route.base_path}")
+            return sanic_response.json(model)
 
-        return handler
+        return handler, one
 
     # ── the route table ──
     routes = [
@@ -888,9 +1041,9 @@ def create_app(
     for pname, provider in kleis.providers.items():
         for path, endpoint in provider.module.ROUTES.items():
             routes.append(("POST", path, proxy_route(provider, endpoint), f"proxy_{pname}_{endpoint}"))
-        routes.append(
-            ("GET", f"{provider.module.BASE_PATH}/models", models_route(provider), f"models_{pname}")
-        )
+        listed, one = models_route(provider)
+        routes.append(("GET", f"{provider.module.BASE_PATH}/models", listed, f"models_{pname}"))
+        routes.append(("GET", f"{provider.module.BASE_PATH}/models/<model_id:path>", one, f"model_{pname}"))
     for method, path, handler, route_name in routes:
         app.add_route(handler, path, methods=[method], name=route_name)
     admin_api = admin.AdminApi(
