@@ -75,11 +75,13 @@ OPTIONS = {
 
 SCOPES = "org:create_api_key user:profile user:inference"
 # Client headers that must not reach Anthropic: Kleis credentials, headers aiohttp sets itself
-# (it decompresses on its own), and the ones prepare() sets.
+# (it decompresses on its own), the client's content-encoding (the body is re-encoded here as
+# plain JSON), and the ones prepare() sets.
 DROPPED_HEADERS = {
     "authorization",
     "x-api-key",
     "accept-encoding",
+    "content-encoding",
     "content-length",
     "host",
     "anthropic-beta",

@@ -408,6 +408,7 @@ def test_prepare_headers_and_query(ctx, fake):
             "authorization": "Bearer kleis_x",
             "x-api-key": "kleis_y",
             "accept-encoding": "zstd",
+            "content-encoding": "zstd",
             "content-length": "12",
             "anthropic-beta": "custom-beta, oauth-2025-04-20,,other-beta",
             "anthropic-version": "2026-10-21",
