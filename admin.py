@@ -9,13 +9,14 @@ database themselves.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sanic import Blueprint, Request
 from sanic import response as sanic_response
 
 from accounts import AccountPool, Logins, import_body
+from discovery import AccountModels
 from errors import (
     AccountNeedsReauth,
     AdminTokenNotConfigured,
@@ -97,9 +98,12 @@ class AdminApi:
         providers: Mapping[str, LoadedProvider],
         clock: Clock,
         base_url: Callable[[Request], str],
+        models: AccountModels,
+        refresh_models: Callable[..., Awaitable[None]],
     ):
         self.keys, self.pool, self.logins, self.usage, self.store = keys, pool, logins, usage, store
         self.providers, self.clock, self.base_url = providers, clock, base_url
+        self.models, self.refresh_models = models, refresh_models
 
     def provider(self, name: str) -> LoadedProvider:
         provider = self.providers.get(name)
@@ -124,7 +128,7 @@ class AdminApi:
     async def list_accounts(self, request):
         now = self.clock.now()
         return {
-            "accounts": [a.view(now) for a in self.pool.listed()],
+            "accounts": [{**a.view(now), "models": self.models.admin_view(a.id)} for a in self.pool.listed()],
             "providers": self.pool.provider_status(),
         }
 
@@ -213,6 +217,32 @@ class AdminApi:
     async def account_quota(self, request, account_id):
         return {"quota": await self.pool.quota(self.pool.get(account_id))}
 
+    async def account_models(self, request, account_id):
+        """The models the account's provider says it offers (`?refresh=1` asks again now);
+        `source` is "catalogue" while no list is known (discovery then uses the catalogue)."""
+        account = self.pool.get(account_id)
+        if request.args.get("refresh") in ("1", "true"):
+            await self.refresh_models(only=account.id, force=True)
+        entry = self.models.lists.get(account.id)
+        listed = entry.models if entry is not None and entry.models is not None else ()
+        return {
+            "accountId": account.id,
+            "provider": account.provider,
+            **self.models.admin_view(account.id),
+            "models": [
+                {
+                    "id": m.id,
+                    "name": m.name,
+                    "context": m.context,
+                    "output": m.output,
+                    "inputModalities": list(m.input_modalities) if m.input_modalities else None,
+                    "reasoning": m.reasoning,
+                    "toolCall": m.tool_call,
+                }
+                for m in listed
+            ],
+        }
+
     async def account_usage(self, request, account_id):
         self.pool.get(account_id)
         report = await usage_report(
@@ -277,6 +307,7 @@ class AdminApi:
             ("DELETE", "/accounts/<account_id>/cooldown", self.clear_cooldown),
             ("POST", "/accounts/<account_id>/refresh", self.refresh_account),
             ("GET", "/accounts/<account_id>/quota", self.account_quota),
+            ("GET", "/accounts/<account_id>/models", self.account_models),
             ("GET", "/accounts/<account_id>/usage", self.account_usage),
             ("GET", "/keys", self.list_keys),
             ("POST", "/keys", self.post_key),

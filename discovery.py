@@ -45,6 +45,8 @@ from typing import Any
 
 import aiohttp
 
+from providers import ModelInfo
+
 KLEIS_ID = "kleis"
 KLEIS_ENV = "KLEIS_API_KEY"
 SNAPSHOT_PATH = Path(__file__).resolve().parent / "providers" / "models-snapshot.json"
@@ -176,6 +178,7 @@ class Scopes:
     providers: frozenset[str] | None = None  # provider (config entry) names
     models: tuple[str, ...] | None = None  # model scopes, matched with scope_candidates
     account_providers: frozenset[str] | None = None  # providers of the key's scoped accounts
+    accounts: frozenset[str] | None = None  # the key's account scopes (ids), None = any account
 
     def allows_provider(self, name: str) -> bool:
         if self.providers and name not in self.providers:
@@ -222,14 +225,67 @@ class Route:
         )
 
 
-def _route_models(route: Route, upstream: Any, api: str, scopes: Scopes | None, out: dict) -> None:
-    """Add the kleis models of one route to `out` (first key wins)."""
+DEFAULT_LIMIT = {"context": 128_000, "output": 16_384}  # for a live model the catalogue does not know
+
+
+def live_entry(info: ModelInfo, known: Any) -> dict:
+    """The models.dev entry of a model a provider lists: the catalogue's entry when it knows
+    the id (costs, dates, modalities), with the provider's own numbers winning where it gives
+    them (they are what the account can use, e.g. the ChatGPT backend's smaller window);
+    otherwise a conservative entry built from what the provider said."""
+    if isinstance(known, dict):
+        entry = dict(known)
+        limit = dict(known.get("limit") or {})
+    else:
+        modalities = list(info.input_modalities or ("text",))
+        entry = {
+            "id": info.id,
+            "name": info.name or info.id,
+            "attachment": "image" in modalities or "pdf" in modalities,
+            "reasoning": bool(info.reasoning),
+            "tool_call": info.tool_call is not False,
+            "temperature": True,
+            "release_date": "",
+            "modalities": {"input": modalities, "output": ["text"]},
+            "options": {},
+        }
+        limit = dict(DEFAULT_LIMIT)
+    entry["id"] = info.id
+    if info.context:
+        limit["context"] = info.context
+        if isinstance(limit.get("input"), (int, float)) and limit["input"] > info.context:
+            limit["input"] = info.context
+    if info.output:
+        limit["output"] = info.output
+    if isinstance(limit.get("output"), (int, float)) and isinstance(limit.get("context"), (int, float)):
+        limit["output"] = min(limit["output"], limit["context"])
+    entry["limit"] = limit
+    if info.input_modalities and isinstance(entry.get("modalities"), dict):
+        entry["modalities"] = {**entry["modalities"], "input": list(info.input_modalities)}
+        entry["attachment"] = any(m in info.input_modalities for m in ("image", "pdf"))
+    return entry
+
+
+def _route_models(
+    route: Route,
+    upstream: Any,
+    api: str,
+    scopes: Scopes | None,
+    out: dict,
+    live: Collection[ModelInfo] | None = None,
+) -> None:
+    """Add the kleis models of one route to `out` (first key wins): the models its accounts
+    list (`live`) when any account's list is known, else the catalogue's through the adapter's
+    `catalogue_model` rule (offline, or a provider without a model list)."""
     models = upstream.get("models") if isinstance(upstream, dict) else None
     if not isinstance(models, dict):
-        return
+        models = {}
     model_scopes = scopes.models if scopes else None
     hook = route.catalogue_model
     suffix = f" ({route.name})"
+    if live is not None:
+        hook = None  # the provider's own list is the truth; the offline rule is not applied
+        models = {info.id: live_entry(info, models.get(info.id)) for info in live}
     for key, model in models.items():
         if not isinstance(model, dict):
             continue
@@ -266,18 +322,33 @@ def _route_models(route: Route, upstream: Any, api: str, scopes: Scopes | None, 
             out[out_key] = entry
 
 
-def build_registry(catalogue: dict, routes: list[Route], base_url: str, scopes: Scopes | None = None) -> dict:
+def build_registry(
+    catalogue: dict,
+    routes: list[Route],
+    base_url: str,
+    scopes: Scopes | None = None,
+    live: Mapping[str, Collection[ModelInfo]] | None = None,
+) -> dict:
     """The api.json document: every upstream provider unchanged plus the `kleis` provider.
 
     `routes` are the providers with an enabled account; `base_url` is the external origin
-    (plus any path prefix) that the generated `provider.api` URLs start with.
+    (plus any path prefix) that the generated `provider.api` URLs start with; `live` maps a
+    route name to the models its (key-visible) accounts list, for routes where one is known.
     """
     base = base_url.rstrip("/")
     generated: dict[str, Any] = {}
+    live = live or {}
     for route in routes:
         if scopes is not None and not scopes.allows_provider(route.name):
             continue
-        _route_models(route, catalogue.get(route.catalogue), base + route.base_path, scopes, generated)
+        _route_models(
+            route,
+            catalogue.get(route.catalogue),
+            base + route.base_path,
+            scopes,
+            generated,
+            live.get(route.name),
+        )
     kleis: dict[str, Any] = {"id": KLEIS_ID, "name": "Kleis", "env": [KLEIS_ENV], "models": generated}
     existing = catalogue.get(KLEIS_ID)
     if isinstance(existing, dict):
@@ -465,28 +536,33 @@ class Catalogue:
 
     registry_cache_size = 16  # built registries kept (~0.2 MB each with the snapshot)
 
-    def registry(self, routes: list[Route], base_url: str, scopes: Scopes | None = None) -> dict:
-        """`build_registry` on `current()`, memoised; the result is shared and read-only."""
-        return self._registry_entry(routes, base_url, scopes)[0]
+    def registry(self, routes: list[Route], base_url: str, scopes: Scopes | None = None, live=None) -> dict:
+        """`build_registry` on `current()`, memoised; the result is shared and read-only.
+        `live` is a `LiveView` (the account model lists as this key sees them) or None."""
+        return self._registry_entry(routes, base_url, scopes, live)[0]
 
-    def registry_json(self, routes: list[Route], base_url: str, scopes: Scopes | None = None) -> bytes:
+    def registry_json(
+        self, routes: list[Route], base_url: str, scopes: Scopes | None = None, live=None
+    ) -> bytes:
         """The same registry serialised as UTF-8 JSON, memoised with it."""
-        entry = self._registry_entry(routes, base_url, scopes)
+        entry = self._registry_entry(routes, base_url, scopes, live)
         if entry[1] is None:
             entry[1] = json.dumps(entry[0], separators=(",", ":"), ensure_ascii=False).encode()
         return entry[1]
 
-    def _registry_entry(self, routes: list[Route], base_url: str, scopes: Scopes | None) -> list:
+    def _registry_entry(self, routes: list[Route], base_url: str, scopes: Scopes | None, live) -> list:
         # The key holds everything build_registry reads except the catalogue, which is never
         # mutated but replaced on fetch (so identity says "same data"), and each route's
         # contents, fixed per name for the life of a process (adapters load once at start-up).
+        # Live lists are named by their version: any change to any list makes a new key.
         data = self._data
         if self._registry_of is not data:
             self._registries, self._registry_of = {}, data
-        key = (tuple(r.name for r in routes), base_url, scopes)
+        key = (tuple(r.name for r in routes), base_url, scopes, live.key if live else None)
         entry = self._registries.get(key)
         if entry is None:
-            entry = [build_registry(data, routes, base_url, scopes), None]
+            lists = live.lists if live else None
+            entry = [build_registry(data, routes, base_url, scopes, lists), None]
             if len(self._registries) >= self.registry_cache_size:  # Host and scopes vary: bounded
                 del self._registries[next(iter(self._registries))]
             self._registries[key] = entry
@@ -605,3 +681,97 @@ class Catalogue:
                 await asyncio.wait((stopping,), timeout=min(max(wait, 1.0), 3600.0))
         finally:
             stopping.cancel()
+
+
+# ── Account model lists ──────────────────────────────────────────────────────
+
+
+@dataclass
+class AccountList:
+    """What one account's provider listed: `models` (None until a fetch succeeded),
+    `fetched_at` / `tried_at` (epoch ms) and the last `error` (None after a success)."""
+
+    models: tuple[ModelInfo, ...] | None = None
+    fetched_at: int | None = None
+    tried_at: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveView:
+    """The account lists one key sees, per route name, and a hashable `key` naming them."""
+
+    lists: Mapping[str, tuple[ModelInfo, ...]]
+    key: tuple
+
+
+class AccountModels:
+    """Per-account model lists from the providers' own model endpoints, kept in memory.
+
+    The instance fetches them in the background (`due` says which, `put` / `failed` record
+    the answers); requests only read. A list is refetched `ttl_ms` after it was fetched, and
+    `retry_ms` after a failed try; a failed refetch keeps serving the last good list. No
+    list at all (offline since start-up, or a provider without one) means the catalogue."""
+
+    def __init__(self, ttl_ms: int, retry_ms: int = 600_000):
+        self.ttl_ms, self.retry_ms = ttl_ms, retry_ms
+        self.lists: dict[str, AccountList] = {}
+        self.version = 0  # bumped whenever any list changes (registry memo key)
+
+    def due(self, account_id: str, now: int) -> bool:
+        entry = self.lists.get(account_id)
+        if entry is None or entry.tried_at is None:
+            return True
+        if entry.error is not None:
+            return now - entry.tried_at >= self.retry_ms
+        return now - (entry.fetched_at or 0) >= self.ttl_ms
+
+    def put(self, account_id: str, models: list[ModelInfo], now: int) -> None:
+        unique = tuple({m.id: m for m in models}.values())
+        entry = self.lists.setdefault(account_id, AccountList())
+        if entry.models != unique:
+            self.version += 1
+        entry.models, entry.fetched_at, entry.tried_at, entry.error = unique, now, now, None
+
+    def failed(self, account_id: str, error: str, now: int) -> None:
+        entry = self.lists.setdefault(account_id, AccountList())
+        entry.tried_at, entry.error = now, error[:300]
+
+    def keep_only(self, account_ids: Collection[str]) -> None:
+        """Forget accounts that were removed."""
+        for gone in [a for a in self.lists if a not in account_ids]:
+            del self.lists[gone]
+            self.version += 1
+
+    def view(self, routes_accounts: Mapping[str, list[str]]) -> LiveView:
+        """The union of the listed models per route, accounts in the given order (first
+        listing of an id wins); routes whose accounts have no list yet are left out."""
+        lists: dict[str, tuple[ModelInfo, ...]] = {}
+        for route, account_ids in routes_accounts.items():
+            known = [self.lists[a].models for a in account_ids if a in self.lists]
+            known = [m for m in known if m is not None]
+            if known:
+                merged: dict[str, ModelInfo] = {}
+                for models in known:
+                    for info in models:
+                        merged.setdefault(info.id, info)
+                lists[route] = tuple(merged.values())
+        key = (self.version, tuple((r, tuple(a)) for r, a in sorted(routes_accounts.items())))
+        return LiveView(lists, key)
+
+    def admin_view(self, account_id: str) -> dict:
+        """For the admin API: the ids an account offers and where they came from."""
+        entry = self.lists.get(account_id)
+        if entry is None or entry.models is None:
+            return {
+                "source": "catalogue",
+                "ids": None,
+                "fetchedAt": None,
+                "error": entry.error if entry else None,
+            }
+        return {
+            "source": "provider",
+            "ids": [m.id for m in entry.models],
+            "fetchedAt": entry.fetched_at,
+            "error": entry.error,
+        }

@@ -692,6 +692,7 @@ def key_scopes(key: KeyRecord | None, pool: AccountPool) -> discovery.Scopes | N
         providers=frozenset(key.provider_scopes) if key.provider_scopes is not None else None,
         models=key.model_scopes,
         account_providers=account_providers,
+        accounts=frozenset(key.account_scopes) if key.account_scopes is not None else None,
     )
 
 
@@ -704,8 +705,24 @@ class Registry:
         providers: Mapping[str, LoadedProvider],
         pool: AccountPool,
         settings: ServerSettings,
+        models: discovery.AccountModels,
     ):
         self.catalogue, self.providers, self.pool, self.settings = catalogue, providers, pool, settings
+        self.models = models
+
+    def live(self, key: KeyRecord | None) -> discovery.LiveView:
+        """The model lists of the accounts `key` may use (all enabled accounts without a key)."""
+        scoped = key.account_scopes if key is not None else None
+        return self.models.view(
+            {
+                name: [
+                    a.id
+                    for a in self.pool.by_provider.get(name, ())
+                    if a.enabled and (scoped is None or a.id in scoped)
+                ]
+                for name in self.providers
+            }
+        )
 
     def routes(self) -> list[discovery.Route]:
         configured = self.pool.configured()
@@ -717,12 +734,12 @@ class Registry:
 
     def build(self, request: Request, key: KeyRecord | None) -> dict:
         base = external_base(request, self.settings)
-        return self.catalogue.registry(self.routes(), base, key_scopes(key, self.pool))
+        return self.catalogue.registry(self.routes(), base, key_scopes(key, self.pool), self.live(key))
 
     def response(self, request: Request, key: KeyRecord | None):
         """api.json from the memoised JSON (a rebuild + dump costs ~2 ms of CPU on a public route)."""
         base = external_base(request, self.settings)
-        body = self.catalogue.registry_json(self.routes(), base, key_scopes(key, self.pool))
+        body = self.catalogue.registry_json(self.routes(), base, key_scopes(key, self.pool), self.live(key))
         return sanic_response.raw(
             body, content_type="application/json", headers={"cache-control": "no-store"}
         )
@@ -776,9 +793,11 @@ class Instance:
             log=logging.getLogger("kleis.models"),
             now=lambda: clock.now() / 1000,
         )
-        self.registry = Registry(self.catalogue, self.providers, self.pool, settings.server)
+        self.models = discovery.AccountModels(int(settings.models.account_refresh_hours * 3_600_000))
+        self.registry = Registry(self.catalogue, self.providers, self.pool, settings.server, self.models)
         self.http: aiohttp.ClientSession | None = None
         self.versions: dict[str, int] = {}
+        self.model_lists_lock = asyncio.Lock()
         self.opened = False
 
     async def open(self) -> None:
@@ -815,6 +834,43 @@ class Instance:
         b.every("cache-invalidation", 1, self.poll_versions)
         b.every("purge", 3600, self.purge)
         b.start("models-refresher", self.catalogue.run(self.http, b.stopping), service=True)
+        if self.settings.models.account_lists:
+            b.start("model-lists-first", self.refresh_model_lists())
+            b.every("model-lists", 15, self.refresh_model_lists)
+
+    async def refresh_model_lists(self, only: str | None = None, force: bool = False) -> None:
+        """Ask each enabled account's provider which models it offers, where due (or `only`
+        that account, `force`d). Failures are logged in one line and keep the last list."""
+        async with self.model_lists_lock:  # one pass at a time: a second finds nothing due
+            await self._refresh_model_lists(only, force)
+
+    async def _refresh_model_lists(self, only: str | None, force: bool) -> None:
+        now = self.clock.now()
+        self.models.keep_only(self.pool.accounts)
+        for account in list(self.pool.accounts.values()):
+            provider = self.providers.get(account.provider)
+            if (
+                (only is not None and account.id != only)
+                or provider is None
+                or not provider.has("list_models")
+                or not account.enabled
+                or account.status == "needs_reauth"
+                or not (force or self.models.due(account.id, now))
+            ):
+                continue
+            try:
+                async with asyncio.timeout(30):
+                    fresh = await self.pool.fresh(account)
+                    models = await provider.module.list_models(provider.ctx, fresh.adapter_view())
+            except Exception as exc:  # ProviderError, network errors, timeouts: keep the last list
+                reason = str(exc) if isinstance(exc, ProviderError) else type(exc).__name__
+                self.models.failed(account.id, reason or type(exc).__name__, self.clock.now())
+                log.warning(
+                    "%s account %s: model list unavailable (%s)", account.provider, account.label, reason
+                )
+                continue
+            self.models.put(account.id, list(models), self.clock.now())
+            log.info("%s account %s offers %d models", account.provider, account.label, len(models))
 
     async def poll_versions(self) -> None:
         """Reload caches another instance (or the CLI) changed."""
@@ -823,6 +879,8 @@ class Instance:
             await self.keys.load()
         if versions.get("accounts") != self.versions.get("accounts"):
             await self.pool.load()
+            if self.settings.models.account_lists:  # a new account's models, without waiting
+                self.background.start("model-lists-changed", self.refresh_model_lists())
         self.versions = versions
 
     async def purge(self) -> None:
@@ -1055,6 +1113,8 @@ def create_app(
         providers=kleis.providers,
         clock=kleis.clock,
         base_url=lambda request: external_base(request, settings.server),
+        models=kleis.models,
+        refresh_models=kleis.refresh_model_lists,
     )
     app.blueprint(admin.blueprint(admin_api, auth))
     return app

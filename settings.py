@@ -78,6 +78,8 @@ class UsageSettings:
 class ModelsSettings:
     source_url: str = "https://models.dev/api.json"
     refresh_hours: float = 6.0
+    account_lists: bool = True  # ask each account's provider which models it offers
+    account_refresh_hours: float = 6.0
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,9 @@ def write_config(
         "security": {"secret_key": secret_key or secrets.token_urlsafe(24)},
         "database": {"url": db_url},
         "usage": {"flush_interval": 3600.0},  # tests flush explicitly
-        "models": {"source_url": "", "refresh_hours": 0},
+        # Account model lists are fetched in the background at start; tests that are about
+        # them turn them on, so no other test sees extra upstream calls or token refreshes.
+        "models": {"source_url": "", "refresh_hours": 0, "account_lists": False},
         "providers": {name: fake.options() for name, fake in fakes.items()},
     }
     for section, values in (extra or {}).items():
