@@ -407,27 +407,27 @@ class Proxy:
                 raise self._redirected(provider, resp)
             if resp.status in FAILOVER_STATUSES or resp.status == 401:
                 body = await self._read_error(resp)
-                relay = (resp.status, resp.headers, body)
-                reason = f"upstream answered HTTP {resp.status}"
-                cooldown = upstream_cooldown(provider, resp.status, resp.headers, body, self.clock.now())
-                if cooldown is not None:
-                    pool.cool_down(
-                        account, cooldown, reason, kind="transient" if resp.status == 429 else "error"
-                    )
-                elif resp.status == 401:  # refused even with a token refreshed a moment ago
-                    pool.cool_down(account, Cooldown(ERROR_COOLDOWN), reason, kind="error")
-                else:
-                    pool.failed(account, reason)
+                relay = self._refused(provider, account, resp.status, resp.headers, body)
                 continue
+            transformer = self._transformer(provider, preq, resp)
+            if getattr(transformer, "collect", False):
+                # Nothing reaches the client before the whole answer is in, so an error found
+                # inside it (Codex's in-stream usage_limit_reached) still fails over.
+                status, headers, body = await self._collected(provider, resp, transformer, outcome, started)
+                if status in FAILOVER_STATUSES:
+                    relay = self._refused(provider, account, status, headers, body)
+                    continue
+                pool.answered(account)
+                pool.stick(provider.name, key, session, account)
+                headers["x-kleis-account"] = account.id
+                return sanic_response.raw(body, status=status, headers=headers)
             pool.answered(account)
             pool.stick(provider.name, key, session, account)
-            return await self._stream(request, provider, preq, resp, account, outcome, started)
+            return await self._stream(request, provider, resp, transformer, account, outcome, started)
         if relay is not None:
             status, headers, body = relay
             outcome.status, outcome.source = status, "upstream"
-            out_headers = relay_headers(headers, sse=False)
-            out_headers["x-kleis-provider"] = provider.name
-            return sanic_response.raw(body, status=status, headers=out_headers)
+            return sanic_response.raw(body, status=status, headers=headers)
         if isinstance(failure, ReauthRequired):
             raise AccountNeedsReauth(
                 f"{provider.name}: {failure}; log in again on the admin page or with "
@@ -436,6 +436,36 @@ class Proxy:
         if isinstance(failure, UpstreamFailure) and failure.timeout:
             raise UpstreamTimeout(f"{provider.name}: {failure}")
         raise UpstreamUnavailable(f"{provider.name}: {failure or 'no account could serve the request'}")
+
+    def _refused(
+        self,
+        provider: LoadedProvider,
+        account: AccountState,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Rest the account as the refusal warrants (see `upstream_cooldown`); returns the
+        refusal as it is relayed when no other account can serve the request."""
+        reason = f"upstream answered HTTP {status}"
+        cooldown = upstream_cooldown(provider, status, headers, body, self.clock.now())
+        if cooldown is not None:
+            self.pool.cool_down(account, cooldown, reason, kind="transient" if status == 429 else "error")
+        elif status == 401:  # refused even with a token refreshed a moment ago
+            self.pool.cool_down(account, Cooldown(ERROR_COOLDOWN), reason, kind="error")
+        else:
+            self.pool.failed(account, reason)
+        out_headers = relay_headers(headers, sse=False)
+        out_headers["x-kleis-provider"] = provider.name
+        return status, out_headers, body
+
+    def _transformer(self, provider: LoadedProvider, preq: ProxyRequest, resp: aiohttp.ClientResponse):
+        try:
+            return provider.module.transformer(provider.ctx, preq, resp.status, resp.headers)
+        except Exception:
+            resp.close()
+            log.exception("%s transformer failed", provider.name)
+            raise TransformFailed(f"{provider.name}: the response could not be processed") from None
 
     async def _send(
         self, provider: LoadedProvider, account: AccountState, preq: ProxyRequest
@@ -499,8 +529,8 @@ class Proxy:
         self,
         request: Request,
         provider: LoadedProvider,
-        preq: ProxyRequest,
         resp: aiohttp.ClientResponse,
+        transformer,
         account: AccountState,
         outcome: Outcome,
         started: float,
@@ -508,16 +538,8 @@ class Proxy:
         loop = asyncio.get_running_loop()
         settings = self.settings
         outcome.status, outcome.source = resp.status, "upstream"
-        try:
-            transformer = provider.module.transformer(provider.ctx, preq, resp.status, resp.headers)
-        except Exception:
-            resp.close()
-            log.exception("%s transformer failed", provider.name)
-            raise TransformFailed(f"{provider.name}: the response could not be processed") from None
         headers = relay_headers(resp.headers, transformer.is_sse)
         headers.update({"x-kleis-provider": provider.name, "x-kleis-account": account.id})
-        if getattr(transformer, "collect", False):
-            return await self._collected(provider, resp, transformer, headers, outcome, started)
         content_type = getattr(transformer, "content_type", None)  # a transformer that reshapes the body
         if content_type:
             headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
@@ -605,14 +627,15 @@ class Proxy:
         provider: LoadedProvider,
         resp: aiohttp.ClientResponse,
         transformer,
-        headers: dict[str, str],
         outcome: Outcome,
         started: float,
-    ):
+    ) -> tuple[int, dict[str, str], bytes]:
         """A transformer with `collect = True` sees the whole upstream body before the client
         gets a status line, so it can answer with the status the body implies (an error event
         inside a 200 stream becomes a 4xx/5xx). A cut or silent upstream is a 502/504 here,
-        not a broken connection: nothing was sent yet."""
+        not a broken connection: nothing was sent yet. Returns (status, headers, body)."""
+        headers = relay_headers(resp.headers, transformer.is_sse)
+        headers["x-kleis-provider"] = provider.name
         loop = asyncio.get_running_loop()
         settings = self.settings
         deadline = started + settings.response_timeout
@@ -655,13 +678,13 @@ class Proxy:
             log.warning("%s response incomplete (model %s): %s", provider.name, outcome.model, problem)
             raise problem
         status = getattr(transformer, "status", None) or resp.status
-        outcome.status = status
+        outcome.status, outcome.source = status, "upstream"
         outcome.ttfb_ms = int((loop.time() - started) * 1000)
         content_type = getattr(transformer, "content_type", None)
         if content_type:
             headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
             headers["content-type"] = content_type
-        return sanic_response.raw(body, status=status, headers=headers)
+        return status, headers, body
 
 
 # ══ Discovery ═══════════════════════════════════════════════════════════════
