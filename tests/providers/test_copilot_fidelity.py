@@ -293,3 +293,26 @@ async def test_hostile_bodies_are_walked_within_bounds(start_kleis, copilot_fake
         async with http.post(kleis.url + RESPONSES, json=body, headers=auth) as resp:
             assert resp.status == 200
         assert copilot_fake.requests[-1].headers.get("copilot-vision-request") == ("true" if vision else None)
+
+
+# ── 4. the live model list through the app ───────────────────────────────────
+
+
+async def test_admin_model_list_shows_what_copilot_offers_the_account(start_kleis, copilot_fake):
+    kleis = await start_kleis()
+    grant = copilot_fake.grant()
+    account = await kleis.import_account("copilot", grant, label="octo")
+    _, listing = await kleis.admin("GET", f"/admin/accounts/{account['id']}/models?refresh=1", expect=200)
+    assert [m["id"] for m in listing["models"]] == ["gpt-4.1", "gpt-5-mini", "claude-sonnet-4.6"]
+    assert listing["models"][1] == {
+        "id": "gpt-5-mini",
+        "name": "GPT-5 mini",
+        "context": 264_000,
+        "output": 64_000,
+        "inputModalities": ["text", "image"],
+        "reasoning": True,
+        "toolCall": True,
+    }
+    (call,) = copilot_fake.calls("/models")
+    assert call.headers["authorization"] == f"Bearer {grant['access_token']}"
+    assert grant["access_token"] not in json.dumps(listing)
