@@ -390,3 +390,31 @@ async def test_unknown_routes_are_logged_with_their_path(start_kleis, http, capl
     ]
     assert any("POST /anthropic/v1/messages/batches" in line for line in lines), lines
     assert not any("a" * 40 in line for line in lines), lines  # token-like segments are masked
+
+
+async def test_an_error_inside_a_collected_answer_fails_over_like_a_refusal(start_kleis, codex_fake):
+    """Codex collects the stream for a client that did not ask for one, so an in-stream
+    usage_limit_reached is known before anything is sent: the next account serves, and the
+    exhausted one rests until its window resets."""
+    kleis = await start_kleis()
+    first = await kleis.import_account("codex", codex_fake.grant("acct_1", "one@example.com"), label="a-one")
+    second = await kleis.import_account("codex", codex_fake.grant("acct_2", "two@example.com"), label="b-two")
+    await kleis.admin("POST", f"/admin/accounts/{first['id']}/primary", expect=200)
+    key, _ = await kleis.create_key(label="laptop")
+    codex_fake.queue(
+        codex_fake.error_event_reply(
+            "usage_limit_reached", "The usage limit has been reached", nested=True, resets_in_seconds=1800
+        )
+    )
+    got, headers, raw = await post(kleis, key, "codex", json.dumps(body_for("codex")).encode())
+    assert got == 200 and headers["x-kleis-account"] == second["id"], raw[:300]
+    assert json.loads(raw)["object"] == "response"
+    state = kleis.services.pool.accounts[first["id"]]
+    assert state.cooldown_kind == "window"
+    assert 1_790_000 <= state.cooldown_until - kleis.clock.now() <= 1_800_000
+
+    # With no account left, the client hears the upstream's refusal in the OpenAI envelope.
+    codex_fake.queue(codex_fake.error_event_reply("usage_limit_reached", "Limit reached.", nested=True))
+    got, _, raw = await post(kleis, key, "codex", json.dumps(body_for("codex")).encode())
+    error = envelope_error("codex", got, raw, 429)
+    assert error["code"] == "usage_limit_reached" and error["message"] == "Limit reached."
