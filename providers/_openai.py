@@ -1,7 +1,8 @@
 """OpenAI-protocol response handling shared by Codex and Copilot.
 
 Streams pass through byte for byte; on the side the transformer frames events just enough to
-spot usage and the terminal event. Only the few events that can carry usage are parsed.
+spot usage and the terminal event. Only the few events that can carry usage are parsed, and
+only usage Kleis forced for itself is ever taken out again (`strip_usage`).
 """
 
 from __future__ import annotations
