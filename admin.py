@@ -234,6 +234,7 @@ class AdminApi:
                     "id": m.id,
                     "name": m.name,
                     "context": m.context,
+                    "input": m.input,
                     "output": m.output,
                     "inputModalities": list(m.input_modalities) if m.input_modalities else None,
                     "reasoning": m.reasoning,

@@ -255,6 +255,8 @@ def live_entry(info: ModelInfo, known: Any) -> dict:
         limit["context"] = info.context
         if isinstance(limit.get("input"), (int, float)) and limit["input"] > info.context:
             limit["input"] = info.context
+    if info.input:
+        limit["input"] = min(info.input, limit.get("context") or info.input)
     if info.output:
         limit["output"] = info.output
     if isinstance(limit.get("output"), (int, float)) and isinstance(limit.get("context"), (int, float)):

@@ -212,6 +212,7 @@ class ModelInfo:
     id: str  # the id clients send (unprefixed upstream id)
     name: str | None = None  # display name
     context: int | None = None  # tokens the model accepts (input + output)
+    input: int | None = None  # max prompt tokens, when smaller than the context (models.dev limit.input)
     output: int | None = None  # max output tokens
     input_modalities: tuple[str, ...] | None = None  # "text", "image", "pdf"
     reasoning: bool | None = None

@@ -623,6 +623,7 @@ def _model_info(entry: Any) -> ModelInfo | None:
         id=entry["id"].strip(),
         name=_text(entry.get("name")),
         context=_count(limits.get("max_context_window_tokens")),
+        input=_count(limits.get("max_prompt_tokens")),
         output=_count(limits.get("max_output_tokens")),
         # Copilot leaves false flags out, so a `supports` without vision means text only
         input_modalities=("text", "image") if vision is True else ("text",) if supports else None,

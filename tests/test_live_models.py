@@ -100,6 +100,12 @@ async def test_every_provider_offers_its_listed_models_everywhere(
     assert listed["copilot"] and listed["copilot"] < {m["id"] for m in copilot_fake.models}
 
     models = await kleis_models(kleis)
+    # Copilot's prompt limit (max_prompt_tokens) is below its window: it becomes limit.input.
+    assert models["github-copilot/gpt-5-mini"]["limit"] == {
+        "context": 264_000,
+        "input": 128_000,
+        "output": 64_000,
+    }
     key, _ = await kleis.create_key(label="all")
     auth = {"authorization": f"Bearer {key}"}
     for name, suffix in (("codex", "/openai/v1"), ("claude", "/anthropic/v1"), ("copilot", "/copilot/v1")):

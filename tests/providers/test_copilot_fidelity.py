@@ -308,6 +308,7 @@ async def test_admin_model_list_shows_what_copilot_offers_the_account(start_klei
         "id": "gpt-5-mini",
         "name": "GPT-5 mini",
         "context": 264_000,
+        "input": 128_000,
         "output": 64_000,
         "inputModalities": ["text", "image"],
         "reasoning": True,
