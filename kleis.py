@@ -643,12 +643,14 @@ class Proxy:
         problem: KleisError | None = None
         try:
             while True:
-                wait = min(settings.idle_timeout, deadline - loop.time())
                 try:
-                    if wait <= 0:
-                        raise TimeoutError
-                    async with asyncio.timeout(wait):
-                        chunk = await content.readany()
+                    chunk = content.read_nowait()  # buffered bytes: no timer to arm
+                    if not chunk and not content.at_eof():
+                        wait = min(settings.idle_timeout, deadline - loop.time())
+                        if wait <= 0:
+                            raise TimeoutError
+                        async with asyncio.timeout(wait):
+                            chunk = await content.readany()
                 except TimeoutError:
                     problem = UpstreamTimeout(
                         f"{provider.name}: upstream sent nothing for {settings.idle_timeout:g} s"

@@ -43,7 +43,7 @@ from ._oauth import (
     token_request,
 )
 from ._openai import openai_transformer, responses_usage
-from ._sse import EventSplitter, compact_json, event_json
+from ._sse import compact_json, event_json, split_events
 
 CONTRACT = 1
 NAME = "codex"
@@ -537,6 +537,10 @@ ERROR_TYPE = {
 # reads, and the plan the limit belongs to.
 ERROR_EXTRAS = ("plan_type", "resets_at", "resets_in_seconds")
 RESPONSE_EVENTS = ("response.completed", "response.done", "response.incomplete", "response.failed")
+# Byte-level pre-filters (a JSON string holding these words has its quotes escaped, so text
+# inside an event never matches): events that decide the answer, and events about items.
+DECISIVE = re.compile(rb'"type"\s*:\s*"(?:response\.(?:completed|done|incomplete|failed)|error)"')
+ITEM_EVENT = re.compile(rb'"type"\s*:\s*"response\.(?:output_|content_part|function_call|reasoning_summary)')
 
 
 class ResponsesCollector:
@@ -566,28 +570,37 @@ class ResponsesCollector:
         self.usage = Usage()
         self.terminal = False
         self.status: int | None = None  # set by close()
-        self._splitter = EventSplitter()
+        self._body = bytearray()
         self._response: dict | None = None  # the terminal `response` object
         self._error: tuple[int, dict] | None = None  # (status, envelope)
         self._items: dict[int, dict] = {}  # output_index -> the item as streamed so far
 
     def feed(self, chunk: bytes) -> bytes:
-        for event in self._splitter.feed(chunk):
-            self._event(event)
+        # Nothing is parsed while the body arrives: most events are deltas that only matter
+        # when the final `output` comes back empty, so close() parses them only then.
+        self._body += chunk
         return b""
 
     def close(self) -> bytes:
-        tail = self._splitter.rest()
-        if tail.strip():
-            self._event(tail)
+        body, self._body = bytes(self._body), bytearray()
+        events = split_events(body)  # the last may lack its blank line (EOF): still an event
+        for event in events:
+            if DECISIVE.search(event):
+                self._event(event)
         if self._error is not None:
             self.status, envelope = self._error
             return compact_json(envelope)
         if self._response is None:
             return b""
         response = self._response
-        if not response.get("output") and self._items:
-            response = {**response, "output": [self._items[i] for i in sorted(self._items)]}
+        if not response.get("output"):
+            for event in events:
+                payload = event_json(event) if ITEM_EVENT.search(event) else None
+                kind = payload.get("type") if payload else None
+                if isinstance(kind, str):
+                    self._track(kind, payload)
+            if self._items:
+                response = {**response, "output": [self._items[i] for i in sorted(self._items)]}
         self.status = 200
         return compact_json(response)
 
@@ -614,8 +627,6 @@ class ResponsesCollector:
             else:
                 self._response = dict(response)
                 self.terminal = True
-        elif isinstance(kind, str) and kind.startswith("response."):
-            self._track(kind, payload)
 
     def _fail(self, source: Mapping) -> None:
         """An error event or a failed response: `source` holds the error fields flat or under
