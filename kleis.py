@@ -187,10 +187,12 @@ def client_headers(request: Request) -> dict[str, str]:
         name = name.lower()
         if name in REQUEST_HEADER_DROP:
             continue
-        if FORBIDDEN_HEADER_CHARS.search(value) or FORBIDDEN_HEADER_CHARS.search(name):
-            raise BadHeader(f"the header {name[:60]!r} contains a control character")
         seen = out.get(name)
         out[name] = value if seen is None else f"{seen}, {value}"
+    # One search over everything (tab is allowed, so it cannot hide or make a match).
+    if FORBIDDEN_HEADER_CHARS.search("\t".join(out) + "\t" + "\t".join(out.values())):
+        bad = next(n for n, v in out.items() if FORBIDDEN_HEADER_CHARS.search(n + "\t" + v))
+        raise BadHeader(f"the header {bad[:60]!r} contains a control character")
     return out
 
 

@@ -380,7 +380,7 @@ def shape_system(system: Any, identity: str) -> Any:
         return system
     blocks, has_identity = [], False
     for block in system:
-        if isinstance(block, Mapping) and block.get("type") == "text" and isinstance(block.get("text"), str):
+        if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
             text = sanitize(block["text"])
             has_identity = has_identity or text == identity
             if text != block["text"]:
@@ -406,7 +406,7 @@ def claude_code_system(system: list, identity: str) -> bool:
     right after a leading `x-anthropic-billing-header: …` text block (Claude Code 2.1.x). Such
     a prompt already complies, so it goes up byte for byte (no identity in front, no rewrites)."""
     texts = [
-        block.get("text") if isinstance(block, Mapping) and block.get("type") == "text" else None
+        block.get("text") if isinstance(block, dict) and block.get("type") == "text" else None
         for block in system[:2]
     ]
     if texts and isinstance(texts[0], str) and texts[0].startswith(BILLING_HEADER):
@@ -503,7 +503,7 @@ def _suffixed(name: str, prefix: str, taken: set[str]) -> str:
 
 def _is_server_tool(tool: Any) -> bool:
     # Anthropic-defined tools (web_search_…, bash_…, text_editor_…) need their fixed names.
-    return isinstance(tool, Mapping) and tool.get("type") not in (None, "custom")
+    return isinstance(tool, dict) and tool.get("type") not in (None, "custom")
 
 
 def server_tool_names(body: Mapping) -> set[str]:
@@ -532,7 +532,7 @@ def rename_tools(body: Mapping, rename: Callable[[str], str] | Mapping[str, str]
     `tool_reference` blocks (`tool_name`, inside `tool_result` content: tool search as Claude
     Code does it), `tool_search_tool_result.content.tool_references[]`, and
     `context_management.edits[].exclude_tools`."""
-    if isinstance(rename, Mapping):
+    if isinstance(rename, dict):
         mapping = rename
         rename = lambda name: mapping.get(name, name)  # noqa: E731
     changes: dict[str, Any] = {}
@@ -542,7 +542,7 @@ def rename_tools(body: Mapping, rename: Callable[[str], str] | Mapping[str, str]
         if _changed(new, tools):
             changes["tools"] = new
     choice = body.get("tool_choice")
-    if isinstance(choice, Mapping) and choice.get("type") == "tool":
+    if isinstance(choice, dict) and choice.get("type") == "tool":
         new_choice = _named(choice, "name", rename)
         if new_choice is not choice:
             changes["tool_choice"] = new_choice
@@ -552,7 +552,7 @@ def rename_tools(body: Mapping, rename: Callable[[str], str] | Mapping[str, str]
         if _changed(new, messages):
             changes["messages"] = new
     management = body.get("context_management")
-    edits = management.get("edits") if isinstance(management, Mapping) else None
+    edits = management.get("edits") if isinstance(management, dict) else None
     if isinstance(edits, list):
         new = [_edit(edit, rename) for edit in edits]
         if _changed(new, edits):
@@ -565,14 +565,14 @@ def _changed(new: list, old: list) -> bool:
 
 
 def _named(item: Any, key: str, rename: Callable[[str], str]) -> Any:
-    if not isinstance(item, Mapping) or not isinstance(item.get(key), str):
+    if not isinstance(item, dict) or not isinstance(item.get(key), str):
         return item
     name = rename(item[key])
     return item if name == item[key] else {**item, key: name}
 
 
 def _message(message: Any, rename: Callable[[str], str]) -> Any:
-    content = message.get("content") if isinstance(message, Mapping) else None
+    content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return message
     blocks = [_block(block, rename) for block in content]
@@ -580,7 +580,7 @@ def _message(message: Any, rename: Callable[[str], str]) -> Any:
 
 
 def _block(block: Any, rename: Callable[[str], str]) -> Any:
-    kind = block.get("type") if isinstance(block, Mapping) else None
+    kind = block.get("type") if isinstance(block, dict) else None
     if kind == "tool_use":
         return _named(block, "name", rename)
     if kind == "tool_reference":
@@ -589,7 +589,7 @@ def _block(block: Any, rename: Callable[[str], str]) -> Any:
         content = block["content"]
         new = [_named(b, "tool_name", rename) if _is(b, "tool_reference") else b for b in content]
         return {**block, "content": new} if _changed(new, content) else block
-    if kind == "tool_search_tool_result" and isinstance(block.get("content"), Mapping):
+    if kind == "tool_search_tool_result" and isinstance(block.get("content"), dict):
         result = block["content"]
         refs = result.get("tool_references")
         if isinstance(refs, list):
@@ -600,11 +600,11 @@ def _block(block: Any, rename: Callable[[str], str]) -> Any:
 
 
 def _is(item: Any, kind: str) -> bool:
-    return isinstance(item, Mapping) and item.get("type") == kind
+    return isinstance(item, dict) and item.get("type") == kind
 
 
 def _edit(edit: Any, rename: Callable[[str], str]) -> Any:
-    names = edit.get("exclude_tools") if isinstance(edit, Mapping) else None
+    names = edit.get("exclude_tools") if isinstance(edit, dict) else None
     if not isinstance(names, list):
         return edit
     new = [rename(name) if isinstance(name, str) else name for name in names]
