@@ -522,7 +522,14 @@ def tool_names(body: Mapping, prefix: str) -> ToolNames:
         return name
 
     rename_tools(body, note)
-    return ToolNames(seen, prefix, server_tool_names(body))
+    return _tool_names(frozenset(seen), prefix, frozenset(server_tool_names(body)))
+
+
+@functools.lru_cache(maxsize=256)
+def _tool_names(names: frozenset[str], prefix: str, fixed: frozenset[str]) -> ToolNames:
+    # An agent sends the same tools every turn: the map is built once per tool set (it is
+    # never mutated after construction, so sharing it between requests is safe).
+    return ToolNames(names, prefix, fixed)
 
 
 def rename_tools(body: Mapping, rename: Callable[[str], str] | Mapping[str, str]) -> dict[str, Any]:
