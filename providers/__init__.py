@@ -174,7 +174,10 @@ class ProxyRequest:
     """A client request after auth and model-prefix stripping; no Sanic types."""
 
     endpoint: str  # the ROUTES value, e.g. "responses", "messages", "chat_completions"
-    headers: dict[str, str]  # lower-case names; hop-by-hop, host and client credentials removed
+    # lower-case names, repeated lines joined with ", "; removed by the core: hop-by-hop, host,
+    # content-length, content-encoding (the body is decoded), accept-encoding (the HTTP client
+    # negotiates its own), cookies, forwarding headers and the client's Kleis credentials
+    headers: dict[str, str]
     query: str  # raw query string without "?"
     body: dict[str, Any]  # the parsed JSON object; body["model"] already unprefixed
     api_key_id: str  # the Kleis key's id (for session-affinity derivation)

@@ -664,22 +664,28 @@ class ResponsesCollector:
         item = self._items.get(index)
         if item is None:
             return
-        if kind in ("response.content_part.added", "response.content_part.done"):
+        family, _, step = kind.rpartition(".")
+        if family == "response.function_call_arguments":
+            _grow(item, "arguments", payload, step == "done")
+        elif family in PART_EVENTS:  # a whole part: content_part / reasoning_summary_part
+            field, index_key, part_type = PART_EVENTS[family]
             part = payload.get("part")
             if isinstance(part, Mapping):
-                _set_slot(item, "content", payload.get("content_index"), dict(part))
-        elif kind in ("response.output_text.delta", "response.output_text.done"):
-            part = _slot(item, "content", payload.get("content_index"), "output_text")
-            _grow(part, "text", payload, kind.endswith(".done"))
-        elif kind in ("response.function_call_arguments.delta", "response.function_call_arguments.done"):
-            _grow(item, "arguments", payload, kind.endswith(".done"))
-        elif kind in ("response.reasoning_summary_part.added", "response.reasoning_summary_part.done"):
-            part = payload.get("part")
-            if isinstance(part, Mapping):
-                _set_slot(item, "summary", payload.get("summary_index"), dict(part))
-        elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_summary_text.done"):
-            part = _slot(item, "summary", payload.get("summary_index"), "summary_text")
-            _grow(part, "text", payload, kind.endswith(".done"))
+                _set_slot(item, field, payload.get(index_key), dict(part))
+        elif family in TEXT_EVENTS:  # a part's text, as deltas then its final value
+            field, index_key, part_type = TEXT_EVENTS[family]
+            _grow(_slot(item, field, payload.get(index_key), part_type), "text", payload, step == "done")
+
+
+# Streamed parts of an output item: event family -> (item field, index field, part type).
+PART_EVENTS = {
+    "response.content_part": ("content", "content_index", "output_text"),
+    "response.reasoning_summary_part": ("summary", "summary_index", "summary_text"),
+}
+TEXT_EVENTS = {
+    "response.output_text": ("content", "content_index", "output_text"),
+    "response.reasoning_summary_text": ("summary", "summary_index", "summary_text"),
+}
 
 
 def _slot(item: dict, field: str, index: Any, part_type: str) -> dict | None:
