@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from . import FakeServer, Reply, sse
+from . import FakeServer, Recorded, Reply, sse
 
 CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 AUTH_CLAIM = "https://api.openai.com/auth"
@@ -642,14 +642,21 @@ class FakeCodex(FakeServer):
             return _error(401, "Your authentication token is not valid.", code=problem)
         return web.json_response(self.usage_payload)
 
-    async def _responses(self, request: web.Request) -> web.StreamResponse:
-        rec = await self.record(request)
+    def _refusal(self, rec: Recorded) -> web.Response | None:
+        """The backend's answer to a bad token (401) or a token used for another account (403)."""
         identity, problem = self._bearer_identity(rec.headers)
         if identity is None:
             return _error(401, "Your authentication token is not valid.", code=problem)
         account = rec.headers.get("chatgpt-account-id")
         if account is not None and account != identity["account_id"]:
             return _error(403, "This token does not belong to that account.", code="account_mismatch")
+        return None
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        rec = await self.record(request)
+        refused = self._refusal(rec)
+        if refused is not None:
+            return refused
         try:
             body = rec.json
         except ValueError:
@@ -669,12 +676,9 @@ class FakeCodex(FakeServer):
     async def _models(self, request: web.Request) -> web.Response:
         """The backend's model list; `client_version` is recorded with the query."""
         rec = await self.record(request)
-        identity, problem = self._bearer_identity(rec.headers)
-        if identity is None:
-            return _error(401, "Your authentication token is not valid.", code=problem)
-        account = rec.headers.get("chatgpt-account-id")
-        if account is not None and account != identity["account_id"]:
-            return _error(403, "This token does not belong to that account.", code="account_mismatch")
+        refused = self._refusal(rec)
+        if refused is not None:
+            return refused
         if "client_version" not in rec.query:
             return _error(400, "client_version is required")
         if isinstance(self.models_payload, (str, bytes)):
