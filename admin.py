@@ -100,16 +100,25 @@ class AdminApi:
         base_url: Callable[[Request], str],
         models: AccountModels,
         refresh_models: Callable[..., Awaitable[None]],
+        reload: Callable[[], Awaitable[None]] | None = None,
     ):
         self.keys, self.pool, self.logins, self.usage, self.store = keys, pool, logins, usage, store
         self.providers, self.clock, self.base_url = providers, clock, base_url
         self.models, self.refresh_models = models, refresh_models
+        self.reload_caches = reload
 
     def provider(self, name: str) -> LoadedProvider:
         provider = self.providers.get(name)
         if provider is None:
             raise NotFound(f"unknown provider {name!r}; configured: {', '.join(self.providers)}")
         return provider
+
+    async def reload(self, request):
+        """Reload the key and account caches now if another process (the CLI on this
+        machine) changed them, instead of at the next one-second poll. `{"reloaded": true}`."""
+        if self.reload_caches is not None:
+            await self.reload_caches()
+        return {"reloaded": True}
 
     def account_view(self, account_id: str) -> dict:
         return self.pool.get(account_id).view(self.clock.now())
@@ -317,6 +326,7 @@ class AdminApi:
             ("DELETE", "/keys/<key_id>", self.delete_key),
             ("GET", "/keys/<key_id>/usage", self.key_usage),
             ("GET", "/usage/dashboard", self.dashboard),
+            ("POST", "/reload", self.reload),
         ]
 
 

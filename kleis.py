@@ -825,6 +825,7 @@ class Instance:
         self.http: aiohttp.ClientSession | None = None
         self.versions: dict[str, int] = {}
         self.model_lists_lock = asyncio.Lock()
+        self.versions_lock = asyncio.Lock()
         self.opened = False
 
     async def open(self) -> None:
@@ -900,15 +901,18 @@ class Instance:
             log.info("%s account %s offers %d models", account.provider, account.label, len(models))
 
     async def poll_versions(self) -> None:
-        """Reload caches another instance (or the CLI) changed."""
-        versions = await self.store.read_versions()
-        if versions.get("keys") != self.versions.get("keys"):
-            await self.keys.load()
-        if versions.get("accounts") != self.versions.get("accounts"):
-            await self.pool.load()
-            if self.settings.models.account_lists:  # a new account's models, without waiting
-                self.background.start("model-lists-changed", self.refresh_model_lists())
-        self.versions = versions
+        """Reload caches another instance (or the CLI) changed: every second, and at once on
+        `POST /admin/reload` (the CLI asks after a change)."""
+        # One pass at a time: an older pass finishing after a newer one would install a stale list.
+        async with self.versions_lock:
+            versions = await self.store.read_versions()
+            if versions.get("keys") != self.versions.get("keys"):
+                await self.keys.load()
+            if versions.get("accounts") != self.versions.get("accounts"):
+                await self.pool.load()
+                if self.settings.models.account_lists:  # a new account's models, without waiting
+                    self.background.start("model-lists-changed", self.refresh_model_lists())
+            self.versions = versions
 
     async def purge(self) -> None:
         """Usage buckets past retention, logins that expired a day ago."""
@@ -1142,6 +1146,7 @@ def create_app(
         base_url=lambda request: external_base(request, settings.server),
         models=kleis.models,
         refresh_models=kleis.refresh_model_lists,
+        reload=kleis.poll_versions,
     )
     app.blueprint(admin.blueprint(admin_api, auth))
     return app
@@ -1166,6 +1171,8 @@ def serve(settings: Settings, host: str, port: int, config: Path) -> None:
     """Run the server in this process until SIGINT/SIGTERM."""
     app = create_app(settings)
     log.info("Kleis %s on http://%s:%d (config %s)", VERSION, host, port, config)
+    url, note = cli.client_url(settings.server, config, host, port)
+    log.info("clients use %s%s", url, f" ({note})" if note else "")
     with contextlib.suppress(ValueError, OSError):  # stderr may be no real file (embedding)
         faulthandler.enable()  # a crash in a C extension still leaves a Python traceback
     try:
