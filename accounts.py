@@ -251,13 +251,6 @@ class AccountPool:
             raise NotFound("account not found")
         return account
 
-    def find(self, ref: str) -> AccountState:
-        """An account by id or label (the CLI's argument)."""
-        account = self.accounts.get(ref) or next((a for a in self.accounts.values() if a.label == ref), None)
-        if account is None:
-            raise NotFound(f"no account with id or label {ref!r}")
-        return account
-
     def listed(self) -> list[AccountState]:
         """Every account of a loaded provider, by provider then selection order."""
         return [a for p in self.providers for a in self.by_provider.get(p, [])]

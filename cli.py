@@ -770,10 +770,10 @@ def main(root: Root, argv: list[str] | None = None) -> int:
     try:
         if command in ("serve", "init"):
             token = ensure_config(path, console, as_json)
+            if as_json and (command == "init" or token is not None):  # serve: the token, shown once
+                print_json({"config": str(path), "created": token is not None, "adminToken": token})
             if command == "init":
-                if as_json:
-                    print_json({"config": str(path), "created": token is not None, "adminToken": token})
-                elif token is None:
+                if token is None and not as_json:
                     console.print(f"{path} exists; nothing to do.", markup=False, highlight=False)
                 return 0
         if command == "systemd-unit":

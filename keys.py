@@ -65,13 +65,6 @@ class Keys:
             raise NotFound("API key was not found")
         return record
 
-    def find(self, ref: str) -> KeyRecord:
-        """A key by id or 12-character prefix (the CLI's argument)."""
-        matches = [r for r in self.by_id.values() if ref in (r.id, r.key_prefix)]
-        if len(matches) != 1:
-            raise NotFound(f"no single key matches {ref!r} (use the id or the 12-character prefix)")
-        return matches[0]
-
     def newest_first(self) -> list[KeyRecord]:
         return sorted(self.by_id.values(), key=lambda r: -r.created_at)
 
