@@ -678,8 +678,11 @@ class Logins:
     (Kleis polls the provider in the background until the user approves). The state and the
     adapter's login data are kept encrypted in the database, so any instance can finish it."""
 
+    RECHECK_S = 2.0  # how often a waiter reads a device login's state (another instance's poller)
+
     def __init__(self, store: Store, pool: AccountPool, clock: Clock, background: Background):
         self.store, self.pool, self.clock, self.background = store, pool, clock, background
+        self._finished: dict[str, asyncio.Event] = {}  # state -> set when this instance's poller ends
 
     async def start(self, provider: LoadedProvider, options: dict) -> dict:
         """Start a login; returns its view (`state`, `method`, `authorizationUrl`,
@@ -691,6 +694,7 @@ class Logins:
             state, provider.name, login.method, login.data, int(login.interval * 1000), expires_at
         )
         if login.method == "device":
+            self._finished[state] = asyncio.Event()
             self.background.start(
                 f"login-{provider.name}", self._poll_device(provider, state), wait_on_stop=False
             )
@@ -725,7 +729,16 @@ class Logins:
         return await self.pool.upsert(provider.name, tokens)
 
     async def _poll_device(self, provider: LoadedProvider, state: str) -> None:
-        """Poll the provider at its interval until approved, denied or expired."""
+        """Poll the provider at its interval until approved, denied or expired; then wake
+        whoever `wait`s for this login."""
+        try:
+            await self._poll_device_until_done(provider, state)
+        finally:
+            event = self._finished.pop(state, None)
+            if event is not None:
+                event.set()
+
+    async def _poll_device_until_done(self, provider: LoadedProvider, state: str) -> None:
         login = await self.store.get_login(state)
         data, interval = login.data, login.interval_ms / 1000
         while self.clock.now() < login.expires_at:
@@ -749,6 +762,27 @@ class Logins:
         await self.store.finish_login(
             state, "failed", "the login expired before it was approved; start it again"
         )
+
+    async def wait(self, provider: LoadedProvider, state: str, seconds: float) -> LoginStatus:
+        """The login's status once it is no longer pending, or after `seconds` (then still
+        "pending"). Wakes when this instance's poller ends; a login another instance polls is
+        read again every RECHECK_S seconds. Raises NotFound for an unknown state."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            finished = self._finished.get(state)  # before reading: a poller ending after is seen
+            status = await self.status(provider, state)
+            if status.status == "complete" and status.account is None:
+                await self.pool.load()  # another instance added it; do not wait for our cache
+                status = await self.status(provider, state)
+            left = deadline - loop.time()
+            if status.status != "pending" or left <= 0:
+                return status
+            with contextlib.suppress(TimeoutError):
+                if finished is None:
+                    await asyncio.sleep(min(left, self.RECHECK_S))
+                else:
+                    await asyncio.wait_for(finished.wait(), min(left, self.RECHECK_S))
 
     async def status(self, provider: LoadedProvider, state: str) -> LoginStatus:
         login = await self.store.get_login(state, provider.name)

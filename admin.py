@@ -21,6 +21,8 @@ from errors import (
     AccountNeedsReauth,
     AdminTokenNotConfigured,
     BadRequest,
+    LoginExpired,
+    LoginFailed,
     NotFound,
     RefreshFailed,
     TooManyAttempts,
@@ -101,10 +103,12 @@ class AdminApi:
         models: AccountModels,
         refresh_models: Callable[..., Awaitable[None]],
         reload: Callable[[], Awaitable[None]] | None = None,
+        device_wait: float = 60.0,
     ):
         self.keys, self.pool, self.logins, self.usage, self.store = keys, pool, logins, usage, store
         self.providers, self.clock, self.base_url = providers, clock, base_url
         self.models, self.refresh_models = models, refresh_models
+        self.device_wait = device_wait  # seconds oauth/complete waits for a device login
         self.reload_caches = reload
 
     def provider(self, name: str) -> LoadedProvider:
@@ -157,12 +161,25 @@ class AdminApi:
         return await self.logins.start(provider, options)
 
     async def oauth_complete(self, request, name):
+        """Code flows: exchange `code`, 200 `{"account"}`. Device flows: wait up to
+        `device_wait` seconds for Kleis's poller; 200 with the status view (`status`
+        "complete", `account`) when approved, 400 `login_failed` (denied, refused) or
+        `login_expired`, else 202 with the status view and `statusUrl` to poll."""
         provider = self.provider(name)
         body = json_object(request.body, ["state", "code"], ["state"])
         state = opt_str(body, "state", 200)
         login = await self.logins.pending(provider, state)
         if login.method == "device":
-            return await self.oauth_status(request, name, state)
+            status = await self.logins.wait(provider, state, self.device_wait)
+            now = self.clock.now()
+            if status.status == "failed":
+                if login.expires_at <= now:
+                    raise LoginExpired(status.message or LoginExpired.default_message)
+                raise LoginFailed(status.message or "the login failed; start it again")
+            if status.status == "pending":
+                url = f"/admin/accounts/{provider.name}/oauth/{state}"
+                return 202, {**status.view(now), "statusUrl": url}
+            return status.view(now)
         code = opt_str(body, "code", 4000)
         if not code:
             raise BadRequest("code is required: paste the code or the full callback URL")

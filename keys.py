@@ -95,7 +95,7 @@ class Keys:
         return self.get(key_id)
 
     async def delete(self, key_id: str) -> None:
-        """Delete a revoked key and its usage rows."""
+        """Delete a revoked key; its usage stays under its id (see Store.delete_key)."""
         if self.get(key_id).revoked_at is None:
             raise BadRequest("only revoked API keys can be deleted; revoke it first")
         await self.store.delete_key(key_id)

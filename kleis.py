@@ -857,9 +857,10 @@ class Instance:
     def start(self) -> None:
         """The instance's loops; each ends when `stop()` is called."""
         b = self.background
-        b.every("usage-flusher", self.usage.interval, self.usage.flush)
+        b.every("usage-flusher", self.usage.interval, self.usage.tick)
         b.every("token-refresher", 60, self.pool.refresh_due)
         b.every("cache-invalidation", 1, self.poll_versions)
+        b.start("purge-first", self.purge())  # an instance restarted hourly still purges
         b.every("purge", 3600, self.purge)
         b.start("models-refresher", self.catalogue.run(self.http, b.stopping), service=True)
         if self.settings.models.account_lists:
@@ -914,10 +915,17 @@ class Instance:
                     self.background.start("model-lists-changed", self.refresh_model_lists())
             self.versions = versions
 
-    async def purge(self) -> None:
-        """Usage buckets past retention, logins that expired a day ago."""
+    async def purge(self) -> dict[str, int]:
+        """The purge loop's job: usage buckets older than `[usage] retention_days` (0 keeps
+        them), logins that expired a day ago, usage writers idle for 7 days (a batch retried
+        after that long could be counted twice). Returns the rows deleted per table."""
         now, days = self.clock.now(), self.settings.usage.retention_days
-        await self.store.purge(now - days * 86_400_000 if days > 0 else None, now - 86_400_000)
+        deleted = await self.store.purge(
+            now - days * 86_400_000 if days > 0 else None, now - 86_400_000, now - 7 * 86_400_000
+        )
+        if any(deleted.values()):
+            log.info("purged %s", ", ".join(f"{n} {table}" for table, n in deleted.items() if n))
+        return deleted
 
     async def stop(self) -> None:
         """End the loops politely (before Sanic cancels tasks), then drain usage."""
@@ -1146,6 +1154,7 @@ def create_app(
         base_url=lambda request: external_base(request, settings.server),
         models=kleis.models,
         refresh_models=kleis.refresh_model_lists,
+        device_wait=settings.admin.device_wait_seconds,
         reload=kleis.poll_versions,
     )
     app.blueprint(admin.blueprint(admin_api, auth))

@@ -109,3 +109,12 @@ CREATE TABLE IF NOT EXISTS cache_versions (
     name TEXT PRIMARY KEY,
     version BIGINT NOT NULL
 );
+
+-- Usage flush idempotency: the last batch each usage writer (one per running instance) has
+-- committed, written in the same transaction as its buckets, so a batch retried after a lost
+-- commit acknowledgement is recognised and skipped. Rows idle for 7 days are purged.
+CREATE TABLE IF NOT EXISTS usage_flushes (
+    writer TEXT PRIMARY KEY,
+    batch BIGINT NOT NULL,
+    written_at BIGINT NOT NULL
+);

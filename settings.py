@@ -52,6 +52,7 @@ class ServerSettings:
 @dataclass(frozen=True)
 class AdminSettings:
     token: str = ""
+    device_wait_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,10 @@ def validate_settings(s: Settings) -> None:
         raise ConfigError("[database] url: must start with sqlite:/// or postgresql://")
     if s.usage.flush_interval <= 0:
         raise ConfigError("[usage] flush_interval: must be greater than 0")
+    if s.usage.retention_days < 0:
+        raise ConfigError("[usage] retention_days: must be 0 (keep forever) or more")
+    if not 0 <= s.admin.device_wait_seconds <= 600:
+        raise ConfigError("[admin] device_wait_seconds: must be 0-600")
     if s.server.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("[server] log_level: one of debug, info, warning, error")
 

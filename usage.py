@@ -3,19 +3,23 @@ flushing it to the store, the reports read back from it, and the /metrics counte
 
 The request path only calls `UsageQueue.record` (no await, no I/O, never raises). One
 background loop flushes the pending minute buckets as additive upserts every
-`flush_interval`; a failed flush keeps them for the next try; shutdown drains them.
+`flush_interval`; a failed flush keeps them (bounded) and retries with backoff, never
+counting a batch twice; shutdown drains them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from providers import Usage
 from runtime import Clock
-from store import USAGE_COUNTERS, USAGE_DIMENSIONS, Store
+from store import USAGE_COUNTERS, USAGE_DIMENSIONS, Store, UsageWriteFailed
 
 log = logging.getLogger("kleis")
 MINUTE_MS = 60_000
@@ -90,18 +94,49 @@ class Bucket:
 
 
 class UsageQueue:
-    """Adds up outcomes per bucket in memory and writes them in batches."""
+    """Adds up outcomes per bucket in memory and writes them in batches.
 
-    def __init__(self, store: Store, clock: Clock, flush_interval: float, max_buckets: int = 200_000):
+    `record` (request path) adds to `pending`. `flush` writes `pending` as one numbered batch
+    of this queue's `writer`; a batch that failed before its commit is merged back into
+    `pending`, one whose commit may have happened (COMMIT failed or its answer was lost) is
+    kept apart as `unsure` and retried unchanged under its number, which the store skips if it
+    was committed (so nothing is counted twice). `tick` is the background loop's job: it
+    flushes unless a failure asked it to back off (1 s doubling to 60 s, with jitter; a
+    database that answers again after failing to answer is written at the next tick).
+    Memory is bounded by `max_buckets`: beyond it the oldest buckets are dropped, counted in
+    `dropped_buckets` / `dropped` (their requests) and logged once per episode."""
+
+    RETRY_FIRST_S, RETRY_CAP_S = 1.0, 60.0
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        flush_interval: float,
+        max_buckets: int = 200_000,
+        lock_wait: float = 2.0,
+    ):
         self.store = store
         self.clock = clock
         self.interval = flush_interval
         self.max_buckets = max_buckets
+        self.lock_wait = lock_wait  # seconds a flush waits for a database lock before failing
+        self.writer = secrets.token_hex(8)  # this queue's identity in usage_flushes
         self.pending: dict[tuple, Bucket] = {}
-        self.dropped = 0
+        self.unsure: tuple[int, dict[tuple, Bucket]] | None = None  # (batch, buckets) maybe committed
+        self.batches = 0  # the last batch number handed out
+        self.dropped = 0  # requests in dropped buckets
+        self.dropped_buckets = 0
         self.recorded = 0
         self.flush_failures = 0
+        self.failing = 0  # failed attempts since the last success
+        self.retry_at = 0.0  # monotonic seconds: `tick` does not try before (while failing)
+        self.skipped_batches = 0  # retried batches the store already had
+        self.ticks = 0
         self.last_flush_ms = clock.now()
+        self._unreachable = False  # the last probe while backing off failed
+        self._warned_full = False
+        self._writing: dict[tuple, Bucket] | None = None  # a new batch while its write runs
         self._lock = asyncio.Lock()
 
     def record(self, outcome: Outcome) -> None:
@@ -117,9 +152,8 @@ class UsageQueue:
         )
         bucket = self.pending.get(dims)
         if bucket is None:
-            if len(self.pending) >= self.max_buckets:
-                self.dropped += 1
-                return
+            if len(self.pending) + self._held_apart >= self.max_buckets:
+                self._drop_oldest()
             bucket = self.pending[dims] = Bucket()
         bucket.request_count += 1
         for name in OUTCOME_COUNTERS[classify(outcome)]:
@@ -138,27 +172,115 @@ class UsageQueue:
 
     @property
     def depth(self) -> int:
-        return len(self.pending)
+        """Buckets not known to be stored yet (pending, unsure, being written)."""
+        return len(self.pending) + self._held_apart
+
+    @property
+    def _held_apart(self) -> int:
+        unsure = 0 if self.unsure is None else len(self.unsure[1])
+        return unsure + (0 if self._writing is None else len(self._writing))
+
+    def _drop_oldest(self) -> None:
+        """Make room: drop the oldest tenth of `max_buckets` (the unsure batch first, then
+        pending in arrival order, which is minute order). Dropping a tenth at once keeps
+        `record` O(1) amortised and the warning to one line per episode."""
+        want = max(1, self.max_buckets // 10)
+        for table in (self.unsure[1] if self.unsure else {}, self.pending):
+            for dims in list(itertools.islice(table, want)):
+                self.dropped += table.pop(dims).request_count
+                self.dropped_buckets += 1
+                want -= 1
+            if not want:
+                break
+        if not self._warned_full:
+            self._warned_full = True
+            log.warning(
+                "usage queue full (%d buckets waiting for the database): dropping the oldest; "
+                "see kleis_usage_dropped_buckets_total",
+                self.max_buckets,
+            )
+
+    async def tick(self) -> int:
+        """The flusher loop's job: `flush`, unless backing off after a failure (then only a
+        cheap probe of the database, which ends the backoff when it answers again)."""
+        self.ticks += 1
+        if self.failing and self.clock.monotonic() < self.retry_at and not await self._answers_again():
+            return 0
+        return await self.flush()
+
+    async def _answers_again(self) -> bool:
+        """True when the database answers after the last probe did not (restart, network)."""
+        try:
+            async with asyncio.timeout(self.lock_wait):
+                await self.store.ping()
+        except Exception:
+            self._unreachable = True
+            return False
+        back, self._unreachable = self._unreachable, False
+        return back
 
     async def flush(self) -> int:
-        """Write everything pending; returns the buckets written. On failure the rows are kept
-        (merged with what arrived meanwhile) for the next try and 0 is returned."""
+        """Write everything waiting now, ignoring any backoff (shutdown, tests); returns the
+        buckets written (0 when nothing was, or on failure: the rows are kept for the next
+        try, see the class). Never raises for a database error; cancellation keeps the rows."""
         async with self._lock:
-            batch, self.pending = self.pending, {}
-            if not batch:
-                self.last_flush_ms = self.clock.now()
-                return 0
-            try:
-                await self.store.add_usage(bucket.row(dims) for dims, bucket in batch.items())
-            except BaseException as exc:
-                self._merge_back(batch)
-                self.flush_failures += 1
-                if isinstance(exc, Exception):
-                    log.warning("usage flush failed (%d buckets kept for the next try): %s", len(batch), exc)
-                    return 0
-                raise
+            written = 0
+            for _ in range(2):  # the unsure batch, if any, then what is pending now
+                if self.unsure is not None:
+                    number, batch = self.unsure
+                elif self.pending:
+                    self.batches += 1
+                    number, batch = self.batches, self.pending
+                    self.pending = {}
+                else:
+                    break
+                self._writing = batch if self.unsure is None else None
+                try:
+                    fresh = await self.store.add_usage(
+                        (bucket.row(dims) for dims, bucket in list(batch.items())),
+                        writer=self.writer,
+                        batch=number,
+                        lock_wait=self.lock_wait,
+                    )
+                except BaseException as exc:
+                    self._writing = None
+                    self._failed(number, batch, exc)
+                    if isinstance(exc, UsageWriteFailed):
+                        return written
+                    raise
+                self.unsure = self._writing = None
+                if fresh:
+                    written += len(batch)
+                else:
+                    self.skipped_batches += 1
+                    log.info("usage batch %d was already stored (its commit was not acknowledged)", number)
+            if self.failing:
+                log.info("usage flush succeeded again after %d failed attempts", self.failing)
+            self.failing, self._warned_full, self._unreachable = 0, False, False
             self.last_flush_ms = self.clock.now()
-            return len(batch)
+            return written
+
+    def _failed(self, number: int, batch: dict[tuple, Bucket], exc: BaseException) -> None:
+        """Keep a failed batch (see the class) and schedule the next try."""
+        if self.unsure is None:
+            if isinstance(exc, UsageWriteFailed) and not exc.maybe_committed:
+                self._merge_back(batch)
+            else:  # COMMIT failed, its answer was lost, or we were cancelled: maybe stored
+                self.unsure = (number, batch)
+        if not isinstance(exc, UsageWriteFailed):
+            return
+        self.flush_failures += 1
+        self.failing += 1
+        delay = min(self.RETRY_CAP_S, self.RETRY_FIRST_S * 2 ** min(self.failing - 1, 16))
+        delay *= random.uniform(0.5, 1.0)  # instances that failed together do not retry together
+        self.retry_at = self.clock.monotonic() + delay
+        log.warning(
+            "usage flush failed (%d buckets kept, attempt %d, next try in %.1f s): %s",
+            self.depth,
+            self.failing,
+            delay,
+            exc,
+        )
 
     def _merge_back(self, batch: dict[tuple, Bucket]) -> None:
         for dims, bucket in batch.items():
@@ -310,8 +432,14 @@ class Metrics:
             f"kleis_usage_queue_depth {queue.depth}",
             "# TYPE kleis_usage_dropped_total counter",
             f"kleis_usage_dropped_total {queue.dropped}",
+            "# TYPE kleis_usage_dropped_buckets_total counter",
+            f"kleis_usage_dropped_buckets_total {queue.dropped_buckets}",
             "# TYPE kleis_usage_flush_failures_total counter",
             f"kleis_usage_flush_failures_total {queue.flush_failures}",
+            "# TYPE kleis_usage_flush_failing_attempts gauge",  # in a row; 0 once a flush succeeds
+            f"kleis_usage_flush_failing_attempts {queue.failing}",
+            "# TYPE kleis_usage_batches_skipped_total counter",
+            f"kleis_usage_batches_skipped_total {queue.skipped_batches}",
             "# TYPE kleis_usage_flush_lag_seconds gauge",
             f"kleis_usage_flush_lag_seconds {lag:.3f}",
         ]

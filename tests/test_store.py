@@ -60,6 +60,7 @@ async def test_schema_is_idempotent_and_migrations_are_recorded(tmp_path, db_url
     # A second start applies schema.sql again without error and keeps data.
     instance = await started(tmp_path, db_url)
     key, _ = await instance.keys.create(label="x")
+    shipped = await instance.store.migrations()  # a fresh database records the repo's own
     await instance.close()
     # A migration added later runs once on an existing database and is recorded.
     migrations = tmp_path / "migrations"
@@ -67,11 +68,11 @@ async def test_schema_is_idempotent_and_migrations_are_recorded(tmp_path, db_url
     (migrations / "001_add_note.sql").write_text("ALTER TABLE api_keys ADD COLUMN note TEXT;")
     monkeypatch.setattr(store, "MIGRATIONS_DIR", migrations)
     instance = await started(tmp_path, db_url)
-    assert await instance.store.migrations() == ["001_add_note"]
+    assert await instance.store.migrations() == sorted([*shipped, "001_add_note"])
     assert instance.keys.authenticate(key) is not None
     await instance.close()
     instance = await started(tmp_path, db_url)  # not run twice
-    assert await instance.store.migrations() == ["001_add_note"]
+    assert await instance.store.migrations() == sorted([*shipped, "001_add_note"])
     await instance.close()
 
 
