@@ -8,13 +8,17 @@ database themselves.
 
 from __future__ import annotations
 
+import csv
 import hmac
+import io
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sanic import Blueprint, Request
 from sanic import response as sanic_response
 
+import analytics
 from accounts import AccountPool, Logins, import_body
 from discovery import AccountModels
 from errors import (
@@ -32,7 +36,7 @@ from keys import KEY_FIELDS, Keys, Lockout, bearer, client_address, key_fields, 
 from providers import LoadedProvider, ProviderError, ReauthRequired
 from runtime import Clock
 from store import Store
-from usage import UsageQueue, usage_report
+from usage import UsageQueue
 from validate import json_object, opt_bool, opt_int, opt_str
 
 WINDOW_DEFAULT_MS, WINDOW_MIN_MS, WINDOW_MAX_MS = 86_400_000, 60_000, 90 * 86_400_000
@@ -72,16 +76,18 @@ class AdminAuth:
 
 
 def window_ms(request: Request) -> int:
-    """The `windowMs` query parameter (default one day)."""
+    """The `windowMs` query parameter: milliseconds, default one day. Raises BadRequest (400)
+    unless it is a whole number from one minute to 90 days (zero, negatives, fractions,
+    non-numbers and longer windows are refused, naming the value)."""
     raw = request.args.get("windowMs")
     if raw is None:
         return WINDOW_DEFAULT_MS
-    if (
-        not (raw.isascii() and raw.isdigit())
-        or len(raw) > 12
-        or not WINDOW_MIN_MS <= int(raw) <= WINDOW_MAX_MS
-    ):
-        raise BadRequest(f"windowMs must be an integer from {WINDOW_MIN_MS} to {WINDOW_MAX_MS}")
+    number = raw.isascii() and raw.isdigit() and len(raw) <= 12
+    if not number or not WINDOW_MIN_MS <= int(raw) <= WINDOW_MAX_MS:
+        raise BadRequest(
+            f"windowMs must be an integer from {WINDOW_MIN_MS} (1 minute) to {WINDOW_MAX_MS} (90 days)"
+            f" milliseconds; got {raw[:40]!r}"
+        )
     return int(raw)
 
 
@@ -271,15 +277,26 @@ class AdminApi:
         }
 
     async def account_usage(self, request, account_id):
+        """Account detail: see analytics.detail (`apiKeys[]` per key)."""
         self.pool.get(account_id)
-        report = await usage_report(
-            self.store,
-            window_ms(request),
-            self.clock.now(),
-            group="api_key_id",
-            provider_account_id=account_id,
+        report = await analytics.detail(
+            self.store, window_ms(request), self.clock.now(), provider_account_id=account_id
         )
         return {"providerAccountId": account_id, **report}
+
+    async def accounts_usage(self, request):
+        """Account summaries: `{windowMs, since, now, accounts: [{providerAccountId, provider,
+        label, …AveragedTotals, providers[]}]}` (label and provider null for a removed account)."""
+        window, now = window_ms(request), self.clock.now()
+        rows = await analytics.summaries(self.store, window, now, "provider_account_id")
+        for row in rows:
+            account = self.pool.accounts.get(row["providerAccountId"])
+            row["provider"] = account.provider if account else None
+            row["label"] = account.label if account else None
+        return self.window_view(window, now) | {"accounts": rows}
+
+    def window_view(self, window: int, now: int) -> dict:
+        return {"windowMs": window, "since": analytics.window_start(now, window), "now": now}
 
     # ── keys ──
     async def list_keys(self, request):
@@ -304,24 +321,72 @@ class AdminApi:
         return {"deleted": True}
 
     async def key_usage(self, request, key_id):
+        """Key detail: see analytics.detail (`byAccount[]` per account)."""
         self.keys.get(key_id)
-        report = await usage_report(
-            self.store, window_ms(request), self.clock.now(), group="provider_account_id", api_key_id=key_id
-        )
+        report = await analytics.detail(self.store, window_ms(request), self.clock.now(), api_key_id=key_id)
         return {"apiKeyId": key_id, **report}
 
-    async def dashboard(self, request):
+    async def keys_usage(self, request):
+        """Key summaries: `{windowMs, since, now, keys: [{apiKeyId, label, keyPrefix,
+        …AveragedTotals, providers[]}]}` (label and prefix null for a deleted key)."""
         window, now = window_ms(request), self.clock.now()
-        report = await usage_report(self.store, window, now, group="api_key_id")
-        previous = await usage_report(self.store, window, now - window, until=now - window)
-        report["previousTotals"] = previous["totals"]
+        rows = await analytics.summaries(self.store, window, now, "api_key_id")
+        for row in rows:
+            key = self.keys.by_id.get(row["apiKeyId"])
+            row["label"] = key.label if key else None
+            row["keyPrefix"] = key.key_prefix if key else None
+        return self.window_view(window, now) | {"keys": rows}
+
+    async def dashboard(self, request):
+        """See analytics.dashboard; plus `queue` (usage waiting in memory: depth, dropped)."""
+        report = await analytics.dashboard(self.store, window_ms(request), self.clock.now())
         report["queue"] = {"depth": self.usage.depth, "dropped": self.usage.dropped}
         return report
+
+    async def export_usage(self, request):
+        """`GET /admin/usage/export?windowMs&format=csv|json`: the stored minute buckets of the
+        window (columns: analytics.EXPORT_HEADER), streamed in pages. CSV: a header row, RFC
+        4180 quoting, CRLF line ends. JSON: a list of objects. 400 for another format."""
+        window, now = window_ms(request), self.clock.now()
+        kind = request.args.get("format", "csv")
+        if kind not in ("csv", "json"):
+            raise BadRequest(f"format must be csv or json; got {kind[:40]!r}")
+        since = analytics.window_start(now, window)
+        response = await request.respond(
+            content_type="text/csv; charset=utf-8" if kind == "csv" else "application/json",
+            headers={
+                "cache-control": "no-store",
+                "content-disposition": f'attachment; filename="kleis-usage-{since}.{kind}"',
+            },
+        )
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        if kind == "csv":
+            writer.writerow(analytics.EXPORT_HEADER)
+        else:
+            buffer.write("[")
+        first = True
+        async for row in analytics.export_rows(self.store, window, now):
+            if kind == "csv":
+                writer.writerow(row)
+            else:
+                item = dict(zip(analytics.EXPORT_HEADER, row, strict=True))
+                buffer.write(("\n" if first else ",\n") + json.dumps(item))
+            first = False
+            if buffer.tell() > 256_000:  # send in chunks: memory stays bounded at any row count
+                await response.send(buffer.getvalue())
+                buffer.seek(0)
+                buffer.truncate()
+        if kind == "json":
+            buffer.write("\n]\n" if not first else "]\n")
+        await response.send(buffer.getvalue())
+        await response.eof()
 
     def routes(self) -> list[tuple[str, str, Callable]]:
         """The admin route table: (method, path under /admin, handler)."""
         return [
             ("GET", "/accounts", self.list_accounts),
+            ("GET", "/accounts/usage", self.accounts_usage),
             ("GET", "/accounts/providers", self.list_providers),
             ("PATCH", "/accounts/providers/<name>", self.patch_provider),
             ("POST", "/accounts/<name>/oauth/start", self.oauth_start),
@@ -337,12 +402,14 @@ class AdminApi:
             ("GET", "/accounts/<account_id>/models", self.account_models),
             ("GET", "/accounts/<account_id>/usage", self.account_usage),
             ("GET", "/keys", self.list_keys),
+            ("GET", "/keys/usage", self.keys_usage),
             ("POST", "/keys", self.post_key),
             ("PATCH", "/keys/<key_id>", self.patch_key),
             ("POST", "/keys/<key_id>/revoke", self.revoke_key),
             ("DELETE", "/keys/<key_id>", self.delete_key),
             ("GET", "/keys/<key_id>/usage", self.key_usage),
             ("GET", "/usage/dashboard", self.dashboard),
+            ("GET", "/usage/export", self.export_usage),
             ("POST", "/reload", self.reload),
         ]
 
@@ -360,6 +427,8 @@ def blueprint(api: AdminApi, auth: AdminAuth) -> Blueprint:
 
         async def route(request: Request, _handler=handler, **params):
             result = await _handler(request, **params)
+            if result is None:  # the handler streamed its own response
+                return None
             status, body = result if isinstance(result, tuple) else (200, result)
             return sanic_response.json(body, status=status, headers={"cache-control": "no-store"})
 

@@ -30,6 +30,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+import analytics
 from accounts import import_auth, read_auth_file
 from errors import AccountNeedsReauth, KleisError, RefreshFailed
 from keys import key_fields, key_view
@@ -44,7 +45,6 @@ from settings import (
     setup_logging,
     write_new_config,
 )
-from usage import usage_report
 
 
 class CliError(Exception):
@@ -574,28 +574,84 @@ async def login(kleis, provider, args, console: Console):
             await asyncio.sleep(min(max(started["interval"], 0.01), 0.25))
 
 
+USAGE_BY = {  # --by: the dashboard breakdown, its columns, the first column's title
+    "key": ("byKey", ("apiKeyId",), "key"),
+    "provider": ("byProvider", ("provider",), "provider"),
+    "model": ("byModel", ("provider", "model"), "model"),
+    "account": ("byAccount", ("providerAccountId",), "account"),
+}
+WINDOW_UNITS_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def window_arg(text: str) -> int:
+    """`--window`: a number and a unit (`30m`, `24h`, `7d`, `1.5h`) as milliseconds, from one
+    minute to 90 days."""
+    number, unit = text[:-1], text[-1:].lower()
+    try:
+        value = float(number) * WINDOW_UNITS_MS[unit]
+    except (KeyError, ValueError):
+        value = float("nan")
+    if not (60_000 <= value <= 90 * 86_400_000):  # also false for NaN
+        raise CliError(
+            f"--window must be a number and m, h or d (30m, 24h, 7d), 1 minute to 90 days; got {text!r}"
+        )
+    return int(value)
+
+
 async def usage_command(args, kleis, console: Console, settings: Settings) -> int:
-    report = await usage_report(
-        kleis.store, days_ms(args.hours / 24, "--hours"), kleis.clock.now(), group="api_key_id"
-    )
+    """`usage [--by key|provider|model|account] [--window 24h | --hours N] [--json]`: the
+    dashboard's breakdown for the window. JSON: `{windowMs, since, now, by, totals,
+    previousTotals, countTokens, rows}` with the admin API's row shapes."""
+    window = window_arg(args.window) if args.window else days_ms(args.hours / 24, "--hours")
+    report = await analytics.dashboard(kleis.store, window, kleis.clock.now())
+    field, columns, title = USAGE_BY[args.by]
+    rows = report[field]
     if args.json:
-        print_json(report)
+        keep = ("windowMs", "since", "now", "totals", "previousTotals", "countTokens")
+        print_json({**{k: report[k] for k in keep}, "by": args.by, "rows": rows})
         return 0
-    table = Table("key", "requests", "success %", "input", "output", "cache read", "avg ms")
     labels = {r.id: r.label or r.key_prefix for r in kleis.keys.by_id.values()}
-    for row in report["byKey"]:
-        rate = row["successRate"]
-        table.add_row(
-            labels.get(row["apiKeyId"], row["apiKeyId"]),
+    labels.update((a.id, a.label or a.id) for a in getattr(kleis.pool, "accounts", {}).values())
+    table = Table(
+        title, "requests", "success %", "incomplete", "cancelled", "429", "count_tokens",
+        "input", "output", "cache read", "avg TTFB ms", "p95 TTFB ms", "avg duration ms",
+        title=f"usage over {window // 60_000} min (success % ignores 429s, cancellations, upstream errors)",
+    )  # fmt: skip
+
+    def cells(row: dict, name: str) -> list[str]:
+        rate, p95 = row["successRate"], row["p95LatencyMs"]
+        return [
+            name,
             str(row["requestCount"]),
             "-" if rate is None else str(rate),
+            str(row["incompleteCount"]),
+            str(row["cancelledCount"]),
+            str(row["rateLimitCount"]),
+            str(row["countTokensCount"]),
             str(row["inputTokens"]),
             str(row["outputTokens"]),
             str(row["cacheReadTokens"]),
             str(row["avgLatencyMs"]),
-        )
+            "-" if p95 is None else str(p95),
+            str(row["avgDurationMs"]),
+        ]
+
+    for row in rows:
+        name = "/".join(str(labels.get(row[c], row[c]) or "-") for c in columns)
+        table.add_row(*cells(row, name))
+    table.add_row(*cells(report["totals"], "total"), style="bold")
     console.print(table)
     return 0
+
+
+ROTATION_STEPS = """To change the secret key while Kleis serves, without any server losing its accounts:
+  1. In [security], set secret_key to the new key and keep the current one as a fallback:
+       secret_key = "<the new key>"
+       previous_secret_keys = ["<the current key>"]
+  2. Restart every Kleis server: it reads tokens sealed with either key and seals with the new one.
+  3. Run `python kleis.py rotate-secret` (without KLEIS_NEW_SECRET_KEY): it re-encrypts every token
+     with secret_key.
+  4. Remove previous_secret_keys and restart when convenient."""
 
 
 async def rotate_secret_command(args, kleis, console: Console, settings: Settings) -> int:
@@ -688,8 +744,10 @@ def parser() -> argparse.ArgumentParser:
         "clear", parents=[common], help="end the account's cooldown now"
     )
     clear.add_argument("id", help=ACCOUNT_REF)
-    usage = sub.add_parser("usage", parents=[common], help="usage per key")
-    usage.add_argument("--hours", type=float, default=24)
+    usage = sub.add_parser("usage", parents=[common], help="usage by key, provider, model or account")
+    usage.add_argument("--by", choices=sorted(USAGE_BY), default="key", help="breakdown (default key)")
+    usage.add_argument("--window", help="window: 30m, 24h, 7d (default 24h; 1 minute to 90 days)")
+    usage.add_argument("--hours", type=float, default=24, help="window in hours (older spelling)")
     sub.add_parser("rotate-secret", parents=[common], help="re-encrypt tokens with a new secret key")
     sub.add_parser("systemd-unit", parents=[common], help="print a systemd unit for this install")
     return top

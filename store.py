@@ -43,6 +43,16 @@ USAGE_COUNTERS = (
     "cache_write_tokens",
 )  # fmt: skip
 USAGE_DIMENSIONS = ("bucket_start", "api_key_id", "provider_account_id", "provider", "endpoint", "model")
+# Latency histograms of request_usage_buckets: requests counted by time to first byte and by
+# duration, in 8 log-spaced bins per bucket (additive like the other counters, so any sum of
+# buckets keeps its histogram and a p95 can be interpolated). `ttfb_le_250` counts requests
+# with 100 ms < TTFB <= 250 ms; `*_gt_*` is the open last bin.
+TTFB_BOUNDS_MS = (100, 250, 500, 1000, 2500, 5000, 10000)
+DURATION_BOUNDS_MS = (1000, 2500, 5000, 10000, 20000, 40000, 80000)
+TTFB_BINS = (*(f"ttfb_le_{b}" for b in TTFB_BOUNDS_MS), f"ttfb_gt_{TTFB_BOUNDS_MS[-1]}")
+DURATION_BINS = (*(f"duration_le_{b}" for b in DURATION_BOUNDS_MS), f"duration_gt_{DURATION_BOUNDS_MS[-1]}")
+USAGE_COUNTERS += TTFB_BINS + DURATION_BINS  # schema order: after last_request_at
+HOUR_MS = 3_600_000  # request_usage_hourly's bucket size
 
 
 # ══ Records ═════════════════════════════════════════════════════════════════
@@ -225,6 +235,16 @@ def build_models(db: peewee_async.AioDatabase) -> SimpleNamespace:
             table_name = "request_usage_buckets"
             primary_key = peewee.CompositeKey(*USAGE_DIMENSIONS)
 
+    for name in TTFB_BINS + DURATION_BINS:
+        UsageBucket._meta.add_field(name, peewee.IntegerField(default=0))
+
+    class UsageHourly(UsageBucket):
+        """request_usage_hourly: the same columns summed per hour, kept by triggers."""
+
+        class Meta:
+            table_name = "request_usage_hourly"
+            primary_key = peewee.CompositeKey(*USAGE_DIMENSIONS)
+
     class CacheVersion(Base):
         name = peewee.TextField(primary_key=True)
         version = peewee.BigIntegerField()
@@ -247,12 +267,13 @@ def build_models(db: peewee_async.AioDatabase) -> SimpleNamespace:
         class Meta:
             table_name = "schema_migrations"
 
-    all_ = [Account, ApiKey, OAuthState, UsageBucket, UsageFlush, CacheVersion, SchemaMigration]
+    all_ = [Account, ApiKey, OAuthState, UsageBucket, UsageHourly, UsageFlush, CacheVersion, SchemaMigration]
     return SimpleNamespace(
         Account=Account,
         ApiKey=ApiKey,
         OAuthState=OAuthState,
         UsageBucket=UsageBucket,
+        UsageHourly=UsageHourly,
         UsageFlush=UsageFlush,
         CacheVersion=CacheVersion,
         SchemaMigration=SchemaMigration,
@@ -367,6 +388,7 @@ class Store:
                 await self.m.SchemaMigration.insert(
                     version=path.stem, applied_at=self.clock.now()
                 ).aio_execute()
+            await self._install_usage_triggers()
 
     async def close(self) -> None:
         await self.db.aio_close()
@@ -820,28 +842,145 @@ class Store:
         return sql
 
     async def usage_sums(
-        self, since: int, until: int | None = None, group_by: tuple[str, ...] = (), **equal: str
+        self,
+        since: int,
+        until: int | None = None,
+        group_by: tuple[str, ...] = (),
+        bucket_size: int | None = None,
+        **equal: str,
     ) -> list[dict]:
-        """Summed counters (plus max of max_latency_ms and last_request_at) of the buckets
-        starting in [since, until), filtered by `equal` (dimension=value), one dict per group."""
-        U = self.m.UsageBucket
-        where = U.bucket_start >= since
-        if until is not None:
-            where &= U.bucket_start < until
-        for name, value in equal.items():
-            if name not in USAGE_DIMENSIONS:
+        """Summed counters (ints; plus the max of max_latency_ms and last_request_at, None when
+        no row matched) of the buckets starting in [since, until) (epoch ms; `until` None: no
+        end), filtered by `equal` (dimension=value), one dict per group. `group_by` names
+        dimensions and may include "count_tokens" (1 for endpoint count_tokens, else 0);
+        `bucket_size` (ms) adds the group "bucket" = bucket_start // bucket_size * bucket_size.
+        Whole hours are read from request_usage_hourly and only the minutes at the edges from
+        request_usage_buckets, unless `bucket_size` is not a multiple of an hour. Raises
+        TypeError for an unknown dimension (a programming error, not input)."""
+        for name in (*group_by, *equal):
+            if name not in USAGE_DIMENSIONS and name != "count_tokens":
                 raise TypeError(f"usage_sums: unknown dimension {name}")
-            where &= getattr(U, name) == value
-        columns = [getattr(U, n) for n in group_by]
-        query = U.select(
+        minutes, hours = self.m.UsageBucket, self.m.UsageHourly
+        first = -(-since // HOUR_MS) * HOUR_MS  # the first whole hour in the range
+        last = None if until is None else until // HOUR_MS * HOUR_MS
+        if (bucket_size and bucket_size % HOUR_MS) or (last is not None and first >= last):
+            parts = [(minutes, since, until)]
+        else:
+            parts = [(minutes, since, first), (hours, first, last)]
+            if last is not None:
+                parts.append((minutes, last, until))
+        merged: dict[tuple, dict] = {}
+        names = (*group_by, "bucket") if bucket_size else group_by
+        for model, lo, hi in parts:
+            if hi is not None and lo >= hi:
+                continue
+            query = self._sums_query(model, lo, hi, group_by, bucket_size, equal)
+            for row in await query.dicts().aio_execute():
+                key = tuple(row[n] for n in names)
+                mine = merged.get(key)
+                if mine is None:
+                    merged[key] = mine = {n: row[n] for n in names}
+                    mine.update(dict.fromkeys(USAGE_COUNTERS, 0), max_latency_ms=None, last_request_at=None)
+                for n in USAGE_COUNTERS:
+                    mine[n] += int(row[n] or 0)
+                for n in ("max_latency_ms", "last_request_at"):
+                    if row[n] is not None:
+                        mine[n] = int(row[n]) if mine[n] is None else max(mine[n], int(row[n]))
+        if not merged and not names:  # an empty range still has its one (zero) total
+            merged[()] = {**dict.fromkeys(USAGE_COUNTERS, 0), "max_latency_ms": None, "last_request_at": None}
+        for row in merged.values():
+            if "count_tokens" in row:
+                row["count_tokens"] = int(row["count_tokens"])
+        return list(merged.values())
+
+    def _sums_query(self, model, lo: int, hi: int | None, group_by, bucket_size, equal):
+        where = model.bucket_start >= lo
+        if hi is not None:
+            where &= model.bucket_start < hi
+        for name, value in equal.items():
+            where &= getattr(model, name) == value
+        columns = [
+            peewee.Case(None, [(model.endpoint == "count_tokens", 1)], 0).alias(n)
+            if n == "count_tokens"
+            else getattr(model, n)
+            for n in group_by
+        ]
+        if bucket_size:
+            columns.append((model.bucket_start / bucket_size * bucket_size).alias("bucket"))
+        query = model.select(
             *columns,
-            *[peewee.fn.SUM(getattr(U, n)).alias(n) for n in USAGE_COUNTERS],
-            peewee.fn.MAX(U.max_latency_ms).alias("max_latency_ms"),
-            peewee.fn.MAX(U.last_request_at).alias("last_request_at"),
+            *[peewee.fn.SUM(getattr(model, n)).alias(n) for n in USAGE_COUNTERS],
+            peewee.fn.MAX(model.max_latency_ms).alias("max_latency_ms"),
+            peewee.fn.MAX(model.last_request_at).alias("last_request_at"),
         ).where(where)
         if columns:
-            query = query.group_by(*columns)
+            # Grouping by position: PostgreSQL refuses a repeated CASE it does not see as equal.
+            query = query.group_by(*[peewee.SQL(str(i + 1)) for i in range(len(columns))])
+        return query
+
+    async def usage_rows(self, since: int, after: tuple | None = None, limit: int = 5000) -> list[dict]:
+        """One page of request_usage_buckets rows (every column, ints) starting at `since` or
+        later, in primary-key order, after the row whose USAGE_DIMENSIONS values are `after`
+        (keyset paging: each page is one index range read, whatever the table's size)."""
+        U = self.m.UsageBucket
+        keys = [getattr(U, n) for n in USAGE_DIMENSIONS]
+        where = U.bucket_start >= since
+        if after is not None:
+            where &= peewee.Tuple(*keys) > peewee.Tuple(*after)
+        query = U.select().where(where).order_by(*keys).limit(limit)
         return list(await query.dicts().aio_execute())
+
+    async def _install_usage_triggers(self) -> None:
+        """(Re)create the triggers that keep request_usage_hourly equal to the hourly sums of
+        request_usage_buckets (see schema.sql), generated from the current column list."""
+        dims = USAGE_DIMENSIONS[1:]
+        hourly = "request_usage_hourly"
+
+        def hour(row: str) -> str:
+            return f"{row}.bucket_start / {HOUR_MS} * {HOUR_MS}"
+
+        def match(row: str) -> str:
+            return " AND ".join([f"bucket_start = {hour(row)}", *(f"{d} = {row}.{d}" for d in dims)])
+
+        greatest = "MAX" if self.is_sqlite else "GREATEST"
+        maxima = ("max_latency_ms", "last_request_at")
+        columns = ", ".join(("bucket_start", *dims, *USAGE_COUNTERS, *maxima))
+        values = ", ".join((hour("NEW"), *(f"NEW.{n}" for n in (*dims, *USAGE_COUNTERS, *maxima))))
+        sets = ", ".join(
+            [
+                *(f"{n} = {hourly}.{n} + excluded.{n}" for n in USAGE_COUNTERS),
+                *(f"{n} = {greatest}({hourly}.{n}, excluded.{n})" for n in maxima),
+            ]
+        )
+        add_new = (
+            f"INSERT INTO {hourly} ({columns}) VALUES ({values}) "
+            f"ON CONFLICT (bucket_start, {', '.join(dims)}) DO UPDATE SET {sets}"
+        )
+        minus = ", ".join(f"{n} = {n} - OLD.{n}" for n in USAGE_COUNTERS)
+        take_old = f"UPDATE {hourly} SET {minus} WHERE {match('OLD')}"
+        drop_empty = f"DELETE FROM {hourly} WHERE {match('OLD')} AND request_count <= 0"
+        if self.is_sqlite:
+            statements = [
+                *(f"DROP TRIGGER IF EXISTS {hourly}_{op}" for op in ("insert", "update", "delete")),
+                f"CREATE TRIGGER {hourly}_insert AFTER INSERT ON request_usage_buckets BEGIN {add_new}; END",
+                f"CREATE TRIGGER {hourly}_update AFTER UPDATE ON request_usage_buckets "
+                f"BEGIN {take_old}; {add_new}; END",
+                f"CREATE TRIGGER {hourly}_delete AFTER DELETE ON request_usage_buckets "
+                f"BEGIN {take_old}; {drop_empty}; END",
+            ]
+        else:
+            statements = [
+                "SELECT pg_advisory_xact_lock(727001)",  # instances starting together take turns
+                f"CREATE OR REPLACE FUNCTION {hourly}_apply() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF TG_OP <> 'INSERT' THEN {take_old}; END IF; "
+                f"IF TG_OP = 'DELETE' THEN {drop_empty}; ELSE {add_new}; END IF; "
+                "RETURN NULL; END $$",
+                f"CREATE OR REPLACE TRIGGER {hourly}_apply AFTER INSERT OR UPDATE OR DELETE "
+                f"ON request_usage_buckets FOR EACH ROW EXECUTE FUNCTION {hourly}_apply()",
+            ]
+        async with self.db.aio_atomic():
+            for statement in statements:
+                await self.db.aio_execute_sql(statement)
 
     async def rows(self, table: str, **equal: Any) -> list[dict]:
         """Every row of `table` as stored, columns by name, filtered by `equal`

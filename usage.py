@@ -1,5 +1,5 @@
 """Kleis usage accounting: what one proxied request counts as, adding it up in memory,
-flushing it to the store, the reports read back from it, and the /metrics counters.
+flushing it to the store, and the /metrics counters (the reports are analytics.py's).
 
 The request path only calls `UsageQueue.record` (no await, no I/O, never raises). One
 background loop flushes the pending minute buckets as additive upserts every
@@ -10,6 +10,7 @@ counting a batch twice; shutdown drains them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import random
@@ -19,7 +20,16 @@ from dataclasses import dataclass
 
 from providers import Usage
 from runtime import Clock
-from store import USAGE_COUNTERS, USAGE_DIMENSIONS, Store, UsageWriteFailed
+from store import (
+    DURATION_BINS,
+    DURATION_BOUNDS_MS,
+    TTFB_BINS,
+    TTFB_BOUNDS_MS,
+    USAGE_COUNTERS,
+    USAGE_DIMENSIONS,
+    Store,
+    UsageWriteFailed,
+)
 
 log = logging.getLogger("kleis")
 MINUTE_MS = 60_000
@@ -161,6 +171,10 @@ class UsageQueue:
         bucket.total_latency_ms += outcome.ttfb_ms
         bucket.total_duration_ms += outcome.duration_ms
         bucket.max_latency_ms = max(bucket.max_latency_ms, outcome.ttfb_ms)
+        ttfb_bin = TTFB_BINS[bisect.bisect_left(TTFB_BOUNDS_MS, outcome.ttfb_ms)]
+        setattr(bucket, ttfb_bin, getattr(bucket, ttfb_bin) + 1)
+        duration_bin = DURATION_BINS[bisect.bisect_left(DURATION_BOUNDS_MS, outcome.duration_ms)]
+        setattr(bucket, duration_bin, getattr(bucket, duration_bin) + 1)
         bucket.last_request_at = at
         usage = outcome.usage
         if usage is not None:
@@ -289,80 +303,6 @@ class UsageQueue:
                 self.pending[dims] = bucket
             else:
                 mine.add(bucket)
-
-
-# ══ Reports ═════════════════════════════════════════════════════════════════
-
-
-def camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
-
-
-def averaged(sums: Mapping[str, int | None]) -> dict:
-    """AveragedTotals (prior art §5.5) from summed counters: every counter in camelCase, and
-    `successRate` (percent of success + errors attributed to Kleis; rate limits, cancellations
-    and upstream errors do not count against it), `avgLatencyMs` (TTFB), `avgDurationMs`,
-    `maxLatencyMs`, `lastRequestAt`."""
-
-    def get(name: str) -> int:
-        return int(sums.get(name) or 0)
-
-    requests, success = get("request_count"), get("success_count")
-    failures = get("client_error_count") + get("server_error_count") + get("auth_error_count")
-    unattributed = max(0, failures - get("proxy_error_count") - get("upstream_error_count"))
-    scored = success + get("proxy_error_count") + unattributed
-    out = {camel(n): get(n) for n in USAGE_COUNTERS if n not in ("total_latency_ms", "total_duration_ms")}
-    out.update(
-        successRate=round(100 * success / scored) if scored else None,
-        avgLatencyMs=round(get("total_latency_ms") / requests) if requests else 0,
-        avgDurationMs=round(get("total_duration_ms") / requests) if requests else 0,
-        maxLatencyMs=get("max_latency_ms"),
-        lastRequestAt=sums.get("last_request_at"),
-    )
-    return out
-
-
-async def usage_report(
-    store: Store, window_ms: int, now: int, group: str | None = None, until: int | None = None, **equal: str
-) -> dict:
-    """Totals, endpoints, models and the last 60 minute buckets of the rows matching `equal`
-    (dimension=value) in the window ending `now`; with `group` ("api_key_id" or
-    "provider_account_id") also `byKey` / `byAccount`."""
-    since = now - window_ms
-    since -= since % MINUTE_MS
-
-    async def grouped(*columns: str) -> list[dict]:
-        return await store.usage_sums(since, until, group_by=columns, **equal)
-
-    totals = (await grouped())[0]
-    endpoints = [
-        {"provider": r["provider"], "endpoint": r["endpoint"], **averaged(r)}
-        for r in await grouped("provider", "endpoint")
-    ]
-    models = [
-        {"provider": r["provider"], "endpoint": r["endpoint"], "model": r["model"], **averaged(r)}
-        for r in await grouped("provider", "endpoint", "model")
-    ]
-    endpoints.sort(key=lambda r: -r["requestCount"])
-    models.sort(key=lambda r: (-r["requestCount"], -r["outputTokens"]))
-    buckets = [{"bucketStart": r["bucket_start"], **averaged(r)} for r in await grouped("bucket_start")]
-    buckets = sorted(buckets, key=lambda r: r["bucketStart"])[-60:]
-    report = {
-        "windowMs": window_ms,
-        "since": now - window_ms,
-        "now": now,
-        "totals": averaged(totals),
-        "endpoints": endpoints,
-        "models": models,
-        "buckets": buckets,
-    }
-    if group:
-        rows = await grouped(group)
-        report["byKey" if group == "api_key_id" else "byAccount"] = sorted(
-            ({camel(group): r[group], **averaged(r)} for r in rows), key=lambda r: -r["requestCount"]
-        )
-    return report
 
 
 # ══ /metrics ════════════════════════════════════════════════════════════════

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIBLINGS = "accounts admin cli discovery errors keys runtime settings store usage validate".split()
+SIBLINGS = "accounts admin analytics cli discovery errors keys runtime settings store usage validate".split()
 
 
 def imported(path: Path) -> set[str]:

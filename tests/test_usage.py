@@ -2,8 +2,9 @@
 
 import pytest
 
+from analytics import averaged
 from store import USAGE_COUNTERS
-from usage import OUTCOME_COUNTERS, Bucket, Outcome, averaged, classify
+from usage import OUTCOME_COUNTERS, Bucket, Outcome, classify
 
 
 def outcome(status: int = 200, source: str = "upstream", **extra) -> Outcome:
