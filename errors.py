@@ -99,6 +99,14 @@ class RequestTooLarge(KleisError):
     status, code = 413, "request_too_large"
 
 
+class UriTooLong(KleisError):
+    status, code = 414, "uri_too_long"
+
+
+class HeadersTooLarge(KleisError):
+    status, code = 431, "request_header_fields_too_large"
+
+
 class UnsupportedContentEncoding(KleisError):
     status, code = 415, "unsupported_content_encoding"
 
@@ -192,6 +200,27 @@ class UpstreamRedirected(UpstreamUnavailable):
 
 class UpstreamTimeout(KleisError):
     status, code = 504, "upstream_timeout"
+
+
+class UpstreamAccountRejected(UpstreamUnavailable):
+    """The provider refused an account's credentials (HTTP 401) even with a token refreshed a
+    moment ago: the account is the problem, not the client's Kleis key (a relayed 401 would
+    read as one)."""
+
+    code = "upstream_account_rejected"
+
+
+class ShuttingDown(Retryable):
+    """Kleis is stopping and its drain time ran out before the upstream answered."""
+
+    status, code = 503, "shutting_down"
+
+
+class LocalResourcesExhausted(Retryable):
+    """Kleis itself ran out of a local resource (file descriptors, socket buffers) while
+    opening an upstream connection: no account or upstream is to blame."""
+
+    status, code = 503, "local_resources_exhausted"
 
 
 class TransformFailed(KleisError):
