@@ -8,29 +8,104 @@ bodies from its flags), so a rule is written once.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
 from errors import BadRequest, InvalidJson
 from providers import epoch_ms
 
+MAX_DEPTH = 32  # levels of nesting an admin body may have (auth files and metadata need ~4)
+MAX_INT = 2**53  # the integers every JSON client reads exactly; fits the database's BIGINT
+
+
+BODY = "the request body"
+
+
+def parse_json(raw: bytes | str, what: str = BODY) -> Any:
+    """Untrusted JSON text as plain values, or a 400 naming `what` and the problem:
+    `InvalidJson` for text that is not JSON, nested past the parser's limit, or using the
+    NaN/Infinity literals; `BadRequest` (via `check_json`) for values Kleis cannot store or
+    send back exactly."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        problem = f"{exc.msg} (line {exc.lineno} column {exc.colno})"
+    except UnicodeDecodeError:
+        problem = "it is not UTF-8 text"
+    except RecursionError:
+        problem = f"nested far more than the {MAX_DEPTH} levels Kleis takes"
+    except ValueError as exc:  # NaN/Infinity (see _no_constant), or an integer of over 4,300 digits
+        problem = str(exc) if isinstance(exc, _Constant) else "a number has too many digits"
+    else:
+        check_json(value, what)
+        return value
+    raise InvalidJson(f"{what} is not valid JSON: {problem}")
+
+
+class _Constant(ValueError):
+    def __str__(self) -> str:
+        return f"{self.args[0]} is not a JSON number"
+
+
+def _no_constant(name: str) -> Any:
+    raise _Constant(name)
+
+
+def check_json(value: Any, what: str = BODY) -> None:
+    """Raise BadRequest unless every value in parsed JSON can be stored and answered exactly:
+    at most MAX_DEPTH levels, integers within ±2^53, finite numbers (`1e400` parses as
+    infinity), strings and keys without lone surrogates (`"\\ud800"`, which no database or
+    UTF-8 encoder takes). The message names the top-level field (`what.field` unless `what`
+is the request body). Iterative: any depth and
+    size is checked in linear time without recursion."""
+    top = "" if what == BODY else what + "."
+    stack: list[tuple[Any, int, str]] = [(value, 0, what)]
+    while stack:
+        item, depth, field = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, field)
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if not -MAX_INT <= item <= MAX_INT:
+                raise BadRequest(f"{field}: integers must be between {-MAX_INT} and {MAX_INT}")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise BadRequest(f"{field}: numbers must be finite (1e400 is not)")
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise BadRequest(f"{field}: nested more than {MAX_DEPTH} levels")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_text(key, field)
+                    stack.append((child, depth + 1, top + key[:60] if depth == 0 else field))
+            else:
+                stack.extend((child, depth + 1, field) for child in item)
+
+
+def _check_text(text: str, field: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(
+            f"{field[:60]}: text must be valid Unicode (a lone surrogate such as \\ud800 is not)"
+        ) from None
+
 
 def json_object(raw: bytes | None, allowed: Iterable[str], required: Iterable[str] = ()) -> dict:
     """The body's JSON object with only `allowed` fields (empty body = {}); `required` fields
-    must be present and non-empty."""
+    must be present and non-empty. Raises InvalidJson / BadRequest (see `parse_json`)."""
     allowed = list(allowed)
-    if not raw or not raw.strip():
-        body: Any = {}
-    else:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise InvalidJson("the request body is not valid JSON") from None
+    body: Any = parse_json(raw) if raw and raw.strip() else {}
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        named = ", ".join(name[:40] for name in unknown[:10]) + (", …" if len(unknown) > 10 else "")
+        raise BadRequest(f"unknown field(s): {named}; allowed: {', '.join(allowed)}")
     missing = [f for f in required if body.get(f) in (None, "")]
     if missing:
         raise BadRequest(f"missing field(s): {', '.join(missing)}")
@@ -48,9 +123,6 @@ def opt_str(body: dict, name: str, max_len: int = 200) -> str | None:
     if len(value) > max_len:
         raise BadRequest(f"{name} must be at most {max_len} characters")
     return value or None
-
-
-MAX_INT = 2**53  # the integers every JSON client reads exactly; fits the database's BIGINT
 
 
 def opt_int(body: dict, name: str) -> int | None:

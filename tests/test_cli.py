@@ -225,7 +225,7 @@ def config_with(tmp_path, providers: dict) -> Path:
         tomli_w.dumps(
             {
                 "security": {"secret_key": "k" * 32},
-                "admin": {"token": "kla_test"},
+                "admin": {"token": "kla_5f0c1e9a7b3d4c2e8a6f1b0d9c7e3a52"},
                 "models": {"source_url": ""},
                 "providers": providers,
             }

@@ -33,7 +33,7 @@ def write_config(tmp_path: Path, server: dict | None = None, providers: dict | N
             {
                 "server": server or {},
                 "security": {"secret_key": "k" * 32},
-                "admin": {"token": "kla_test"},
+                "admin": {"token": "kla_5f0c1e9a7b3d4c2e8a6f1b0d9c7e3a52"},
                 "models": {"source_url": ""},
                 "providers": providers or {},
             }

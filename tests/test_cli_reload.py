@@ -15,7 +15,7 @@ import cli as cli_module
 from settings import AdminSettings, ServerSettings, Settings
 from tests.test_cli import KLEIS, free_port
 
-ADMIN = "kla_reload_test"
+ADMIN = "kla_reload_7Tq3Wm9Xz2Lc5Vb8Nh1Jk4Rp6Y"
 
 
 def write_config(tmp_path: Path, port: int) -> Path:

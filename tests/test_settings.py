@@ -78,14 +78,14 @@ def test_missing_secret_and_not_toml(tmp_path, capsys):
 
 
 def test_env_overrides_secrets(tmp_path):
-    path = write(tmp_path, '[admin]\ntoken = "file"\n')
+    path = write(tmp_path, '[admin]\ntoken = "kla_file_9Qw2Zr7Lm4Xc8Vb1Nt6Hy3Ks5Pd0"\n')
     env = {
-        "KLEIS_ADMIN_TOKEN": "from-env",
+        "KLEIS_ADMIN_TOKEN": "kla_env_4Gh8Jk2Lq6Wz0Xc3Vb7Nm1Rt5Yp9",
         "KLEIS_SECRET_KEY": SECRET,
         "KLEIS_DATABASE_URL": "sqlite:///other.db",
     }
     settings = config.load_settings(path, env=env)
-    assert settings.admin.token == "from-env"
+    assert settings.admin.token == "kla_env_4Gh8Jk2Lq6Wz0Xc3Vb7Nm1Rt5Yp9"
     assert settings.security.secret_key == SECRET
     assert settings.database.url == "sqlite:///other.db"
 
