@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -41,6 +42,7 @@ from providers import (
     Cooldown,
     LoadedProvider,
     Login,
+    LoginFailed,
     LoginPending,
     ProviderError,
     ReauthRequired,
@@ -61,10 +63,17 @@ LEASE_MS = 60_000
 LEASE_WAIT_S = 15.0  # how long a request waits for another instance's refresh
 COOLDOWN_MIN, COOLDOWN_MAX, COOLDOWN_DEFAULT = 1.0, 6 * 3600.0, 60.0
 ERROR_COOLDOWN = 10.0  # 5xx / unreachable without a hint: short, it is not a rate limit
-ERROR_STREAK = 3  # consecutive 5xx / unreachable answers before an account is benched
+ERROR_STREAK = 3  # consecutive 5xx / unreachable answers before an account is benched ...
+STREAK_GAP_MS = 60_000  # ... each within this long of the one before (older ones are forgotten)
 STICKY_TTL_MS = 3600_000
-STICKY_MAX = 20_000
+STICKY_MAX = 20_000  # entries; each ~300 bytes (the session is kept as a 16-byte digest)
 QUOTA_TTL_MS = 60_000
+
+
+def session_digest(session: str) -> bytes:
+    """The fixed-size name (16 bytes) under which a client's session id is remembered: the id
+    is the client's choice and may be a megabyte long."""
+    return hashlib.blake2b(session.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class AccountState(AccountRecord):
@@ -187,6 +196,43 @@ def upstream_cooldown(
     return Cooldown(COOLDOWN_DEFAULT if seconds is None else seconds, window_exhausted=False)
 
 
+# ══ Refresh failures explained ══════════════════════════════════════════════
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as `Class: first line` (a database error's text can run many lines)."""
+    line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def reauth_message(account: AccountState, exc: ReauthRequired) -> str:
+    """What an account that needs a new login shows as its last error. A refresh token that
+    was already used means another client holds the same login (an imported one, typically
+    the official client it came from): say so and what to do, not only the OAuth code."""
+    imported = account.metadata.get("origin") == "import"
+    if exc.code != "refresh_token_reused" and not (imported and exc.code == "invalid_grant"):
+        return str(exc)
+    return (
+        f"{account.provider} rejected the refresh token ({exc.code}): another client used this login's "
+        "single-use refresh token first (the official client it was imported from, most likely). Kleis "
+        "and that client cannot share one login: log in again with `python kleis.py accounts login "
+        f"{account.provider}` to give Kleis its own, or import the client's current auth file again"
+    )
+
+
+def import_warning(provider: LoadedProvider) -> str | None:
+    """The warning shown when importing a login of a provider whose refresh tokens are single
+    use (adapter constant REFRESH_ROTATES): Kleis and the client it came from share the login."""
+    if not getattr(provider.module, "REFRESH_ROTATES", False):
+        return None
+    return (
+        f"this {provider.name} login is shared with the client it was imported from, and its refresh "
+        "token works once: when Kleis or that client refreshes, the other's copy stops working (the "
+        "account then needs a new login). For a login of Kleis's own use `python kleis.py accounts "
+        f"login {provider.name}`"
+    )
+
+
 # ══ The pool ════════════════════════════════════════════════════════════════
 
 
@@ -207,7 +253,9 @@ class AccountPool:
         self._locks: dict[str, asyncio.Lock] = {}
         self._cooldown_writes: dict[str, tuple[asyncio.Task, tuple]] = {}
         self._quotas: dict[str, tuple[int, dict]] = {}
-        self.streaks: dict[str, int] = {}  # account id -> 5xx / unreachable answers in a row
+        self.streaks: dict[str, tuple[int, int]] = {}  # account id -> (failures in a row, last at ms)
+        # account id -> (refreshed account the database refused, the refresh token it replaced)
+        self._unsaved: dict[str, tuple[AccountState, str]] = {}
 
     # ── cache ──
     async def load(self) -> None:
@@ -218,6 +266,10 @@ class AccountPool:
             account = accounts.get(account_id)
             if account is not None and not task.done() and (account.cooldown_until or 0) < until:
                 account.cooldown_until, account.cooldown_kind, account.last_error = until, kind, error
+        for account_id, (kept, replaced) in self._unsaved.items():
+            stored = accounts.get(account_id)
+            if stored is not None and stored.refresh_token == replaced:  # the database is still stale
+                accounts[account_id] = kept
         self._install(accounts)
 
     def _install(self, accounts: dict[str, AccountState]) -> None:
@@ -317,12 +369,15 @@ class AccountPool:
                     f"every {provider} account failed a moment ago ({last}); retry in {seconds} s", seconds
                 )
             labels = ", ".join(a.label or a.id for a in enabled)
+            shared = next((a.last_error for a in enabled if "another client" in (a.last_error or "")), None)
+            if shared:  # a login shared with its official client: say so (reauth_message)
+                raise AccountNeedsReauth(f"the {provider} account(s) {labels} need a new login: {shared}")
             raise AccountNeedsReauth(
                 f"the {provider} account(s) {labels} need a new login: their refresh token was rejected; "
                 f"log in again on the admin page or with `python kleis.py accounts login {provider}`"
             )
         if session:
-            sticky = self.sticky.get((key.id, provider, session))
+            sticky = self.sticky.get((key.id, provider, session_digest(session)))
             if sticky and now - sticky[1] < STICKY_TTL_MS:
                 for i, account in enumerate(usable):
                     if account.id == sticky[0]:
@@ -334,7 +389,7 @@ class AccountPool:
     def stick(self, provider: str, key: KeyRecord, session: str | None, account: AccountState) -> None:
         if not session:
             return
-        entry = (key.id, provider, session)
+        entry = (key.id, provider, session_digest(session))
         self.sticky[entry] = (account.id, self.clock.now())
         self.sticky.move_to_end(entry)
         while len(self.sticky) > STICKY_MAX:
@@ -343,14 +398,17 @@ class AccountPool:
     # ── cooldowns ──
     def failed(self, account: AccountState, reason: str) -> None:
         """One 5xx, timeout or connection failure: the request fails over, and the account
-        is benched for `ERROR_COOLDOWN` only when `ERROR_STREAK` came in a row (one passing
-        overload must not make every other request a local 503)."""
-        streak = self.streaks.get(account.id, 0) + 1
+        is benched for `ERROR_COOLDOWN` only when `ERROR_STREAK` came in a row, each within
+        `STREAK_GAP_MS` of the one before (one passing overload must not make every other
+        request a local 503). A normal answer or a cleared cooldown ends the streak."""
+        now = self.clock.now()
+        count, last = self.streaks.get(account.id, (0, now))
+        streak = count + 1 if now - last <= STREAK_GAP_MS else 1
         if streak >= ERROR_STREAK:
             self.streaks.pop(account.id, None)
             self.cool_down(account, Cooldown(ERROR_COOLDOWN), f"{reason} ({streak} times in a row)", "error")
         else:
-            self.streaks[account.id] = streak
+            self.streaks[account.id] = (streak, now)
             log.info("%s account %s: %s", account.provider, account.label or account.id, reason[:200])
 
     def answered(self, account: AccountState) -> None:
@@ -412,6 +470,7 @@ class AccountPool:
 
     async def clear_cooldown(self, account_id: str) -> AccountState:
         self.get(account_id)
+        self.streaks.pop(account_id, None)  # a cleared account starts from a clean slate
         await self._settled(account_id)
         return await self.update(account_id, cooldown_until=None, cooldown_kind=None)
 
@@ -468,7 +527,17 @@ class AccountPool:
         lease = new_id()
         deadline = self.clock.monotonic() + LEASE_WAIT_S
         while True:
-            got = await self.store.take_refresh_lease(account.id, lease, LEASE_MS)
+            try:
+                got = await self.store.take_refresh_lease(account.id, lease, LEASE_MS)
+            except Exception as exc:  # a refresh that cannot be recorded would be lost: none now
+                log.error(
+                    "%s account %s: cannot refresh its token: the database refuses writes (%s)",
+                    account.provider, account.label, _first_line(exc),
+                )  # fmt: skip
+                raise ProviderError(
+                    f"{account.provider} account {account.label}: the token cannot be refreshed "
+                    "because Kleis's database refuses writes"
+                ) from None
             latest = await self._reread(account.id)
             now = self.clock.now()
             if self._fresh_enough(latest, force, seen_token, skew) or (
@@ -486,6 +555,7 @@ class AccountPool:
             await asyncio.sleep(0.2)  # another instance holds the lease; wait for it
         try:
             tokens = await provider.module.refresh(provider.ctx, latest.adapter_view())
+            stale_refresh = latest.refresh_token
         except ReauthRequired as exc:
             stored = await self.store.get_account(latest.id)
             if stored is not None and stored.refresh_token != latest.refresh_token:
@@ -495,8 +565,11 @@ class AccountPool:
                 self._merge(rotated)
                 return rotated
             self.refresh_outcomes["reauth"] += 1
-            await self._refresh_failed(latest, lease, str(exc), reauth=True)
-            raise
+            explained = reauth_message(latest, exc)
+            await self._refresh_failed(latest, lease, explained, reauth=True)
+            if explained == str(exc):
+                raise
+            raise ReauthRequired(explained, exc.code) from None
         except ProviderError as exc:
             self.refresh_outcomes["failed"] += 1
             await self._refresh_failed(latest, lease, str(exc), reauth=False)
@@ -509,9 +582,13 @@ class AccountPool:
             await self._refresh_failed(latest, lease, "refresh returned unusable tokens", reauth=False)
             raise ProviderError(f"{account.provider} refresh returned unusable tokens")
         metadata = {**latest.metadata, **tokens.metadata}
-        written = await self.store.save_refreshed(
-            latest.id, lease, tokens.access_token, tokens.refresh_token, tokens.expires_at, metadata
-        )
+        unsaved = None
+        try:
+            written = await self.store.save_refreshed(
+                latest.id, lease, tokens.access_token, tokens.refresh_token, tokens.expires_at, metadata
+            )
+        except Exception as exc:
+            written, unsaved = True, self._not_saved(latest, tokens, exc)
         if not written:
             log.warning(
                 "%s account %s: refresh lease lost; new tokens were not saved", latest.provider, latest.label
@@ -523,10 +600,37 @@ class AccountPool:
         )
         latest.metadata, latest.status, latest.last_refresh_at = metadata, "ok", self.clock.now()
         latest.last_refresh_status, latest.last_error = "success", None
+        if unsaved is not None:
+            latest.last_refresh_status, latest.last_error = "not_saved", unsaved
+            self._unsaved[latest.id] = (latest, stale_refresh)
+        else:
+            self._unsaved.pop(latest.id, None)
         self._merge(latest)
         self.refresh_outcomes["success"] += 1
-        await self.store.bump_version("accounts")
+        with contextlib.suppress(Exception):  # other instances re-read it; a failure was logged above
+            await self.store.bump_version("accounts")
         return latest
+
+    def _not_saved(self, account: AccountState, tokens: Tokens, exc: Exception) -> str:
+        """The database refused refreshed tokens: they are kept in memory (this server goes on
+        using them) and the operator is told, at error level, what a restart would lose.
+        Returns the account's `last_error`."""
+        rotated = tokens.refresh_token != account.refresh_token
+        lost = (
+            "its refresh token was rotated, so if Kleis restarts before the database takes writes "
+            "again the account needs a new login"
+            if rotated
+            else "nothing is lost: the stored refresh token stays valid"
+        )
+        message = (f"refreshed tokens could not be saved ({_first_line(exc)}); kept in memory only: {lost}")[
+            :500
+        ]
+        log.error(
+            "%s account %s: the database refused its refreshed tokens (%s); %s. Fix the database "
+            "(GET /readyz tells when it takes writes again)",
+            account.provider, account.label, _first_line(exc), lost,
+        )  # fmt: skip
+        return message
 
     async def _refresh_failed(self, account: AccountState, lease: str, message: str, reauth: bool) -> None:
         message = message[:500]
@@ -583,20 +687,34 @@ class AccountPool:
 
     # ── writes ──
     async def upsert(
-        self, provider: str, tokens: Tokens, *, label: str | None = None, priority: int | None = None
+        self,
+        provider: str,
+        tokens: Tokens,
+        *,
+        label: str | None = None,
+        priority: int | None = None,
+        origin: str = "login",
     ) -> AccountState:
         """Insert an account or update the one with the same provider-side identity (never a
-        duplicate). An edited label survives a re-login; new tokens clear needs_reauth."""
+        duplicate). An edited label survives a re-login; new tokens clear needs_reauth.
+        `origin` ("login" or "import") is kept in the metadata: it explains a later
+        `refresh_token_reused`. An account stored under its refresh token's fingerprint (an
+        import before the provider's user id was known) is found and takes the real id."""
         existing = await self.store.find_account(provider, tokens.account_id) if tokens.account_id else None
+        fingerprint = token_fingerprint(tokens.refresh_token)
+        if existing is None and tokens.account_id != fingerprint:
+            existing = await self.store.find_account(provider, fingerprint)
+        metadata = {**tokens.metadata, "origin": origin}
         if existing is not None:
             await self.store.replace_login(
                 existing.id,
                 tokens.access_token,
                 tokens.refresh_token,
                 tokens.expires_at,
-                {**existing.metadata, **tokens.metadata},
+                {**existing.metadata, **metadata},
                 label=label,
                 priority=priority,
+                provider_account_id=tokens.account_id,
             )
             account_id = existing.id
         else:
@@ -609,7 +727,7 @@ class AccountPool:
                 tokens.access_token,
                 tokens.refresh_token,
                 tokens.expires_at,
-                tokens.metadata or {},
+                metadata,
                 priority or 0,
             )
         await self.changed()
@@ -817,6 +935,47 @@ def identified(found: Iterable[Tokens]) -> list[Tokens]:
     return found
 
 
+class Imported(list):
+    """The accounts an import added or updated (a list of AccountState) and `warnings`: lines
+    the user should read (a login shared with its client, a token that could not be checked)."""
+
+    def __init__(self, accounts: Iterable[AccountState] = (), warnings: Iterable[str] = ()):
+        super().__init__(accounts)
+        self.warnings = list(dict.fromkeys(warnings))
+
+
+async def checked(provider: LoadedProvider, tokens: Tokens) -> tuple[Tokens, str | None]:
+    """Imported tokens as the provider sees them (adapter `check_import`: is the token taken,
+    whose is it), and a warning when that could not be asked. Raises LoginFailed (a
+    ProviderError) when the provider refuses the token."""
+    if provider.has("check_import"):
+        try:
+            answer = await provider.module.check_import(provider.ctx, tokens)
+        except LoginFailed:
+            raise
+        except ProviderError as exc:
+            return tokens, f"the token was not checked: {exc}"
+        if answer is None:
+            return tokens, "the token was not checked (its access token has expired): the first refresh will"
+        tokens = answer
+    return tokens, None
+
+
+async def _import_all(
+    pool: AccountPool, provider: LoadedProvider, found: list[Tokens], label: str | None, priority: int | None
+) -> Imported:
+    warnings, accounts = [], []
+    for tokens in found:
+        tokens, note = await checked(provider, tokens)
+        if note:
+            warnings.append(note)
+        identified([tokens])
+        account = await pool.upsert(provider.name, tokens, label=label, priority=priority, origin="import")
+        accounts.append(account)
+    shared = import_warning(provider)
+    return Imported(accounts, [shared, *warnings] if shared else warnings)
+
+
 async def import_auth(
     pool: AccountPool,
     provider: LoadedProvider,
@@ -824,17 +983,17 @@ async def import_auth(
     *,
     label: str | None = None,
     priority: int | None = None,
-) -> list[AccountState]:
-    """Import every account in an official client's auth file (its JSON object or text)."""
-    found = identified(provider.module.import_auth(provider.ctx, content))
+) -> Imported:
+    """Import every account in an official client's auth file (its JSON object or text), each
+    checked with its provider and identified by the provider's own user id. Raises LoginFailed
+    when the provider refuses a token, BadRequest when the file holds none."""
+    found = list(provider.module.import_auth(provider.ctx, content))
     if not found:
         raise BadRequest(f"no {provider.name} account found in the auth file")
-    return [await pool.upsert(provider.name, t, label=label, priority=priority) for t in found]
+    return await _import_all(pool, provider, found, label, priority)
 
 
-async def import_body(
-    pool: AccountPool, provider: LoadedProvider, body: dict, now: int
-) -> list[AccountState]:
+async def import_body(pool: AccountPool, provider: LoadedProvider, body: dict, now: int) -> Imported:
     """The admin import: `authFile` (an official client's file, object or text) or explicit
     `accessToken`, `refreshToken`, `expiresAt` (+ `accountId`, `metadata`); `label`,
     `priority` for either."""
@@ -862,7 +1021,7 @@ async def import_body(
         label=label,
         metadata=metadata,
     )
-    return [await pool.upsert(provider.name, tokens, label=label, priority=priority)]
+    return await _import_all(pool, provider, [tokens], label, priority)
 
 
 async def import_config(pool: AccountPool, entries: Iterable[AccountImport], resolve) -> None:
@@ -894,9 +1053,24 @@ async def import_config(pool: AccountPool, entries: Iterable[AccountImport], res
             continue
         for tokens in found:
             current = next(
-                (a for a in pool.by_provider.get(provider.name, []) if a.account_id == tokens.account_id),
+                (
+                    a
+                    for a in pool.by_provider.get(provider.name, [])
+                    if a.account_id == tokens.account_id or a.refresh_token == tokens.refresh_token
+                ),
                 None,
             )
-            if current is not None and current.expires_at >= tokens.expires_at:
+            if current is not None and (
+                current.expires_at >= tokens.expires_at or current.refresh_token == tokens.refresh_token
+            ):
                 continue
-            await pool.upsert(provider.name, tokens, label=entry.label or None, priority=entry.priority)
+            try:
+                tokens, note = await checked(provider, tokens)
+            except ProviderError as exc:
+                log.warning("[accounts.%d]: %s refused the token: %s", i, provider.name, exc)
+                continue
+            for warning in filter(None, (note, import_warning(provider))):
+                log.warning("[accounts.%d]: %s", i, warning)
+            await pool.upsert(
+                provider.name, tokens, label=entry.label or None, priority=entry.priority, origin="import"
+            )

@@ -12,7 +12,7 @@ import csv
 import hmac
 import io
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from sanic import Blueprint, Request
@@ -37,7 +37,7 @@ from providers import LoadedProvider, ProviderError, ReauthRequired
 from runtime import Clock
 from store import Store
 from usage import UsageQueue
-from validate import json_object, opt_bool, opt_int, opt_str
+from validate import json_object, opt_bool, opt_int, opt_str, parse_json
 
 WINDOW_DEFAULT_MS, WINDOW_MIN_MS, WINDOW_MAX_MS = 86_400_000, 60_000, 90 * 86_400_000
 ACCOUNT_IMPORT_FIELDS = (
@@ -53,10 +53,14 @@ ACCOUNT_IMPORT_FIELDS = (
 
 
 class AdminAuth:
-    """The admin bearer token, compared in constant time, with a lockout per client address."""
+    """The admin bearer token, compared in constant time, with a lockout per client address
+    (keys.client_address: `trusted_proxies` are the CIDRs of the proxies in front)."""
 
-    def __init__(self, token: str, lockout: Lockout, trust_forwarded: bool):
+    def __init__(
+        self, token: str, lockout: Lockout, trust_forwarded: bool, trusted_proxies: Sequence[str] = ()
+    ):
         self.token, self.lockout, self.trust_forwarded = token, lockout, trust_forwarded
+        self.trusted_proxies = tuple(trusted_proxies)
 
     def check(self, request: Request, token: str | None = None) -> None:
         """Raises unless the request carries the admin token (or `token`, when given and set)."""
@@ -65,14 +69,13 @@ class AdminAuth:
             return
         if not self.token:
             raise AdminTokenNotConfigured()
-        address = client_address(request.headers, request.ip, self.trust_forwarded)
+        address = client_address(request.headers, request.ip, self.trust_forwarded, self.trusted_proxies)
         wait = self.lockout.retry_after(address)
         if wait:
             raise TooManyAttempts(f"too many invalid admin token attempts; retry in {wait} s", wait)
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            self.lockout.fail(address)
+            self.lockout.fail(address)  # a success clears nothing (see keys.Lockout)
             raise Unauthorized()
-        self.lockout.succeed(address)
 
 
 def window_ms(request: Request) -> int:
@@ -108,8 +111,8 @@ class AdminApi:
         base_url: Callable[[Request], str],
         models: AccountModels,
         refresh_models: Callable[..., Awaitable[None]],
-        reload: Callable[[], Awaitable[None]] | None = None,
         device_wait: float = 60.0,
+        reload: Callable[[], Awaitable[None]] | None = None,
     ):
         self.keys, self.pool, self.logins, self.usage, self.store = keys, pool, logins, usage, store
         self.providers, self.clock, self.base_url = providers, clock, base_url
@@ -197,14 +200,23 @@ class AdminApi:
         return (202 if status.status == "pending" else 200), status.view(self.clock.now())
 
     async def import_account(self, request, name):
+        """201 `{"account", "accounts", "imported", "warnings"}`: `warnings` are sentences for
+        the user (a login shared with its official client, a token that could not be checked).
+        A token the provider refuses is 400 `login_failed`."""
         provider = self.provider(name)
         body = json_object(request.body, ACCOUNT_IMPORT_FIELDS)
+        content = body.get("authFile")
+        if isinstance(content, str) and content.lstrip().startswith("{"):
+            # A pasted JSON file is parsed and checked here, like the body around it (adapters
+            # parse it with json.loads, which takes 1e400, NaN and any integer).
+            body["authFile"] = parse_json(content, "authFile")
         accounts = await import_body(self.pool, provider, body, self.clock.now())
         now = self.clock.now()
         return 201, {
             "account": accounts[0].view(now),
             "accounts": [a.view(now) for a in accounts],
             "imported": True,
+            "warnings": accounts.warnings,
         }
 
     async def patch_account(self, request, account_id):

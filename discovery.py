@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -245,7 +246,7 @@ def live_entry(info: ModelInfo, known: Any) -> dict:
             "reasoning": bool(info.reasoning),
             "tool_call": info.tool_call is not False,
             "temperature": True,
-            "release_date": "",
+            "release_date": info.release_date or "",
             "modalities": {"input": modalities, "output": ["text"]},
             "options": {},
         }
@@ -652,7 +653,10 @@ class Catalogue:
         tmp = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.tmp")
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, separators=(",", ":"), ensure_ascii=False), encoding="utf-8")
+            # 0600 like the database beside it (the umask may be wider than the service's).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, separators=(",", ":"), ensure_ascii=False))
             os.replace(tmp, self.cache_path)
         except OSError as e:
             self.log.warning("models catalogue: cannot write cache %s (%s)", self.cache_path, e)
@@ -686,6 +690,9 @@ class Catalogue:
 
 
 # ── Account model lists ──────────────────────────────────────────────────────
+
+
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 
 
 @dataclass
@@ -729,7 +736,13 @@ class AccountModels:
         return now - (entry.fetched_at or 0) >= self.ttl_ms
 
     def put(self, account_id: str, models: list[ModelInfo], now: int) -> None:
-        unique = tuple({m.id: m for m in models}.values())
+        """A successful fetch. Ids that cannot be model ids (spaces, slashes, over 128
+        characters) are left out; a list with no usable model counts as a failure, so the
+        last good list (or the catalogue) keeps serving."""
+        unique = tuple({m.id: m for m in models if MODEL_ID.fullmatch(m.id)}.values())
+        if not unique:
+            self.failed(account_id, "the provider listed no usable models", now)
+            return
         entry = self.lists.setdefault(account_id, AccountList())
         if entry.models != unique:
             self.version += 1

@@ -9,9 +9,12 @@ the `keys` cache version they poll.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 import secrets
-from collections.abc import Callable, Collection, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from errors import BadRequest, NotFound
@@ -179,33 +182,115 @@ def bearer(headers: Mapping[str, str]) -> str:
     return match.group(1) if match else ""
 
 
-def client_address(headers: Mapping[str, str], peer: str, trust_forwarded: bool) -> str:
-    """The client's address: `peer`, or the first X-Forwarded-For entry when trusted."""
-    if trust_forwarded:
-        forwarded = headers.get("x-forwarded-for")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
-    return peer or "unknown"
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def client_address(
+    headers: Mapping[str, str], peer: str, trust_forwarded: bool, trusted_proxies: Sequence[str] = ()
+) -> str:
+    """The client's address, for the lockouts: `peer` unless `trust_forwarded`.
+
+    Behind proxies, X-Forwarded-For is read from the right, as nginx (`real_ip_recursive`),
+    Caddy (`trusted_proxies`) and Traefik (`depth`) do: each proxy appends the address it was
+    reached from, so only the entries our own proxies appended are true, and the leftmost ones
+    are whatever the client wrote. The client is the rightmost entry that is not one of our
+    proxies: `trusted_proxies` (CIDRs), or by default (empty) loopback addresses, the direct
+    peer always counting as our proxy. With a non-empty list a peer outside it did not come
+    through our proxy, and its header is ignored. An entry that is not an address stops the
+    walk at the hop that passed it on. Several header lines count as one list (RFC 9110 §5.3)."""
+    if not trust_forwarded:
+        return peer or "unknown"
+    networks = _networks(tuple(trusted_proxies))
+    if networks and not _trusted(_ip(peer), networks):
+        return peer or "unknown"
+    networks = networks or LOOPBACK
+    getall = getattr(headers, "getall", None)
+    lines = getall("x-forwarded-for", []) if getall else [headers.get("x-forwarded-for") or ""]
+    entries = [entry.strip() for line in lines for entry in line.split(",")]
+    address = peer or "unknown"
+    for entry in reversed(entries):
+        ip = _ip(entry)
+        if ip is None:
+            break
+        address = str(ip)
+        if not _trusted(ip, networks):
+            break
+    return address
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)  # checked by settings
+
+
+def _trusted(ip: Address | None, networks: Sequence) -> bool:
+    return ip is not None and any(ip in network for network in networks)
+
+
+def _ip(text: str) -> Address | None:
+    """An address from a forwarded entry or a peer: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]:80`
+    (IPv4-mapped IPv6 as IPv4); None for anything else."""
+    if not text or len(text) > 64:
+        return None
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def lockout_key(address: str) -> str:
+    """What a lockout counts under: the address, or for IPv6 its /64 (one customer's network:
+    a client owning a /64 could otherwise spread its guesses over 2^64 addresses)."""
+    if ":" not in address:
+        return address
+    ip = _ip(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip) if ip is not None else address
 
 
 class Lockout:
-    """Counts failed attempts per client address; `max_failures` within `window_seconds`
-    blocks the address for `lockout_seconds`. Times come from `now` (epoch ms)."""
+    """Failed attempts per client address (`lockout_key`): `max_failures` within
+    `window_seconds` block the address for `lockout_seconds`, during which its attempts are
+    refused unevaluated. Times come from `now` (epoch ms).
+
+    Failures drain one at a time, `max_failures` per window (a leaky bucket: no window edge
+    across which twice the limit gets through); a block empties the bucket. A success clears
+    nothing: a valid key or token says nothing about the other attempts from its address (many
+    clients share one NAT address, and a guesser may own one valid key).
+
+    At most `max_entries` addresses are remembered, in order of their last failure: a failure
+    costs O(1) (no scan); beyond the bound the entry that failed longest ago is forgotten, and
+    drained entries at that end go first. Forgetting a blocked address takes `max_entries`
+    other failing addresses, and whoever has that many gets `max_failures` from each anyway."""
 
     def __init__(
-        self, max_failures: int, lockout_seconds: int, now: Callable[[], int], window_seconds: int = 60
+        self,
+        max_failures: int,
+        lockout_seconds: int,
+        now: Callable[[], int],
+        window_seconds: int = 60,
+        max_entries: int = 50_000,
     ):
-        self.max_failures, self.lockout_ms, self.window_ms = (
-            max_failures,
-            lockout_seconds * 1000,
-            window_seconds * 1000,
-        )
+        self.max_failures, self.lockout_ms = max_failures, lockout_seconds * 1000
+        self.window_ms, self.max_entries = window_seconds * 1000, max_entries
         self.now = now
-        self._entries: dict[str, list[int]] = {}  # address -> [failures, window start, blocked until]
+        # lockout key -> [failures still counted, drained up to (ms), blocked until (ms, 0 = not)]
+        self._entries: OrderedDict[str, list] = OrderedDict()
+        self.drain_ms = self.window_ms / max_failures if max_failures > 0 else 0.0  # per failure
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def retry_after(self, address: str) -> int:
         """Seconds the address is still blocked (0 = not blocked)."""
-        entry = self._entries.get(address)
+        entry = self._entries.get(lockout_key(address))
         if entry is None or not entry[2]:  # the common case reads no clock
             return 0
         now = self.now()
@@ -214,18 +299,30 @@ class Lockout:
         return max(1, -(-(entry[2] - now) // 1000))
 
     def fail(self, address: str) -> None:
+        """Count one failed attempt; the `max_failures`-th within the drain blocks."""
         if self.max_failures <= 0:
             return
-        now = self.now()
-        entry = self._entries.get(address)
-        if entry is None or now - entry[1] >= self.window_ms:
-            entry = self._entries[address] = [0, now, 0]
+        now, key, entries = self.now(), lockout_key(address), self._entries
+        entry = entries.get(key)
+        if entry is None:
+            entry = entries[key] = [0, now, 0]
+        else:
+            entries.move_to_end(key)
+            drained = self._drained(entry, now)
+            entry[0] -= drained
+            entry[1] = now if entry[0] <= 0 else entry[1] + drained * self.drain_ms
+            entry[0] = max(0, entry[0])
         entry[0] += 1
         if entry[0] >= self.max_failures:
-            entry[:] = [0, now, now + self.lockout_ms]
-        if len(self._entries) > 10_000:  # bounded memory under a scan
-            for addr in [a for a, e in self._entries.items() if e[2] <= now and now - e[1] >= self.window_ms]:
-                del self._entries[addr]
+            entry[0], entry[1], entry[2] = 0, now, now + self.lockout_ms
+        for _ in range(2):  # forget a couple of fully drained entries at the old end
+            oldest = next(iter(entries.values()))
+            if oldest is entry or oldest[2] > now or oldest[0] > self._drained(oldest, now):
+                break
+            entries.popitem(last=False)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
 
-    def succeed(self, address: str) -> None:
-        self._entries.pop(address, None)
+    def _drained(self, entry: list, now: int) -> int:
+        """Whole failures drained from `entry` by `now`."""
+        return int((now - entry[1]) // self.drain_ms) if self.drain_ms else entry[0]

@@ -14,24 +14,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import faulthandler
 import importlib
 import importlib.util
 import json
 import logging
+import os
 import re
+import resource
 import socket
 import sys
+import time
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import unquote
 
 import aiohttp
 import zstandard
 from sanic import Request, Sanic
 from sanic import response as sanic_response
 from sanic.exceptions import SanicException
+from sanic.http.constants import Stage
+from sanic.server.protocols.http_protocol import HttpProtocol
 
 import admin
 import cli
@@ -50,9 +57,11 @@ from errors import (
     BadHeader,
     BadRequest,
     ConfigProblem,
+    HeadersTooLarge,
     InvalidApiKey,
     InvalidJson,
     KleisError,
+    LocalResourcesExhausted,
     MethodNotAllowed,
     MissingApiKey,
     MissingModel,
@@ -61,21 +70,25 @@ from errors import (
     NotFound,
     ProviderNotAllowed,
     RequestTooLarge,
+    ShuttingDown,
     TooManyAttempts,
     TransformFailed,
     UnsupportedContentEncoding,
+    UpstreamAccountRejected,
     UpstreamRedirected,
     UpstreamTimeout,
     UpstreamUnavailable,
+    UriTooLong,
     error_body,
     from_provider,
 )
 from keys import Keys, Lockout, client_address, presented_key
 from providers import Context, Cooldown, LoadedProvider, ProviderError, ProxyRequest, ReauthRequired
+from providers._sse import last_boundary_end
 from runtime import Background, Clock
-from settings import ConfigError, ServerSettings, Settings, Vault, check_value
-from store import KeyRecord, Store
-from usage import Metrics, Outcome, UsageQueue
+from settings import ConfigError, ServerSettings, Settings, Vault, check_value, new_id
+from store import KeyRecord, Store, database_problem
+from usage import Metrics, Outcome, UsageQueue, classify
 
 VERSION = "0.1.0"
 HERE = Path(__file__).resolve().parent
@@ -164,6 +177,11 @@ RESPONSE_HEADER_DROP = frozenset({
 KEEPALIVE = b": kleis-keepalive\n\n"
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 MAX_ERROR_BODY = 1024 * 1024
+MAX_MODEL_CHARS = 256
+# Errors that mean this process, not the upstream, ran out of something (see Proxy._send).
+LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+LOCAL_RESOURCE_RETRY_S = 2
+INSTANCE_HEARTBEAT_S = 30  # `rotate-secret` counts a server seen within 90 s as running
 
 
 class UpstreamFailure(Exception):
@@ -174,14 +192,45 @@ class UpstreamFailure(Exception):
         self.timeout = timeout
 
 
+class Drained(Exception):
+    """Set on an upstream body still being relayed when the shutdown drain time is over."""
+
+
+def unfinished_event(chunk: bytes, pending: int, before: bytes) -> int:
+    """Bytes of the SSE event still unfinished after `chunk`, given `pending` such bytes
+    before it and `before`, the 2 bytes that preceded it (a blank line may straddle chunks).
+    Looks at each byte at most once over a stream, so a huge event costs linear time."""
+    if chunk.endswith(b"\n\n"):  # whole events, the common case
+        return 0
+    cut = last_boundary_end(chunk)
+    if cut >= 0:
+        return len(chunk) - cut
+    if pending:
+        cut = last_boundary_end(before + chunk[:2])
+        if cut >= 0:
+            return len(chunk) - (cut - len(before))
+    return pending + len(chunk)
+
+
+def local_resources(exc: OSError) -> LocalResourcesExhausted:
+    """The 503 for an OSError that means this process ran out of something (EMFILE, ...),
+    logged once here with what to do."""
+    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    log.error("cannot serve a request: %s (%s); raise the open files limit (LimitNOFILE)", name, exc)
+    message = f"Kleis is out of local resources ({name}); retry shortly"
+    return LocalResourcesExhausted(message, LOCAL_RESOURCE_RETRY_S)
+
+
 # What aiohttp refuses to send (RFC 9110 §5.5 allows no control character but HTAB in a field).
 FORBIDDEN_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# A field name is a token (RFC 9110 §5.1); Sanic passes `Bad Name:` or `x\xff:` through.
+NOT_NAME_CHARS = re.compile(r"[^!#$%&'*+\-.^_`|~0-9a-z\t]")
 
 
 def client_headers(request: Request) -> dict[str, str]:
     """The client's headers to forward: lower-case names, repeated lines joined with ", "
     (RFC 9110 §5.3: equal to one comma-separated line). Raises BadHeader (400) for a control
-    character, which no upstream request may carry."""
+    character, which no upstream request may carry, and for a name that is not a token."""
     out: dict[str, str] = {}
     for name, value in request.headers.items():
         name = name.lower()
@@ -193,6 +242,9 @@ def client_headers(request: Request) -> dict[str, str]:
     if FORBIDDEN_HEADER_CHARS.search("\t".join(out) + "\t" + "\t".join(out.values())):
         bad = next(n for n, v in out.items() if FORBIDDEN_HEADER_CHARS.search(n + "\t" + v))
         raise BadHeader(f"the header {bad[:60]!r} contains a control character")
+    if NOT_NAME_CHARS.search("\t".join(out)) or "" in out:
+        bad = next(n for n in out if not n or NOT_NAME_CHARS.search(n))
+        raise BadHeader(f"the header name {bad[:60]!r} is not a valid field name (RFC 9110 §5.1)")
     return out
 
 
@@ -226,26 +278,44 @@ class BodyTooLarge(Exception):
 
 
 def _zstd_decoded(raw: bytes, limit: int) -> bytes:
-    # stream_reader: frames without a content size (streamed compression) decode too, and
-    # reading stops one byte past the limit, so a small bomb never inflates in memory.
-    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-    out = bytearray()
-    while len(out) <= limit:
-        chunk = reader.read(min(1 << 20, limit + 1 - len(out)))
-        if not chunk:
-            return bytes(out)
-        out += chunk
-    raise BodyTooLarge
+    # Fed 1 KB at a time: one zstd block inflates at most ~32,000 times, so a bomb is caught
+    # a few MB past the limit, never in full. Frames may follow each other (RFC 8878 §3.1).
+    out, frames = bytearray(), 0
+    while raw:
+        inflater = zstandard.ZstdDecompressor().decompressobj()
+        for start in range(0, len(raw), 1024):
+            out += inflater.decompress(raw[start : start + 1024])
+            if len(out) > limit:
+                raise BodyTooLarge
+            if inflater.eof:
+                raw = inflater.unused_data + raw[start + 1024 :]
+                break
+        else:
+            if not inflater.eof:
+                raise ValueError("truncated data")
+            raw = inflater.unused_data
+        frames += 1
+    if not frames:
+        raise ValueError("no data")
+    return bytes(out)
 
 
 def _zlib_decoded(raw: bytes, limit: int, wbits: int) -> bytes:
-    inflater = zlib.decompressobj(wbits)
-    out = inflater.decompress(raw, limit + 1)
-    if len(out) > limit:
-        raise BodyTooLarge
-    if not inflater.eof:
-        raise ValueError("truncated data")
-    return out
+    # gzip bodies may hold several members one after another (RFC 1952 §2.2); anything else
+    # after the end is an error, not ignored.
+    out = bytearray()
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        out += inflater.decompress(raw, limit + 1 - len(out))
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise BodyTooLarge
+        if not inflater.eof:
+            raise ValueError("truncated data")
+        raw = inflater.unused_data
+        if not raw:
+            return bytes(out)
+        if wbits != 16 + zlib.MAX_WBITS or not raw.startswith(b"\x1f\x8b"):
+            raise ValueError("data after the end of the stream")
 
 
 def _deflate_decoded(raw: bytes, limit: int) -> bytes:
@@ -291,7 +361,71 @@ def parse_proxy_body(raw: bytes) -> dict:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise MissingModel("the request must include a non-empty model field")
+    if len(model) > MAX_MODEL_CHARS:  # it is a usage key and a log field: bounded
+        raise BadRequest(f"the model field is longer than {MAX_MODEL_CHARS} characters")
     return body
+
+
+class AccessLog:
+    """One line per proxied request on the `kleis.access` logger at info, whatever
+    `log_level` says ([server] access_log "text" or "json"; "off" makes none). Fields: method,
+    path, status, key (its label, else its 12-character prefix: never the key), account
+    (label), model, ttfb_ms, duration_ms, tokens (input, output, cache read, cache write) and
+    outcome (the usage class: success, client_proxy, rate_limit, cancelled, ...). Built from
+    what the request path already holds: no await, no lookup beyond a dict."""
+
+    def __init__(self, mode: str):
+        self.json = mode == "json"
+        self.log = logging.getLogger("kleis.access")
+        self.log.setLevel(logging.INFO)
+
+    def write(self, request: Request, outcome: Outcome, key: KeyRecord, account: AccountState | None) -> None:
+        usage = outcome.usage
+        tokens = (
+            (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
+            if usage is not None
+            else (0, 0, 0, 0)
+        )
+        self._emit(
+            request.method, request.path, outcome.status or None, key.label or key.key_prefix,
+            account.label if account is not None else None, outcome.model, outcome.ttfb_ms,
+            outcome.duration_ms, tokens, classify(outcome),
+        )  # fmt: skip
+
+    def refused(self, request: Request, status: int, duration_ms: int) -> None:
+        """A request refused before an account was chosen (bad key, scope, body)."""
+        self._emit(request.method, request.path, status, None, None, None, None, duration_ms, None, "refused")
+
+    def _emit(self, method, path, status, key, account, model, ttfb, duration, tokens, outcome) -> None:
+        if self.json:
+            line = json.dumps(
+                {
+                    "method": method, "path": path, "status": status, "key": key, "account": account,
+                    "model": model, "ttfb_ms": ttfb, "duration_ms": duration,
+                    "tokens": dict(zip(("input", "output", "cache_read", "cache_write"), tokens, strict=True))
+                    if tokens else None,
+                    "outcome": outcome,
+                },
+                separators=(",", ":"),
+            )  # fmt: skip
+        else:
+            line = (
+                f"{method} {path} {status or '-'} key={_field(key)} account={_field(account)} "
+                f"model={_field(model)} ttfb_ms={'-' if ttfb is None else ttfb} duration_ms={duration} "
+                + ("in={} out={} cache_read={} cache_write={} ".format(*tokens) if tokens else "")
+                + f"outcome={outcome}"
+            )
+        self.log.info(line)
+
+
+def _field(value: str | None) -> str:
+    """A label as one token of a text line: `-` when missing, JSON-quoted when it has spaces,
+    quotes or `=` (so a line always splits the same way)."""
+    if not value:
+        return "-"
+    if any(c.isspace() or c in '"=' for c in value):
+        return json.dumps(value)
+    return value
 
 
 class Proxy:
@@ -314,9 +448,32 @@ class Proxy:
         self.lockout, self.clock = lockout, clock
         self.http: aiohttp.ClientSession | None = None
         self.open_streams = 0
+        self.max_event = settings.max_event_mb * 1024 * 1024
+        self.draining = False  # SIGTERM came: connections close after their answer
+        self.drained = False  # the drain time is over: open and new streams end at once
+        self._reading: set[aiohttp.StreamReader] = set()  # upstream bodies being relayed
+        self.access = AccessLog(settings.access_log) if settings.access_log != "off" else None
+
+    def drain(self, seconds: float) -> None:
+        """Shutdown: from now on every answer closes its connection; after `seconds` each
+        upstream body still being relayed is ended (Drained), so its stream gets its
+        protocol's error event and is recorded incomplete instead of being cut."""
+        self.draining = True
+        if self._reading:
+            log.info("shutting down: %d open streams may finish within %g s", len(self._reading), seconds)
+        asyncio.get_running_loop().call_later(seconds, self._drained)
+
+    def _drained(self) -> None:
+        self.drained = True
+        for content in list(self._reading):
+            content.set_exception(Drained())
+        if self._reading:
+            log.warning("shutting down: ended %d streams still open after the drain", len(self._reading))
 
     def authenticate(self, request: Request) -> KeyRecord:
-        address = client_address(request.headers, request.ip, self.settings.trust_forwarded)
+        address = client_address(
+            request.headers, request.ip, self.settings.trust_forwarded, self.settings.trusted_proxies
+        )
         wait = self.lockout.retry_after(address)
         if wait:
             raise TooManyAttempts(f"too many invalid API key attempts; retry in {wait} s", wait)
@@ -325,20 +482,47 @@ class Proxy:
             raise MissingApiKey()
         record = self.keys.authenticate(key)
         if record is None:
-            self.lockout.fail(address)
+            self.lockout.fail(address)  # another key's success clears nothing (see keys.Lockout)
             raise InvalidApiKey()
-        self.lockout.succeed(address)
         return record
 
     async def handle(self, request: Request, provider: LoadedProvider, endpoint: str):
         loop = asyncio.get_running_loop()
         started = loop.time()
+        try:
+            key, preq = self._admit(request, provider, endpoint)
+        except KleisError as exc:  # refused before any account was chosen: logged, not counted
+            if self.access is not None:
+                self.access.refused(request, exc.status, int((loop.time() - started) * 1000))
+            raise
+        outcome = Outcome(key_id=key.id, provider=provider.name, endpoint=endpoint, model=preq.body["model"])
+        try:
+            return await self._forward(request, provider, preq, key, outcome, started)
+        except KleisError as exc:
+            outcome.status, outcome.source = exc.status, "proxy"
+            raise
+        except asyncio.CancelledError:
+            outcome.cancelled = True
+            raise
+        finally:
+            outcome.duration_ms = int((loop.time() - started) * 1000)
+            if not outcome.ttfb_ms:
+                outcome.ttfb_ms = outcome.duration_ms
+            self.usage.record(outcome)
+            self.metrics.observe(outcome)
+            if self.access is not None:
+                self.access.write(request, outcome, key, self.pool.accounts.get(outcome.account_id))
+
+    def _admit(
+        self, request: Request, provider: LoadedProvider, endpoint: str
+    ) -> tuple[KeyRecord, ProxyRequest]:
+        """The key, its scopes and the body: (key, request for the adapter) or a KleisError."""
         key = self.authenticate(request)
         if key.provider_scopes is not None and provider.name not in key.provider_scopes:
             raise ProviderNotAllowed(f"this API key is not allowed to use provider {provider.name}")
         raw = request.body
-        coding = request.headers.get("content-encoding")
-        if coding:
+        if "content-encoding" in request.headers:  # every line of it (RFC 9110 §5.3)
+            coding = ", ".join(request.headers.getall("content-encoding"))
             raw = decoded_body(raw, coding, self.settings.max_body_mb * 1024 * 1024)
         body = parse_proxy_body(raw)
         raw_model = body["model"].strip()
@@ -354,21 +538,7 @@ class Proxy:
             body=body,
             api_key_id=key.id,
         )
-        outcome = Outcome(key_id=key.id, provider=provider.name, endpoint=endpoint, model=model)
-        try:
-            return await self._forward(request, provider, preq, key, outcome, started)
-        except KleisError as exc:
-            outcome.status, outcome.source = exc.status, "proxy"
-            raise
-        except asyncio.CancelledError:
-            outcome.cancelled = True
-            raise
-        finally:
-            outcome.duration_ms = int((loop.time() - started) * 1000)
-            if not outcome.ttfb_ms:
-                outcome.ttfb_ms = outcome.duration_ms
-            self.usage.record(outcome)
-            self.metrics.observe(outcome)
+        return key, preq
 
     async def _forward(
         self,
@@ -384,6 +554,7 @@ class Proxy:
         accounts = pool.choose(provider.name, key, session)
         failure: UpstreamFailure | ProviderError | None = None
         relay: tuple[int, Mapping[str, str], bytes] | None = None
+        rejected: AccountState | None = None  # the last account refused with 401 after a refresh
         for account in accounts:
             outcome.account_id = account.id
             try:
@@ -409,15 +580,18 @@ class Proxy:
                 raise self._redirected(provider, resp)
             if resp.status in FAILOVER_STATUSES or resp.status == 401:
                 body = await self._read_error(resp)
-                relay = self._refused(provider, account, resp.status, resp.headers, body)
+                relay = self._refused(provider, account, resp.status, resp.headers, body, preq.endpoint)
+                rejected = account if resp.status == 401 else None
                 continue
             transformer = self._transformer(provider, preq, resp)
             if getattr(transformer, "collect", False):
-                # Nothing reaches the client before the whole answer is in, so an error found
-                # inside it (Codex's in-stream usage_limit_reached) still fails over.
+                # Nothing reaches the client before the whole answer is in, so a usage or rate
+                # limit found inside it (Codex's in-stream usage_limit_reached) still fails over.
+                # Any other error inside an accepted answer is about this request, not the
+                # account: it is answered as it is, without failover or a cooldown.
                 status, headers, body = await self._collected(provider, resp, transformer, outcome, started)
-                if status in FAILOVER_STATUSES:
-                    relay = self._refused(provider, account, status, headers, body)
+                if status == 429:
+                    relay = self._refused(provider, account, status, headers, body, preq.endpoint)
                     continue
                 pool.answered(account)
                 pool.stick(provider.name, key, session, account)
@@ -426,6 +600,19 @@ class Proxy:
             pool.answered(account)
             pool.stick(provider.name, key, session, account)
             return await self._stream(request, provider, resp, transformer, account, outcome, started)
+        if relay is not None and rejected is not None and relay[0] == 401:
+            # A relayed 401 reads as a wrong Kleis key to every SDK; the account is the problem.
+            error = UpstreamAccountRejected(
+                f"{provider.name}: the provider refused account {rejected.label!r} ({rejected.id}) with "
+                f"HTTP 401 even after a token refresh; your Kleis key is fine. The account rests "
+                f"{ERROR_COOLDOWN:g} s; if this persists, log in again on the admin page or with "
+                f"`python kleis.py accounts login {provider.name}`"
+            )
+            outcome.status, outcome.source = error.status, "upstream"
+            headers = {"cache-control": "no-store", "x-kleis-provider": provider.name}
+            headers["x-kleis-account"] = rejected.id
+            body = error_body(provider.error_style, error)
+            return sanic_response.json(body, status=error.status, headers=headers)
         if relay is not None:
             status, headers, body = relay
             outcome.status, outcome.source = status, "upstream"
@@ -446,14 +633,20 @@ class Proxy:
         status: int,
         headers: Mapping[str, str],
         body: bytes,
+        endpoint: str,
     ) -> tuple[int, dict[str, str], bytes]:
         """Rest the account as the refusal warrants (see `upstream_cooldown`); returns the
-        refusal as it is relayed when no other account can serve the request."""
+        refusal as it is relayed when no other account can serve the request. A refusal on an
+        endpoint with limits of its own (the adapter's `UNMETERED`, e.g. Claude's
+        count_tokens) says nothing about the account's usage: no cooldown, no streak."""
         reason = f"upstream answered HTTP {status}"
         cooldown = upstream_cooldown(provider, status, headers, body, self.clock.now())
-        if cooldown is not None:
+        if endpoint in getattr(provider.module, "UNMETERED", ()):
+            pass
+        elif cooldown is not None:
             self.pool.cool_down(account, cooldown, reason, kind="transient" if status == 429 else "error")
         elif status == 401:  # refused even with a token refreshed a moment ago
+            reason = "the provider refused the account's token (HTTP 401) even after a refresh; log in again"
             self.pool.cool_down(account, Cooldown(ERROR_COOLDOWN), reason, kind="error")
         else:
             self.pool.failed(account, reason)
@@ -477,6 +670,8 @@ class Proxy:
             upstream = provider.module.prepare(provider.ctx, account.adapter_view(), preq)
         except RecursionError:  # the body parsed, but an adapter's walk of it went too deep
             raise BadRequest("the request body is nested too deeply") from None
+        except OSError as exc:  # an adapter reading a file (Codex's instructions) at EMFILE
+            raise local_resources(exc) if exc.errno in LOCAL_RESOURCE_ERRNOS else exc from None
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.settings.connect_timeout, sock_connect=self.settings.connect_timeout
         )
@@ -494,7 +689,11 @@ class Proxy:
             raise UpstreamFailure(
                 f"no answer from upstream within {self.settings.first_byte_timeout:g} s", timeout=True
             ) from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
+            if getattr(exc, "errno", None) in LOCAL_RESOURCE_ERRNOS:
+                # Kleis's own limit (file descriptors, buffers): failing over or resting the
+                # account would blame the upstream for it.
+                raise local_resources(exc) from None
             raise UpstreamFailure(f"cannot reach upstream ({type(exc).__name__})") from None
 
     @staticmethod
@@ -547,6 +746,7 @@ class Proxy:
             headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
             headers["content-type"] = content_type
         self.open_streams += 1
+        oversized = False
         try:
             out = await request.respond(status=resp.status, headers=headers)
             outcome.ttfb_ms = int((loop.time() - started) * 1000)
@@ -557,8 +757,12 @@ class Proxy:
                 else None
             )
             content = resp.content
+            self._reading.add(content)
+            if self.drained:
+                content.set_exception(Drained())
             silent_since = loop.time()
             problem = None
+            pending, before = 0, b""  # bytes of the event not finished yet, the 2 bytes before
             while True:
                 now = loop.time()
                 if now >= deadline:
@@ -588,19 +792,41 @@ class Proxy:
                 except (aiohttp.ClientError, ConnectionError) as exc:
                     problem = f"upstream connection broke off ({type(exc).__name__})"
                     break
+                except Drained:
+                    problem = "shutting down (the stream ran past [server] drain_seconds)"
+                    break
                 if not chunk:
                     break
                 silent_since = loop.time()
-                data = transformer.feed(chunk)
+                if transformer.is_sse:
+                    pending = unfinished_event(chunk, pending, before)
+                else:  # a JSON answer counts as one event
+                    pending += len(chunk)
+                if pending > self.max_event:  # checked before the adapter buffers any of it
+                    problem = f"the upstream sent an event larger than {settings.max_event_mb} MB"
+                    oversized = True
+                    break
+                if pending:  # only an unfinished event can have its blank line straddle chunks
+                    before = chunk[-2:]
+                try:
+                    data = transformer.feed(chunk)
+                except Exception:  # an adapter bug or an answer it cannot read: end cleanly
+                    log.exception("%s could not process the upstream response", provider.name)
+                    problem = "the upstream response could not be processed"
+                    break
                 if data:
                     await out.send(data)
-            tail = transformer.close()
+            try:
+                tail = transformer.close() if not oversized else b""  # never half a huge event
+            except Exception:
+                log.exception("%s could not process the upstream response", provider.name)
+                tail, problem = b"", problem or "the upstream response could not be processed"
             if tail:
                 await out.send(tail)
             outcome.usage = transformer.usage
             if problem is None and not transformer.terminal and resp.status < 400:
                 problem = "upstream stream ended without its final event"
-            if problem is not None and resp.status < 400:
+            if problem is not None and (resp.status < 400 or oversized):
                 outcome.incomplete = True
                 log.warning(
                     "%s stream incomplete (account %s, model %s): %s",
@@ -621,6 +847,10 @@ class Proxy:
             raise
         finally:
             self.open_streams -= 1
+            self._reading.discard(resp.content)
+            if self.draining:  # no keep-alive while shutting down: the connection closes now
+                with contextlib.suppress(AttributeError):
+                    request.stream.keep_alive = False
             resp.close()  # closes the upstream connection at once if the body was not finished
         return None  # already sent via request.respond(); returning it makes Sanic log an error
 
@@ -643,6 +873,10 @@ class Proxy:
         deadline = started + settings.response_timeout
         content = resp.content
         problem: KleisError | None = None
+        size = 0
+        self._reading.add(content)
+        if self.drained:
+            content.set_exception(Drained())
         try:
             while True:
                 try:
@@ -665,15 +899,28 @@ class Proxy:
                         f"{provider.name}: upstream connection broke off ({type(exc).__name__})"
                     )
                     break
+                except Drained:
+                    problem = ShuttingDown("Kleis is shutting down; retry", 1)
+                    break
                 if not chunk:
                     break
+                size += len(chunk)
+                if size > self.max_event:  # the whole answer is held: bounded like one event
+                    problem = UpstreamUnavailable(
+                        f"{provider.name}: the upstream answer is larger than {settings.max_event_mb} MB"
+                    )
+                    break
                 transformer.feed(chunk)
-            body = transformer.close()
+            body = transformer.close() if size <= self.max_event else b""  # never parse a huge one
         except asyncio.CancelledError:
             outcome.cancelled = True
             raise
+        except Exception:  # an adapter bug or an answer it cannot read
+            log.exception("%s could not process the upstream response", provider.name)
+            raise TransformFailed(f"{provider.name}: the upstream response could not be processed") from None
         finally:
             outcome.usage = transformer.usage
+            self._reading.discard(content)
             resp.close()
         if problem is None and not transformer.terminal and resp.status < 400:
             problem = UpstreamUnavailable(f"{provider.name}: upstream stream ended without its final event")
@@ -685,8 +932,9 @@ class Proxy:
         outcome.status, outcome.source = status, "upstream"
         outcome.ttfb_ms = int((loop.time() - started) * 1000)
         content_type = getattr(transformer, "content_type", None)
-        if content_type:
-            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        if content_type:  # a reshaped body: the stream's own headers no longer describe it
+            reshaped = ("content-type", "cache-control", "x-accel-buffering")
+            headers = {k: v for k, v in headers.items() if k.lower() not in reshaped}
             headers["content-type"] = content_type
         return status, headers, body
 
@@ -787,10 +1035,9 @@ class Instance:
         self.clock = clock = clock or Clock()
         self.providers = load_providers(settings)
         self.background = Background(log)
-        url = settings.database.url
-        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-            url = f"sqlite:///{settings.resolve(url[len('sqlite:///') :])}"
-        self.store = Store(url, Vault(settings.security.secret_key), clock)
+        url = database_url(settings)
+        sec = settings.security
+        self.store = Store(url, Vault(sec.secret_key, sec.previous_secret_keys), clock)
         self.keys = Keys(self.store, clock)
         self.pool = AccountPool(self.store, self.providers, clock, self.background)
         self.logins = Logins(self.store, self.pool, clock, self.background)
@@ -825,6 +1072,7 @@ class Instance:
         self.http: aiohttp.ClientSession | None = None
         self.versions: dict[str, int] = {}
         self.model_lists_lock = asyncio.Lock()
+        self.instance_id = new_id()
         self.versions_lock = asyncio.Lock()
         self.opened = False
 
@@ -860,6 +1108,7 @@ class Instance:
         b.every("usage-flusher", self.usage.interval, self.usage.tick)
         b.every("token-refresher", 60, self.pool.refresh_due)
         b.every("cache-invalidation", 1, self.poll_versions)
+        b.every("heartbeat", INSTANCE_HEARTBEAT_S, self.announce)
         b.start("purge-first", self.purge())  # an instance restarted hourly still purges
         b.every("purge", 3600, self.purge)
         b.start("models-refresher", self.catalogue.run(self.http, b.stopping), service=True)
@@ -883,9 +1132,11 @@ class Instance:
                 or provider is None
                 or not provider.has("list_models")
                 or not account.enabled
-                or account.status == "needs_reauth"
                 or not (force or self.models.due(account.id, now))
             ):
+                continue
+            if account.status == "needs_reauth":  # said, so `?refresh=1` never looks like it worked
+                self.models.failed(account.id, "the account needs a new login", now)
                 continue
             try:
                 async with asyncio.timeout(30):
@@ -899,7 +1150,12 @@ class Instance:
                 )
                 continue
             self.models.put(account.id, list(models), self.clock.now())
-            log.info("%s account %s offers %d models", account.provider, account.label, len(models))
+            if self.models.lists[account.id].error is None:
+                log.info("%s account %s offers %d models", account.provider, account.label, len(models))
+            else:
+                log.warning(
+                    "%s account %s: the provider listed no usable models", account.provider, account.label
+                )
 
     async def poll_versions(self) -> None:
         """Reload caches another instance (or the CLI) changed: every second, and at once on
@@ -927,15 +1183,30 @@ class Instance:
             log.info("purged %s", ", ".join(f"{n} {table}" for table, n in deleted.items() if n))
         return deleted
 
+    async def announce(self) -> None:
+        """Tell `rotate-secret` this server runs and which secret keys it can open (at start,
+        then every INSTANCE_HEARTBEAT_S)."""
+        await self.store.announce_instance(
+            self.instance_id, socket.gethostname(), os.getpid(), self.store.vault.key_ids
+        )
+
     async def stop(self) -> None:
         """End the loops politely (before Sanic cancels tasks), then drain usage."""
         if self.opened:
             await self.background.stop()
             await self.usage.flush()
+            with contextlib.suppress(Exception):  # a stale row is ignored after 90 s anyway
+                await self.store.retire_instance(self.instance_id)
 
     async def close(self) -> None:
         if not self.opened:
             return
+        # Streams Sanic aborted at the end of its grace are cancelled now; let them record
+        # their usage (bounded) before the last flush.
+        for _ in range(200):  # 2 s at most
+            if not self.proxy.open_streams:
+                break
+            await asyncio.sleep(0.01)
         await self.usage.flush()
         await self.background.drain()
         if self.http is not None:
@@ -969,6 +1240,26 @@ def error_style_for(providers_: Mapping[str, LoadedProvider], path: str) -> str:
 TOKEN_LIKE = re.compile(r"[A-Za-z0-9_\-]{24,}")
 
 
+HEAD_LIMIT = 8192  # Sanic's REQUEST_MAX_HEADER_SIZE: the request line and headers together
+
+
+def request_line(request: Request) -> bytes:
+    """The raw request line of a request whose head Sanic refused before parsing it (its
+    `request.path` is then `*`): the start of the connection's receive buffer."""
+    buf = getattr(getattr(request, "stream", None), "recv_buffer", None) or b""
+    end = buf.find(b"\r\n", 0, HEAD_LIMIT + 2)
+    return bytes(buf[: end if end >= 0 else HEAD_LIMIT])
+
+
+def error_path(request: Request) -> str:
+    """The path whose envelope an error takes: the request's, or for a head too large to
+    parse, the target read from its raw request line."""
+    if request.method != "NONE":
+        return request.path
+    parts = request_line(request).split(b" ")
+    return parts[1].split(b"?")[0].decode("latin-1") if len(parts) > 1 else request.path
+
+
 def as_kleis_error(exc: Exception, request: Request, max_body_mb: int) -> KleisError:
     """Any exception as the catalogue's error (an unexpected one is logged and a 500)."""
     if isinstance(exc, KleisError):
@@ -985,6 +1276,13 @@ def as_kleis_error(exc: Exception, request: Request, max_body_mb: int) -> KleisE
             return NotFound(f"no route for {request.method} {path}")
         if status == 405:
             return MethodNotAllowed(f"{request.method} is not allowed here")
+        if status == 413 and request.method == "NONE":  # Sanic gave up before parsing the head
+            line = request_line(request)
+            if len(line) >= HEAD_LIMIT:
+                return UriTooLong(f"the request line is longer than {HEAD_LIMIT // 1024} KB; shorten the URL")
+            return HeadersTooLarge(
+                f"the request headers are larger than {HEAD_LIMIT // 1024} KB in all; send fewer or shorter"
+            )
         if status == 413:
             return RequestTooLarge(f"the request body is larger than {max_body_mb} MB ([server] max_body_mb)")
         error = KleisError(str(exc) if status < 500 else None)
@@ -1004,8 +1302,12 @@ def create_app(
     started, stopped and closed by the app's listeners."""
     app = Sanic(name, configure_logging=False)
     app.config.REQUEST_MAX_SIZE = settings.server.max_body_mb * 1024 * 1024
+    app.config.REQUEST_MAX_HEADER_SIZE = HEAD_LIMIT
     app.config.RESPONSE_TIMEOUT = settings.server.response_timeout + 60  # our own deadline comes first
     app.config.KEEP_ALIVE_TIMEOUT = 75
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.server.drain_seconds + 5  # after our own drain
+    app.ctx.max_connections = 0  # set by serve() from the open-files limit (0 = no cap)
+    app.ctx.refusing = 0  # connections past the cap waiting for their 503 (KleisProtocol)
     app.config.ACCESS_LOG = False
     app.config.NOISY_EXCEPTIONS = False
     app.config.AUTO_EXTEND = False  # sanic-ext stays off: no OpenAPI docs, no permissive CORS
@@ -1013,17 +1315,29 @@ def create_app(
     kleis = instance or Instance(settings, clock)
     app.ctx.kleis = kleis
     proxy, registry = kleis.proxy, kleis.registry
-    auth = admin.AdminAuth(settings.admin.token, kleis.admin_lockout, settings.server.trust_forwarded)
+    auth = admin.AdminAuth(
+        settings.admin.token,
+        kleis.admin_lockout,
+        settings.server.trust_forwarded,
+        settings.server.trusted_proxies,
+    )
 
     if owned:
 
         @app.before_server_start
         async def start(app, _loop=None):
             await kleis.open()
+            await kleis.announce()
             kleis.start()
 
         @app.before_server_stop
         async def stop(app, _loop=None):
+            # Sanic closes the listener after this, then waits GRACEFUL_SHUTDOWN_TIMEOUT for
+            # open connections: streams end themselves at the drain, idle ones close here.
+            proxy.drain(settings.server.drain_seconds)
+            app.ctx.closing = asyncio.get_running_loop().create_task(
+                close_idle_connections(app, app.config.GRACEFUL_SHUTDOWN_TIMEOUT)
+            )
             await kleis.stop()
 
         @app.after_server_stop
@@ -1033,7 +1347,7 @@ def create_app(
     @app.exception(Exception)
     async def render_error(request: Request, exc: Exception):
         error = as_kleis_error(exc, request, settings.server.max_body_mb)
-        body = error_body(error_style_for(kleis.providers, request.path), error)
+        body = error_body(error_style_for(kleis.providers, error_path(request)), error)
         return sanic_response.json(
             body, status=error.status, headers={**error.headers, "cache-control": "no-store"}
         )
@@ -1053,10 +1367,13 @@ def create_app(
         return sanic_response.json({"ok": True})
 
     async def readyz(request):
+        # A write, not only a read: a read-only database answers SELECT but loses usage and
+        # refreshed tokens. The exception's class only: its text may name paths or hosts.
         try:
             async with asyncio.timeout(5):
-                await kleis.store.ping()
+                await kleis.store.check_writable()
         except Exception as exc:
+            log.error("readiness: the database does not accept writes (%s)", str(exc)[:200])
             return sanic_response.json({"ok": False, "database": type(exc).__name__}, status=503)
         return sanic_response.json({"ok": True, "database": "ok"})
 
@@ -1115,6 +1432,9 @@ def create_app(
             return sanic_response.json(page)
 
         async def one(request, model_id: str):
+            # The SDKs percent-encode the id ("anthropic%2Fclaude-…"), and /api.json hands out
+            # prefixed ids the proxy routes accept: both name the same model here.
+            model_id = discovery.strip_prefix(unquote(model_id), route.prefixes)
             reg = registry.build(request, proxy.authenticate(request))
             if provider.error_style == "anthropic":
                 model = discovery.anthropic_model(reg, route, model_id)
@@ -1126,9 +1446,36 @@ def create_app(
 
         return handler, one
 
+    # ── the admin page: static/ (no build step), strict CSP, revalidated on every load ──
+    page_headers = {
+        "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self';"
+        " img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'none';"
+        " frame-ancestors 'none'",
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+        "x-frame-options": "DENY",
+        "cache-control": "no-cache",
+    }
+    page_types = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
+
+    async def admin_page(request, name: str = "index.html"):
+        match = re.fullmatch(r"[a-z0-9_-]{1,40}\.(html|js|css|svg)", name)
+        path = HERE / "static" / name
+        if match is None or not path.is_file():
+            raise NotFound(f"no route for GET {request.path[:300]}")
+        body = path.read_bytes()  # small files, read each time: a new version shows at once
+        headers = {**page_headers, "etag": f'"{zlib.crc32(body):08x}-{len(body):x}"'}
+        if request.headers.get("if-none-match") == headers["etag"]:
+            return sanic_response.empty(status=304, headers=headers)
+        kind = page_types[match.group(1)]
+        return sanic_response.raw(body, content_type=f"{kind}; charset=utf-8", headers=headers)
+
     # ── the route table ──
     routes = [
         ("GET", "/", index, "index"),
+        ("GET", "/admin/", admin_page, "admin_page"),
+        ("GET", "/admin/index.html", admin_page, "admin_page_index"),
+        ("GET", "/admin/static/<name>", admin_page, "admin_page_static"),
         ("GET", "/healthz", healthz, "healthz"),
         ("GET", "/readyz", readyz, "readyz"),
         ("GET", "/metrics", metrics, "metrics"),
@@ -1164,6 +1511,103 @@ def create_app(
 # ══ Serving and main ════════════════════════════════════════════════════════
 
 
+REFUSING_MAX = 32  # refused connections waiting to read their request before their 503
+
+
+class KleisProtocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol with a cap on client connections (`app.ctx.max_connections`,
+    0 = none), so idle or slow clients cannot take the file descriptors upstream connections
+    need: past the cap an idle keep-alive connection is closed to make room, else the new
+    one is answered 503 with Retry-After (admin envelope: no request was read) and closed."""
+
+    __slots__ = ("refused",)  # Sanic's protocol classes have slots: no instance dict
+    REFUSAL = b'{"error":"too_many_connections","message":"Kleis has too many open connections; retry"}'
+
+    def connection_made(self, transport):
+        self.refused: bool | bytearray | str = False
+        ctx = self.app.ctx
+        cap = ctx.max_connections
+        conns = self.connections
+        crowd = len(conns) if cap else 0  # a closed connection leaves the set a bit later
+        if cap and crowd >= cap:
+            # Only connections idle for a while: a new one that has not sent its request yet
+            # is idle too, and closing it would fail a client that did nothing wrong.
+            now = time.monotonic()  # Sanic's clock for `_time`, a connection's last activity
+            for conn in list(conns):
+                http = conn.http
+                if http is not None and http.stage is Stage.IDLE and now - conn._time >= 1:
+                    conn.close()
+                    crowd -= 1
+                    if crowd < cap:
+                        break
+        if cap and crowd >= cap:
+            if ctx.refusing >= REFUSING_MAX:  # a flood: every waiting refusal holds a descriptor
+                self.refused = "aborted"
+                transport.abort()
+                return
+            # Answered once the request starts to arrive, closed 2 s later: the client reads
+            # the 503 (closing at once, with its request unread, would reset the connection).
+            self.refused, self.transport = True, transport
+            ctx.refusing += 1
+            self.loop.call_later(2, transport.close)
+            return
+        super().connection_made(transport)
+        ctx.connections = conns  # for the shutdown drain (close_idle_connections)
+
+    def data_received(self, data: bytes):
+        if not self.refused:
+            super().data_received(data)
+            return
+        # A refused connection: read the request (head and a small body) before answering, so
+        # a client still writing it sees the 503, not a failed write.
+        if self.refused is True:
+            self.refused = bytearray()
+        if not isinstance(self.refused, bytearray):
+            return  # answered: the rest is discarded
+        seen = self.refused
+        seen += data[: 65536 - len(seen)]
+        end = seen.find(b"\r\n\r\n")
+        if end < 0 and len(seen) < 65536:
+            return
+        length = re.search(rb"(?im)^content-length:[ \t]*(\d{1,6})[ \t]*\r?$", bytes(seen[:end]))
+        if end >= 0 and length and len(seen) < min(end + 4 + int(length[1]), 65536):
+            return
+        self.refused = "answered"
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(self.REFUSAL), self.REFUSAL)
+        )
+
+    def connection_lost(self, exc):
+        if not self.refused:
+            super().connection_lost(exc)
+        elif self.refused != "aborted":
+            self.app.ctx.refusing -= 1
+
+
+async def close_idle_connections(app: Sanic, seconds: float) -> None:
+    """While shutting down (at most `seconds`): close client connections as they become idle.
+    Sanic closes the idle ones once; a keep-alive connection whose answer ends during the
+    drain would otherwise hold the shutdown until GRACEFUL_SHUTDOWN_TIMEOUT."""
+    conns = getattr(app.ctx, "connections", None)
+    deadline = asyncio.get_running_loop().time() + seconds
+    while conns and asyncio.get_running_loop().time() < deadline:
+        for conn in list(conns):
+            conn.close_if_idle()
+        await asyncio.sleep(0.1)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit where allowed (every stream holds two
+    descriptors: the client's and the upstream's). Returns (soft, hard) as they are now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """The server socket, with TCP_NODELAY (inherited by every accepted connection): Sanic
     writes a response's head and body separately, and Nagle's algorithm would hold the body
@@ -1176,8 +1620,33 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def database_url(settings: Settings) -> str:
+    """[database] url with a relative SQLite path made absolute (beside the config file)."""
+    url = settings.database.url
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        url = f"sqlite:///{settings.resolve(url[len('sqlite:///') :])}"
+    return url
+
+
+async def check_database(settings: Settings) -> None:
+    """Before serving: the database opens (schema applied) and takes a write. Raises
+    DatabaseUnavailable, one line (a missing folder, a read-only file, a refused login), so
+    start-up fails with exit 2 instead of a server that loses usage and refreshed tokens."""
+    url = database_url(settings)
+    sec = settings.security
+    store = Store(url, Vault(sec.secret_key, sec.previous_secret_keys))
+    await store.open()
+    try:
+        await store.check_writable()
+    except Exception as exc:
+        raise database_problem(url, exc, "write to") from None
+    finally:
+        await store.close()
+
+
 def serve(settings: Settings, host: str, port: int, config: Path) -> None:
     """Run the server in this process until SIGINT/SIGTERM."""
+    asyncio.run(check_database(settings))
     app = create_app(settings)
     log.info("Kleis %s on http://%s:%d (config %s)", VERSION, host, port, config)
     url, note = cli.client_url(settings.server, config, host, port)
@@ -1188,7 +1657,19 @@ def serve(settings: Settings, host: str, port: int, config: Path) -> None:
         sock = listening_socket(host, port)
     except OSError as exc:
         raise cli.CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    app.run(sock=sock, backlog=1024, single_process=True, access_log=False, motd=False)
+    soft, hard = raise_open_files_limit()
+    # Half the descriptors left after the process's own for client connections: each stream
+    # also holds an upstream one.
+    app.ctx.max_connections = max((soft - 64) // 2, 16) if soft != resource.RLIM_INFINITY else 0
+    log.info(
+        "open files limit %s (hard %s): at most %s client connections",
+        soft, "unlimited" if hard == resource.RLIM_INFINITY else hard, app.ctx.max_connections or "unlimited",
+    )  # fmt: skip
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        log.warning("the open files limit is %d; raise it (LimitNOFILE, ulimit -n) for many streams", soft)
+    app.run(
+        sock=sock, backlog=1024, single_process=True, access_log=False, motd=False, protocol=KleisProtocol
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,3 +189,15 @@ CREATE TABLE IF NOT EXISTS usage_flushes (
     batch BIGINT NOT NULL,
     written_at BIGINT NOT NULL
 );
+
+-- Running servers: which secret keys each one can open (vault key ids, the sealing key first),
+-- refreshed every 30 s and deleted at shutdown. `rotate-secret` refuses to re-encrypt with a
+-- key that a server seen in the last 90 s does not seal with, so no server loses its accounts.
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    key_ids TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    seen_at BIGINT NOT NULL
+);

@@ -10,18 +10,23 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import ipaddress
+import itertools
 import logging
+import math
 import os
 import re
 import secrets
+import string
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 # ══ Settings ════════════════════════════════════════════════════════════════
 # TOML -> frozen dataclasses, validated once. Unknown keys and wrong types stop start-up with
@@ -38,26 +43,32 @@ class ServerSettings:
     port: int = 8787
     public_url: str = ""
     trust_forwarded: bool = False
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs; () = loopback and the direct peer (see keys.py)
     response_timeout: float = 900.0
     first_byte_timeout: float = 300.0
     idle_timeout: float = 300.0
     connect_timeout: float = 10.0
     keepalive_interval: float = 25.0
     max_body_mb: int = 32
+    max_event_mb: int = 16  # one upstream SSE event (or a JSON answer Kleis must hold) at most
+    drain_seconds: float = 60.0  # on SIGTERM, open streams may finish this long, then are ended
     metrics_token: str = ""
     plugins_dir: str = ""
     log_level: str = "info"
+    access_log: str = "text"  # one line per proxied request: "text" | "json" | "off"
 
 
 @dataclass(frozen=True)
 class AdminSettings:
     token: str = ""
     device_wait_seconds: float = 60.0
+    allow_weak_token: bool = False  # accept a short or low-entropy token (see admin_token_weakness)
 
 
 @dataclass(frozen=True)
 class SecuritySettings:
     secret_key: str = ""
+    previous_secret_keys: tuple[str, ...] = ()  # decrypt-only fallbacks while rotating
     admin_max_failures: int = 10
     admin_lockout_seconds: int = 300
     key_max_failures: int = 100
@@ -141,6 +152,10 @@ def check_value(where: str, key: str, value: Any, default: Any) -> Any:
     want = type(default)
     if want is float and type(value) is int:
         return float(value)
+    if want is tuple:  # a TOML array of strings
+        if type(value) is not list or not all(type(v) is str for v in value):
+            raise ConfigError(f"[{where}] {key}: must be an array of strings, got {type(value).__name__}")
+        return tuple(value)
     if type(value) is not want:
         raise ConfigError(f"[{where}] {key}: must be {want.__name__}, got {type(value).__name__} {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
@@ -233,8 +248,60 @@ def validate_settings(s: Settings) -> None:
         raise ConfigError("[usage] retention_days: must be 0 (keep forever) or more")
     if not 0 <= s.admin.device_wait_seconds <= 600:
         raise ConfigError("[admin] device_wait_seconds: must be 0-600")
+    if not 1 <= s.server.max_event_mb <= 1024:
+        raise ConfigError("[server] max_event_mb: must be 1-1024")
+    if s.server.drain_seconds > 3600:
+        raise ConfigError("[server] drain_seconds: must be 0-3600")
+    for cidr in s.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"[server] trusted_proxies: {cidr[:60]!r} is not an address or CIDR (10.0.0.0/8, ::1)"
+            ) from None
+    weakness = admin_token_weakness(s.admin.token) if s.admin.token else None
+    if weakness and not s.admin.allow_weak_token:
+        raise ConfigError(
+            f"[admin] token: {weakness}; anyone who can reach Kleis may guess it. Make one with "
+            '`python -c "import secrets; print(secrets.token_urlsafe(32))"` (or a new config with '
+            "`python kleis.py init`), or set [admin] allow_weak_token = true to accept it"
+        )
     if s.server.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("[server] log_level: one of debug, info, warning, error")
+    if s.server.access_log not in ("text", "json", "off"):
+        raise ConfigError("[server] access_log: one of text, json, off")
+    if any(len(k) < 16 for k in s.security.previous_secret_keys):
+        raise ConfigError("[security] previous_secret_keys: each key has at least 16 characters")
+
+
+def admin_token_weakness(token: str) -> str | None:
+    """Why `token` is too weak for the admin API, or None: shorter than 24 characters, a
+    repeated handful of characters or pattern (under 2.5 bits of Shannon entropy per
+    character, or fewer distinct 3-character pieces than half its length), mostly
+    runs such as `abcd`/`1111`, or under 128 bits at its alphabet's size (16 for hex, else the
+    classes it uses: lower, upper, digits, others). Random tokens of 24+ characters from
+    secrets.token_urlsafe or token_hex(16+) pass (`kla_` + 32 hex, `init`'s `kla_` + 48 hex).
+    The answer never contains the token."""
+    n = len(token)
+    if n < 24:
+        return f"too short ({n} characters; use at least 24 random ones)"
+    entropy = -sum(c / n * math.log2(c / n) for c in Counter(token).values())
+    trigrams = len({token[i : i + 3] for i in range(n - 2)})
+    if entropy < 2.5 or trigrams * 2 < n - 2:
+        return "a repeated pattern or a handful of characters, not a random token"
+    runs = sum(abs(ord(a) - ord(b)) <= 1 for a, b in itertools.pairwise(token))
+    if runs * 3 >= (n - 1) * 2:
+        return "mostly runs of neighbouring characters (like abcd or 1111), not a random token"
+    if set(token) <= set(string.hexdigits.lower()) or set(token) <= set(string.hexdigits.upper()):
+        alphabet = 16
+    else:
+        classes = (string.ascii_lowercase, string.ascii_uppercase, string.digits)
+        alphabet = sum(len(chars) for chars in classes if any(c in chars for c in token))
+        alphabet += 32 if any(not (c.isascii() and c.isalnum()) for c in token) else 0
+    bits = n * math.log2(alphabet)
+    if bits < 128:
+        return f"too guessable (about {bits:.0f} bits; use at least 128)"
+    return None
 
 
 def write_new_config(path: Path) -> str:
@@ -281,7 +348,9 @@ def mask_secrets(text: str) -> str:
 
 
 class MaskingFilter(logging.Filter):
-    """Masks keys and tokens in every record, whatever logged it."""
+    """Masks keys and tokens in every record, whatever logged it. Used where a record is
+    written once (tests, tools); handlers use `MaskingFormatter`, which never changes the
+    record other handlers (pytest's capture, a second sink) see."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -296,10 +365,16 @@ class MaskingFilter(logging.Filter):
         return True
 
 
+class MaskingFormatter(logging.Formatter):
+    """The standard format with keys and tokens masked in the whole line, traceback included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record))
+
+
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(MaskingFilter())
+    handler.setFormatter(MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -311,11 +386,18 @@ def setup_logging(level: str = "info") -> None:
 
 class Vault:
     """Encrypts OAuth tokens with a key derived from [security] secret_key (Fernet: AES-128-CBC
-    + HMAC-SHA256)."""
+    + HMAC-SHA256). `previous` secrets only decrypt: tokens sealed with a key being rotated
+    out stay readable until `rotate-secret` has resealed them."""
 
-    def __init__(self, secret: str):
-        key = base64.urlsafe_b64encode(hashlib.sha256(("kleis-vault:" + secret).encode()).digest())
-        self._fernet = Fernet(key)
+    def __init__(self, secret: str, previous: tuple[str, ...] | list[str] = ()):
+        secrets_ = [secret, *(p for p in previous if p != secret)]
+        self.key_ids = tuple(vault_key_id(s) for s in secrets_)  # active first
+        self._fernet = MultiFernet([Fernet(_fernet_key(s)) for s in secrets_])
+
+    @property
+    def key_id(self) -> str:
+        """A public fingerprint of the sealing key (not the key, not derivable into it)."""
+        return self.key_ids[0]
 
     def seal(self, text: str) -> str:
         return self._fernet.encrypt(text.encode()).decode()
@@ -326,8 +408,18 @@ class Vault:
         except InvalidToken:
             raise ConfigError(
                 "stored tokens cannot be decrypted: [security] secret_key changed "
-                "(use `python kleis.py rotate-secret` to change it)"
+                "(keep the old key in [security] previous_secret_keys; see `rotate-secret` in the README)"
             ) from None
+
+
+def _fernet_key(secret: str) -> bytes:
+    return base64.urlsafe_b64encode(hashlib.sha256(("kleis-vault:" + secret).encode()).digest())
+
+
+def vault_key_id(secret: str) -> str:
+    """12 hex digits naming a secret key in the database and in messages (a salted hash of a
+    high-entropy secret: it tells keys apart without revealing them)."""
+    return hashlib.sha256(("kleis-vault-id:" + secret).encode()).hexdigest()[:12]
 
 
 def hash_key(key: str) -> str:

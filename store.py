@@ -13,9 +13,12 @@ All times are epoch milliseconds. Runtime queries are async (peewee-async).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import operator
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ USAGE_COUNTERS = (
     "total_latency_ms", "total_duration_ms", "input_tokens", "output_tokens", "cache_read_tokens",
     "cache_write_tokens",
 )  # fmt: skip
+INSTANCE_LIVE_MS = 90_000  # a server announces itself every 30 s; one silent for 90 s is gone
 USAGE_DIMENSIONS = ("bucket_start", "api_key_id", "provider_account_id", "provider", "endpoint", "model")
 # Latency histograms of request_usage_buckets: requests counted by time to first byte and by
 # duration, in 8 log-spaced bins per bucket (additive like the other counters, so any sum of
@@ -52,10 +56,34 @@ DURATION_BOUNDS_MS = (1000, 2500, 5000, 10000, 20000, 40000, 80000)
 TTFB_BINS = (*(f"ttfb_le_{b}" for b in TTFB_BOUNDS_MS), f"ttfb_gt_{TTFB_BOUNDS_MS[-1]}")
 DURATION_BINS = (*(f"duration_le_{b}" for b in DURATION_BOUNDS_MS), f"duration_gt_{DURATION_BOUNDS_MS[-1]}")
 USAGE_COUNTERS += TTFB_BINS + DURATION_BINS  # schema order: after last_request_at
+COUNTERS_OF = operator.itemgetter(*USAGE_COUNTERS)  # a row's counters, in USAGE_COUNTERS order
 HOUR_MS = 3_600_000  # request_usage_hourly's bucket size
 
 
 # ══ Records ═════════════════════════════════════════════════════════════════
+
+
+class DatabaseUnavailable(ConfigError):
+    """The database cannot be opened or written: a missing folder, a read-only file, no
+    permission, an unreachable server. One line naming the database and the cause, never a
+    password; main() prints it and exits 2."""
+
+
+def database_problem(url: str, exc: BaseException, doing: str = "open") -> DatabaseUnavailable:
+    """`exc` from the driver as one line: `[database] url: cannot open <where>: <cause>`."""
+    cause = (str(exc).strip().splitlines() or [""])[0][:200] or type(exc).__name__
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        where = f"SQLite database {path}"
+        if not path.parent.is_dir():
+            cause = f"the folder {path.parent} does not exist"
+        elif "readonly" in cause.replace("-", "").replace(" ", "") or "read only" in cause:
+            cause += " (check the file's and its folder's owner and mode, and the mount)"
+    else:
+        parts = urlsplit(url)
+        name = unquote(parts.path.lstrip("/"))
+        where = f"PostgreSQL database {name!r} on {parts.hostname}:{parts.port or 5432}"
+    return DatabaseUnavailable(f"[database] url: cannot {doing} {where}: {cause}")
 
 
 class UsageWriteFailed(Exception):
@@ -260,6 +288,17 @@ def build_models(db: peewee_async.AioDatabase) -> SimpleNamespace:
         class Meta:
             table_name = "usage_flushes"
 
+    class ServerInstance(Base):
+        id = peewee.TextField(primary_key=True)
+        host = peewee.TextField()
+        pid = peewee.BigIntegerField()
+        key_ids = peewee.TextField()
+        started_at = peewee.BigIntegerField()
+        seen_at = peewee.BigIntegerField()
+
+        class Meta:
+            table_name = "instances"
+
     class SchemaMigration(Base):
         version = peewee.TextField(primary_key=True)
         applied_at = peewee.BigIntegerField()
@@ -268,6 +307,7 @@ def build_models(db: peewee_async.AioDatabase) -> SimpleNamespace:
             table_name = "schema_migrations"
 
     all_ = [Account, ApiKey, OAuthState, UsageBucket, UsageHourly, UsageFlush, CacheVersion, SchemaMigration]
+    all_.append(ServerInstance)
     return SimpleNamespace(
         Account=Account,
         ApiKey=ApiKey,
@@ -277,6 +317,7 @@ def build_models(db: peewee_async.AioDatabase) -> SimpleNamespace:
         UsageFlush=UsageFlush,
         CacheVersion=CacheVersion,
         SchemaMigration=SchemaMigration,
+        ServerInstance=ServerInstance,
         all=all_,
     )
 
@@ -296,6 +337,23 @@ def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
         password=unquote(parts.password) if parts.password else None,
         pool_params={"min_size": 1, "max_size": pool_size},
     )
+
+
+def private_sqlite_file(url: str) -> None:
+    """Create a missing SQLite database file with mode 0600 before SQLite does (it would use
+    0644 under the usual umask) and take group/other access away from an existing one: it
+    holds the sealed OAuth tokens and the key hashes. Raises OSError."""
+    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
+        return
+    path = Path(url[len("sqlite:///") :])
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder {path.parent} does not exist")
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(OSError):  # not ours to change (another user's file): leave it
+            if name.stat().st_mode & 0o077:
+                name.chmod(0o600)
 
 
 def schema_statements(text: str) -> list[str]:
@@ -369,7 +427,20 @@ class Store:
     # ── lifecycle ──
     async def open(self) -> None:
         """Connect, create missing tables, run migrations not yet recorded. A fresh database
-        gets the full schema.sql, so its migrations are recorded without running."""
+        gets the full schema.sql, so its migrations are recorded without running. A new
+        SQLite file is created 0600 (SQLite gives its -wal and -shm files the same mode).
+        Raises DatabaseUnavailable (one line) when the database cannot be opened."""
+        try:
+            private_sqlite_file(self.url)
+            await self._open()
+        except ConfigError:
+            raise
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await self.db.aio_close()
+            raise database_problem(self.url, exc) from None
+
+    async def _open(self) -> None:
         await self.db.aio_connect()
         db = self.db
         fresh = "provider_accounts" not in await db.aio_get_tables()
@@ -397,6 +468,17 @@ class Store:
         """Raises when the database does not answer."""
         await self.db.aio_execute_sql("SELECT 1")
 
+    async def check_writable(self) -> None:
+        """Raises when a write does not commit (read-only file or mount, full disk, missing
+        permission, a read-only PostgreSQL replica): an idempotent upsert of one small row,
+        the `write-probe` entry of cache_versions (no instance reloads anything for it)."""
+        V = self.m.CacheVersion
+        await (
+            V.insert(name="write-probe", version=self.clock.now())
+            .on_conflict(conflict_target=[V.name], update={V.version: peewee.EXCLUDED.version})
+            .aio_execute()
+        )
+
     def model_columns(self) -> dict[str, list[str]]:
         """Not async. Table -> column names as the models see them (for the schema test)."""
         return {m._meta.table_name: [f.column_name for f in m._meta.sorted_fields] for m in self.m.all}
@@ -421,6 +503,28 @@ class Store:
 
     async def read_versions(self) -> dict[str, int]:
         return {r.name: r.version for r in await self.m.CacheVersion.select().aio_execute()}
+
+    # ── running servers (rotate-secret's guard) ──
+    async def announce_instance(self, instance_id: str, host: str, pid: int, key_ids: Iterable[str]) -> None:
+        """Record (or refresh) a serving instance and the vault key ids it can open, the
+        sealing key first."""
+        S, now = self.m.ServerInstance, self.clock.now()
+        ids = ",".join(key_ids)
+        await (
+            S.insert(id=instance_id, host=host, pid=pid, key_ids=ids, started_at=now, seen_at=now)
+            .on_conflict(conflict_target=[S.id], update={S.seen_at: now, S.key_ids: ids})
+            .aio_execute()
+        )
+
+    async def retire_instance(self, instance_id: str) -> None:
+        await self.m.ServerInstance.delete().where(self.m.ServerInstance.id == instance_id).aio_execute()
+
+    async def live_instances(self, seen_since: int) -> list[dict]:  # see INSTANCE_LIVE_MS
+        """Servers seen at or after `seen_since` (epoch ms): `id`, `host`, `pid`, `key_ids`
+        (a list, the sealing key first), `started_at`, `seen_at`."""
+        S = self.m.ServerInstance
+        rows = await S.select().where(S.seen_at >= seen_since).order_by(S.started_at).dicts().aio_execute()
+        return [{**r, "key_ids": r["key_ids"].split(",")} for r in rows]
 
     # ── API keys ──
     @staticmethod
@@ -566,9 +670,11 @@ class Store:
         metadata: dict,
         label: str | None = None,
         priority: int | None = None,
+        provider_account_id: str | None = None,
     ) -> None:
         """New tokens from a login or import for an existing account: clears needs_reauth, the
-        cooldown and any refresh lease; keeps the label unless one is given."""
+        cooldown and any refresh lease; keeps the label unless one is given, and the
+        provider-side identity unless `provider_account_id` is given."""
         A = self.m.Account
         values: dict[str, Any] = dict(
             self._sealed(access_token, refresh_token),
@@ -586,6 +692,8 @@ class Store:
             values["label"] = label
         if priority is not None:
             values["priority"] = priority
+        if provider_account_id:
+            values["account_id"] = provider_account_id
         await A.update(**values).where(A.id == account_id).aio_execute()
 
     async def update_account(self, account_id: str, **fields: Any) -> None:
@@ -881,8 +989,9 @@ class Store:
                 if mine is None:
                     merged[key] = mine = {n: row[n] for n in names}
                     mine.update(dict.fromkeys(USAGE_COUNTERS, 0), max_latency_ms=None, last_request_at=None)
-                for n in USAGE_COUNTERS:
-                    mine[n] += int(row[n] or 0)
+                for n, value in zip(USAGE_COUNTERS, COUNTERS_OF(row), strict=True):
+                    if value:
+                        mine[n] += int(value)
                 for n in ("max_latency_ms", "last_request_at"):
                     if row[n] is not None:
                         mine[n] = int(row[n]) if mine[n] is None else max(mine[n], int(row[n]))

@@ -54,11 +54,11 @@ def _no_constant(name: str) -> Any:
 
 def check_json(value: Any, what: str = BODY) -> None:
     """Raise BadRequest unless every value in parsed JSON can be stored and answered exactly:
-    at most MAX_DEPTH levels, integers within ±2^53, finite numbers (`1e400` parses as
-    infinity), strings and keys without lone surrogates (`"\\ud800"`, which no database or
-    UTF-8 encoder takes). The message names the top-level field (`what.field` unless `what`
-is the request body). Iterative: any depth and
-    size is checked in linear time without recursion."""
+        at most MAX_DEPTH levels, integers within ±2^53, finite numbers (`1e400` parses as
+        infinity), strings and keys without lone surrogates (`"\\ud800"`, which no database or
+        UTF-8 encoder takes). The message names the top-level field (`what.field` unless `what`
+    is the request body). Iterative: any depth and
+        size is checked in linear time without recursion."""
     top = "" if what == BODY else what + "."
     stack: list[tuple[Any, int, str]] = [(value, 0, what)]
     while stack:

@@ -32,6 +32,8 @@ and these functions (all `ctx` arguments are a `Context`):
 
 Optional:
 
+    UNMETERED = ("count_tokens",)     # endpoint ids whose limits are their own: a refusal there
+                                      # never rests the account for its other endpoints
     MODEL_KEY_PREFIX = "anthropic/"   # key of its models in the `kleis` discovery provider
                                       # (default f"{CATALOGUE}/"; Codex uses "")
     def catalogue_model(options, model_id: str, model: dict) -> dict | None
@@ -45,6 +47,15 @@ Optional:
                                       # when it cannot be had. Called in the background, never on
                                       # the request path; the core caches it and merges it with
                                       # the catalogue (discovery falls back to the catalogue).
+    async check_import(ctx, tokens: Tokens) -> Tokens | None
+                                      # imports: ask the provider whether it takes the imported
+                                      # access token and who owns it (its own user id becomes
+                                      # `account_id`); never spends the refresh token. Raise
+                                      # LoginFailed when the provider refuses the token,
+                                      # ProviderError when it cannot be asked; None when it cannot
+                                      # be checked now (an expired access token)
+    REFRESH_ROTATES = True            # refresh tokens are single use: an imported login shared
+                                      # with its official client breaks whichever refreshes second
 
 Adapters never import `kleis` or Sanic, never touch the database and never log a token.
 """
@@ -95,7 +106,11 @@ class ReauthRequired(ProviderError):
     """The refresh token was rejected (invalid_grant, refresh_token_reused, revoked).
 
     The core re-reads the account once (another instance may have rotated it) and then marks
-    it `needs_reauth`."""
+    it `needs_reauth`. `code` is the provider's OAuth error code when it gave one."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code or None
 
 
 class LoginFailed(ProviderError):
@@ -220,6 +235,7 @@ class ModelInfo:
     input_modalities: tuple[str, ...] | None = None  # "text", "image", "pdf"
     reasoning: bool | None = None
     tool_call: bool | None = None
+    release_date: str | None = None  # YYYY-MM-DD
 
 
 @dataclass
@@ -291,14 +307,17 @@ def epoch_ms(value: Any) -> int | None:
         if value != value or value in (float("inf"), float("-inf")):
             return None
         value = int(value)
-        return value * 1000 if value < 10_000_000_000 else value
+        ms = value * 1000 if value < 10_000_000_000 else value
+        return ms if -(2**53) <= ms <= 2**53 else None  # a BIGINT the database and JSON take
     if isinstance(value, str) and value:
         from datetime import datetime
 
         try:
             return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-        except ValueError:
-            return epoch_ms(int(value)) if value.isdigit() else None
+        except (ValueError, OverflowError, OSError):
+            # Digits only: "²" is a digit to str.isdigit() but not to int(), and 5,000 digits
+            # exceed int()'s limit.
+            return epoch_ms(int(value)) if value.isascii() and value.isdigit() and len(value) <= 20 else None
     return None
 
 

@@ -105,6 +105,7 @@ async def call_json(
             json=json_body,
             headers=send_headers,
             timeout=aiohttp.ClientTimeout(total=timeout, connect=10),
+            allow_redirects=False,  # a token or API call is never sent on to another host
         ) as resp:
             text = await resp.text()
             status = resp.status
@@ -112,7 +113,7 @@ async def call_json(
         raise ProviderError(f"{what} request failed: {type(exc).__name__}") from None
     try:
         body = json.loads(text) if text else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         body = {}
     return status, body if isinstance(body, dict) else {}
 
@@ -138,7 +139,7 @@ async def token_request(
         return body
     code = oauth_error_code(body)
     if refreshing and (code in DEAD_REFRESH or status == 401):
-        raise ReauthRequired(f"{what} rejected the refresh token ({code or status}); log in again")
+        raise ReauthRequired(f"{what} rejected the refresh token ({code or status}); log in again", code)
     if 400 <= status < 500 and not refreshing:
         raise LoginFailed(f"{what} request was refused ({code or status})")
     raise ProviderError(f"{what} request failed with HTTP {status}{f' ({code})' if code else ''}")

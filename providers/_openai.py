@@ -91,7 +91,7 @@ def terminal_usage(event: bytes) -> Usage | None:
     text = event[at + 8 :].decode("utf-8", "replace").lstrip()
     try:
         value, _ = _DECODER.raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         payload = event_json(event)
         response = payload.get("response") if payload else None
         return responses_usage(response.get("usage")) if isinstance(response, Mapping) else None
@@ -198,7 +198,7 @@ class OpenAIStream:
         self.terminal = True
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if not isinstance(payload, Mapping):
             return

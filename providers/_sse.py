@@ -48,12 +48,12 @@ def marked_events(buf: bytes, markers: tuple[bytes, ...], region: int = 0) -> li
     return sorted(spans.items())
 
 
-def last_boundary_end(buf: bytes) -> int:
-    """The index just past the last blank line in `buf`, or -1."""
-    lf = buf.rfind(b"\n\n")
-    if b"\r" not in buf:
+def last_boundary_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """The index just past the last blank line in `buf` that begins at or after `start`, or -1."""
+    lf = buf.rfind(b"\n\n", start)
+    if buf.find(b"\r", max(lf, start)) < 0:  # no CRLF boundary can end after the last LF one
         return lf + 2 if lf >= 0 else -1
-    crlf = buf.rfind(b"\n\r\n")
+    crlf = buf.rfind(b"\n\r\n", max(lf, start))
     return max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
 
 
@@ -77,43 +77,65 @@ def split_events(buf: bytes) -> list[bytes]:
 
 
 class EventSplitter:
-    """Feed bytes, get back complete events (each including its terminator)."""
+    """Feed bytes, get back complete events (each including its terminator).
+
+    Linear in the bytes fed, however an event is cut: each chunk is searched only where the
+    previous search could not look (the new bytes and the two before them, where a blank line
+    may have started), and an incomplete event past SMALL_TAIL bytes grows in a bytearray
+    (appended to, never copied whole per chunk). Smaller ones stay bytes: cheaper to join."""
 
     __slots__ = ("_tail",)
+    SMALL_TAIL = 65536
 
     def __init__(self) -> None:
-        self._tail = b""
+        self._tail: bytes | bytearray = b""
 
     @property
     def pending(self) -> bool:
         """True while an incomplete event is buffered."""
         return bool(self._tail)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of the incomplete event held (0 at an event boundary)."""
+        return len(self._tail)
+
     def feed(self, chunk: bytes) -> Iterator[bytes]:
-        buf = self._tail + chunk if self._tail else chunk
-        cut = last_boundary_end(buf)
-        if cut < 0:
-            self._tail = buf
-            return iter(())
-        self._tail = buf[cut:]
-        return iter(split_events(buf[:cut] if cut < len(buf) else buf))
+        out = self.whole(chunk)
+        return iter(split_events(out)) if out else iter(())
 
     def whole(self, chunk: bytes) -> bytes:
         """The complete events now available as one bytes object (the rest is kept)."""
-        buf = self._tail + chunk if self._tail else chunk
-        cut = last_boundary_end(buf)
+        tail = self._tail
+        if not tail:  # the common case: no copy unless the chunk ends mid-event
+            cut = last_boundary_end(chunk)
+            if cut == len(chunk):
+                return chunk
+            if cut < 0:
+                self._tail = chunk
+                return b""
+            self._tail = chunk[cut:]
+            return chunk[:cut]
+        searched = max(len(tail) - 2, 0)  # the tail holds no whole blank line
+        if len(tail) < self.SMALL_TAIL:
+            buf = tail + chunk
+        else:
+            buf = tail if type(tail) is bytearray else bytearray(tail)
+            buf += chunk
+        cut = last_boundary_end(buf, searched)
         if cut < 0:
             self._tail = buf
             return b""
-        if cut == len(buf):
-            self._tail = b""
-            return buf
-        self._tail = buf[cut:]
-        return buf[:cut]
+        if type(buf) is bytes:
+            self._tail = buf[cut:]
+            return buf[:cut] if cut < len(buf) else buf
+        out = bytes(memoryview(buf)[:cut])
+        self._tail = bytes(buf[cut:])  # what is left came with this chunk: at most its length
+        return out
 
     def rest(self) -> bytes:
         """Whatever is left at EOF (an event without its blank line)."""
-        tail, self._tail = self._tail, b""
+        tail, self._tail = bytes(self._tail), b""
         return tail
 
 
@@ -147,7 +169,7 @@ def event_json(event: bytes) -> dict | None:
         return None
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # junk, or nesting deeper than the parser goes
         return None
     return value if isinstance(value, dict) else None
 

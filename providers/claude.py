@@ -12,7 +12,6 @@ names back, one SSE event at a time.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -38,6 +37,7 @@ from . import (
     epoch_ms,
     token_fingerprint,
 )
+from ._cache import BoundedCache, digest, text_size
 from ._oauth import expires_at_from, parse_pasted_code, pkce_pair, token_request
 from ._sse import EventSplitter, compact_json, event_json, is_sse, marked_events, sse_frame, to_int
 
@@ -53,6 +53,8 @@ ROUTES = {
 NPM = {"messages": "@ai-sdk/anthropic"}
 ERROR_STYLE = "anthropic"
 MODEL_KEY_PREFIX = "anthropic/"
+# Token counting has its own rate limits and costs nothing: a 429 there leaves /messages alone.
+UNMETERED = ("count_tokens",)
 OPTIONS = {
     "api_url": "https://api.anthropic.com",
     "authorize_url_max": "https://claude.ai/oauth/authorize",
@@ -71,7 +73,9 @@ OPTIONS = {
     "tool_prefix": "mcp_",
     "default_anthropic_version": "2023-06-01",
     "usage_url": "https://api.anthropic.com/api/oauth/usage",
+    "profile_url": "https://api.anthropic.com/api/oauth/profile",
 }
+REFRESH_ROTATES = True  # each refresh returns a new refresh token and retires the old one
 
 SCOPES = "org:create_api_key user:profile user:inference"
 # Client headers that must not reach Anthropic: Kleis credentials, headers aiohttp sets itself
@@ -201,7 +205,7 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
     if isinstance(content, (str, bytes)):
         try:
             content = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise LoginFailed(f"the file is not JSON; {IMPORT_HINT}") from None
     if not isinstance(content, Mapping):
         raise LoginFailed(f"nothing to import; {IMPORT_HINT}")
@@ -232,6 +236,41 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
     if not found:
         raise LoginFailed(f"no Claude OAuth tokens found; {IMPORT_HINT}")
     return list(found.values())
+
+
+async def check_import(ctx: Context, tokens: Tokens) -> Tokens | None:
+    """Ask Anthropic's OAuth profile endpoint whether it takes an imported access token and
+    whose it is (the account uuid becomes `account_id`, the email the label). LoginFailed when
+    refused, ProviderError when it cannot be asked; None when the access token has expired or
+    its expiry is unknown (checking would spend the single-use refresh token)."""
+    if tokens.expires_at - ctx.now() < 60_000:
+        return None
+    view = Account("import", "", None, tokens.access_token, "", tokens.expires_at, {})
+    headers = _oauth_headers(ctx, view, ctx.options["user_agent"])
+    try:
+        async with ctx.http.get(
+            ctx.options["profile_url"], headers=headers, timeout=QUOTA_TIMEOUT, allow_redirects=False
+        ) as resp:
+            status, text = resp.status, await resp.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ProviderError(f"Claude token check failed: {type(exc).__name__}") from None
+    if status in (401, 403):
+        raise LoginFailed(
+            f"Anthropic refused this access token (HTTP {status}): it is not a valid Claude login, or it "
+            "was revoked; log in again with Claude Code, or with `python kleis.py accounts login claude`"
+        )
+    try:
+        body = json.loads(text) if 200 <= status < 300 else None
+    except (ValueError, RecursionError):
+        body = None
+    account = body.get("account") if isinstance(body, Mapping) else None
+    if not isinstance(account, Mapping) or not _text(account.get("uuid")):
+        raise ProviderError(f"Claude token check answered HTTP {status} without an account")
+    email = _text(account.get("email")) or _text(account.get("email_address"))
+    tokens.account_id = _text(account["uuid"])
+    tokens.label = email or tokens.label
+    tokens.metadata = {**tokens.metadata, **({"email": email} if email else {})}
+    return tokens
 
 
 def _imported(access: Any, refresh_token: Any, expires: Any, *, label: str, metadata: dict) -> Tokens | None:
@@ -300,7 +339,7 @@ def _session_of(user_id: str) -> str:
     if user_id.startswith("{"):
         try:
             parsed = json.loads(user_id)
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = None
         if isinstance(parsed, Mapping) and _text(parsed.get("session_id")):
             return _text(parsed.get("session_id"))
@@ -382,11 +421,19 @@ def shape_system(system: Any, identity: str) -> Any:
     for block in system:
         if isinstance(block, dict) and block.get("type") == "text" and isinstance(block.get("text"), str):
             text = sanitize(block["text"])
-            has_identity = has_identity or text == identity
+            has_identity = has_identity or text.startswith(identity)  # also identity + more text
             if text != block["text"]:
                 block = {**block, "text": text}
         blocks.append(block)
-    return blocks if has_identity else [head, *blocks]
+    if has_identity:
+        return blocks
+    if blocks and _is_billing(blocks[0]):  # Claude Code's billing block stays first
+        return [blocks[0], head, *blocks[1:]]
+    return [head, *blocks]
+
+
+def _is_billing(block: Any) -> bool:
+    return isinstance(block, dict) and str(block.get("text", "")).startswith(BILLING_HEADER)
 
 
 # The identities Claude Code opens its system prompt with: the CLI, the CLI inside the Agent SDK,
@@ -419,14 +466,25 @@ def claude_code_system(system: list, identity: str) -> bool:
 # narrow rewrites are enough and leave everything else (including other tags) alone.
 REPO_LINE = re.compile(r"^([ \t]*)https://github\.com/anomalyco/opencode(?=[ \t]*\r?$)", re.I | re.M)
 ENV_SENTENCE = "Here is some useful information about the environment you are running in:"
+ENV_REWRITE = "Here is useful information about the environment you are running in:"
 DIRECTORIES_TAG = re.compile(r"<directories>\r?\n\s*", re.I)
 
 
-@functools.lru_cache(maxsize=64)  # agents resend the same system prompt every turn
+# Agents resend the same system prompt every turn. Bounded by bytes too: a client may send
+# a 32 MB system prompt per request (an entry-only bound held 64 of them, ~2 GB).
+SANITIZED = BoundedCache(max_entries=64, max_bytes=8 << 20)
+
+
 def sanitize(text: str) -> str:
-    text = REPO_LINE.sub(r"\1https://github.com/anomalyco/project", text)
-    text = text.replace(ENV_SENTENCE, "Here is useful information about the environment you are running in:")
-    return DIRECTORIES_TAG.sub("Directories\n", text)
+    key = digest(text)
+    cached = SANITIZED.get(key)
+    if cached is not None:
+        return cached
+    clean = REPO_LINE.sub(r"\1https://github.com/anomalyco/project", text)
+    clean = clean.replace(ENV_SENTENCE, ENV_REWRITE)
+    clean = DIRECTORIES_TAG.sub("Directories\n", clean)
+    SANITIZED.put(key, clean, text_size(clean))
+    return clean
 
 
 # ── Tool names ───────────────────────────────────────────────────────────────
@@ -522,14 +580,18 @@ def tool_names(body: Mapping, prefix: str) -> ToolNames:
         return name
 
     rename_tools(body, note)
-    return _tool_names(frozenset(seen), prefix, frozenset(server_tool_names(body)))
-
-
-@functools.lru_cache(maxsize=256)
-def _tool_names(names: frozenset[str], prefix: str, fixed: frozenset[str]) -> ToolNames:
+    names, fixed = sorted(set(seen)), sorted(server_tool_names(body))
     # An agent sends the same tools every turn: the map is built once per tool set (it is
     # never mutated after construction, so sharing it between requests is safe).
-    return ToolNames(names, prefix, fixed)
+    key = digest(prefix, str(len(names)), *names, *fixed)
+    cached = TOOL_MAPS.get(key)
+    if cached is None:
+        cached = ToolNames(names, prefix, fixed)
+        TOOL_MAPS.put(key, cached, sum(3 * text_size(name) + 200 for name in names))  # both maps
+    return cached
+
+
+TOOL_MAPS = BoundedCache(max_entries=256, max_bytes=8 << 20)
 
 
 def rename_tools(body: Mapping, rename: Callable[[str], str] | Mapping[str, str]) -> dict[str, Any]:
@@ -732,13 +794,13 @@ class ClaudeStream:
     def _json(self, raw: bytes) -> bytes:
         try:
             payload = json.loads(raw)
-        except ValueError:
+            if not isinstance(payload, dict):
+                return raw
+            read_usage(self.usage, payload.get("usage"))
+            if self._marker in raw and self._restore(payload):
+                return compact_json(payload)
+        except (ValueError, RecursionError):  # junk, or nesting deeper than any real answer
             return raw
-        if not isinstance(payload, dict):
-            return raw
-        read_usage(self.usage, payload.get("usage"))
-        if self._marker in raw and self._restore(payload):
-            return compact_json(payload)
         return raw
 
     def _restore(self, value: Any) -> bool:
@@ -755,7 +817,8 @@ class ClaudeStream:
                 if original != name:
                     value[key] = original
                     changed = True
-            children = value.values()
+            # A tool's input is the model's data for the client, never renamed.
+            children = (v for k, v in value.items() if k != "input" or key is None)
         elif isinstance(value, list):
             children = value
         else:
@@ -861,7 +924,7 @@ def _oauth_headers(ctx: Context, account: Account, user_agent: str) -> dict[str,
 async def _get_json(ctx: Context, url: str, headers: dict[str, str], what: str) -> Mapping:
     """GET a JSON object; ProviderError (status or error class only, never a token) otherwise."""
     try:
-        async with ctx.http.get(url, headers=headers, timeout=QUOTA_TIMEOUT) as resp:
+        async with ctx.http.get(url, headers=headers, timeout=QUOTA_TIMEOUT, allow_redirects=False) as resp:
             status, text = resp.status, await resp.text()
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise ProviderError(f"Claude {what} request failed: {type(exc).__name__}") from None
@@ -869,7 +932,7 @@ async def _get_json(ctx: Context, url: str, headers: dict[str, str], what: str) 
         raise ProviderError(f"Claude {what} request failed with HTTP {status}")
     try:
         raw = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raw = None
     if not isinstance(raw, Mapping):
         raise ProviderError(f"Claude {what} response is not a JSON object")
@@ -917,10 +980,15 @@ MODELS_PAGE = 1000  # the most Anthropic's model list gives per page
 MODELS_MAX_PAGES = 20  # a bound on paging, far above any real list
 
 
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 async def list_models(ctx: Context, account: Account) -> list[ModelInfo]:
     """The models this account can use, from Anthropic's `GET {api_url}/v1/models` (pages of
     `limit=1000`, then `after_id=<last_id>` while `has_more`, at most 20 pages). Each model gives
-    `id` and `display_name` (→ `name`); the list carries no limits, so those stay None.
+    `id`, `display_name` (→ `name`), `created_at` (→ `release_date`) and, in current API
+    versions, `max_input_tokens` (→ `context`) and `max_tokens` (→ `output`).
     Raises ProviderError on a network error, a non-2xx answer (a 401 too: the core refreshes
     tokens, not this) or a body that is not the documented JSON."""
     url = f"{ctx.options['api_url'].rstrip('/')}/v1/models"
@@ -936,7 +1004,14 @@ async def list_models(ctx: Context, account: Account) -> list[ModelInfo]:
         for item in data:
             model_id = _text(item.get("id")) if isinstance(item, Mapping) else None
             if model_id and model_id not in models:
-                models[model_id] = ModelInfo(id=model_id, name=_text(item.get("display_name")))
+                created = _text(item.get("created_at"))
+                models[model_id] = ModelInfo(
+                    id=model_id,
+                    name=_text(item.get("display_name")),
+                    context=_positive(item.get("max_input_tokens")),
+                    output=_positive(item.get("max_tokens")),
+                    release_date=created[:10] if created and len(created) >= 10 else None,
+                )
         last = _text(page.get("last_id")) or (
             _text(data[-1].get("id")) if data and isinstance(data[-1], Mapping) else None
         )

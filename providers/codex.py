@@ -8,6 +8,7 @@ list `input`, and rejects output-token caps; `prepare` reshapes client bodies to
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import hashlib
 import json
@@ -220,12 +221,38 @@ async def refresh(ctx: Context, account: Account) -> Tokens:
     return _tokens_from_response(ctx, body, previous=account)
 
 
+REFRESH_ROTATES = True  # a refresh token works once (a second use: refresh_token_reused)
+
+
+async def check_import(ctx: Context, tokens: Tokens) -> Tokens | None:
+    """Ask the ChatGPT usage endpoint whether it takes an imported access token (the identity
+    comes from the token's own claims). LoginFailed when refused, ProviderError when it cannot
+    be asked; None when the access token has expired (checking would spend the refresh token)."""
+    if tokens.expires_at - ctx.now() < 60_000:
+        return None
+    headers = {"authorization": f"Bearer {tokens.access_token}", "accept": "application/json"}
+    if tokens.account_id:
+        headers["chatgpt-account-id"] = tokens.account_id
+    status, _ = await call_json(
+        ctx, "GET", f"{ctx.options['usage_url'].rstrip('/')}/wham/usage", headers=headers,
+        timeout=10, what="Codex token check",
+    )  # fmt: skip
+    if status in (401, 403):
+        raise LoginFailed(
+            f"ChatGPT refused this access token (HTTP {status}): it is not a valid Codex login, or it was "
+            "revoked; log in again with the official client, or with `python kleis.py accounts login codex`"
+        )
+    if status != 200:
+        raise ProviderError(f"Codex token check answered HTTP {status}")
+    return tokens
+
+
 def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
     """Accounts from a Codex CLI `~/.codex/auth.json` or an OpenCode `auth.json`."""
     if isinstance(content, str):
         try:
             content = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise LoginFailed(
                 "the auth file is not JSON; expected ~/.codex/auth.json or OpenCode's auth.json"
             ) from None
@@ -436,6 +463,8 @@ def _default_instructions(path: str) -> str:
     try:
         return file.read_text(encoding="utf-8").strip()
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # Kleis's own limit, not a bad option
+            raise
         raise ProviderError(f"codex instructions_file {str(file)!r} cannot be read: {exc.strerror}") from None
 
 
@@ -447,7 +476,11 @@ def transformer(ctx: Context, request: ProxyRequest, status: int, headers: Mappi
     content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
     if content_type and "text/event-stream" not in content_type.lower():
         return openai_transformer("responses", False, headers)  # a JSON answer after all
-    return ResponsesCollector()
+    body = request.body
+    # The backend echoes its request fields in the response object: what Kleis set upstream for
+    # itself is given back as the client sent it (None: absent). `store: false` stays: it is true.
+    echoed = {name: body.get(name) for name in ("instructions", "prompt_cache_key")}
+    return ResponsesCollector(echoed)
 
 
 def retry_after(
@@ -525,6 +558,18 @@ ERROR_STATUS = {
     "slow_down": 503,
     "server_error": 502,
 }
+SERVER_WORDS = ("server", "internal", "overload", "unavailable", "timeout", "timed_out")
+
+
+def _unknown_status(code: str | None) -> int:
+    """A code the table does not know: the backend's own failure words make it a 502, any
+    other named code is taken as a refusal of this request (400: the SDKs then raise it
+    instead of re-sending the prompt), and no code at all is the backend failing (502)."""
+    if code is None or any(word in code.lower() for word in SERVER_WORDS):
+        return 502
+    return 400
+
+
 # The envelope `type` when the upstream gave none, by status (SPEC S5).
 ERROR_TYPE = {
     400: "invalid_request_error",
@@ -566,7 +611,8 @@ class ResponsesCollector:
     collect = True
     content_type = "application/json"
 
-    def __init__(self) -> None:
+    def __init__(self, echoed: Mapping[str, Any] | None = None) -> None:
+        self.echoed = dict(echoed or {})  # response fields to give back as the client sent them
         self.usage = Usage()
         self.terminal = False
         self.status: int | None = None  # set by close()
@@ -593,6 +639,9 @@ class ResponsesCollector:
         if self._response is None:
             return b""
         response = self._response
+        echoed = {name: value for name, value in self.echoed.items() if name in response}
+        if echoed:
+            response = {**response, **echoed}
         if not response.get("output"):
             for event in events:
                 payload = event_json(event) if ITEM_EVENT.search(event) else None
@@ -637,7 +686,8 @@ class ResponsesCollector:
         if kind in ("error", "response"):  # the event's own type, not an error type
             kind = None
         status = _http_status(source.get("status")) or _http_status(source.get("status_code"))
-        status = status or ERROR_STATUS.get(code or "") or ERROR_STATUS.get(kind or "") or 502
+        status = status or ERROR_STATUS.get(code or "") or ERROR_STATUS.get(kind or "")
+        status = status or _unknown_status(code)
         message = _text(fields.get("message")) or (
             f"the Codex backend failed the response ({code or kind or 'no reason given'})"
         )
@@ -804,7 +854,10 @@ async def list_models(ctx: Context, account: Account) -> list[ModelInfo]:
         # leaves them out too. `supported_in_api: false` marks models the backend serves only to
         # its own first-party surfaces, not through the Responses API that Kleis clients speak;
         # offering one would only earn the client a refusal.
-        if entry.get("visibility") == "hide" or entry.get("supported_in_api") is False:
+        visibility = entry.get("visibility")
+        if (isinstance(visibility, str) and visibility.lower() == "hide") or entry.get(
+            "supported_in_api"
+        ) is False:
             continue
         slug = entry["slug"].strip()
         if slug in models:

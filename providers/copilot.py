@@ -261,6 +261,31 @@ async def _github_user(ctx: Context, token: str, domain: str | None, verify: boo
 # ── Import ───────────────────────────────────────────────────────────────────
 
 
+async def check_import(ctx: Context, tokens: Tokens) -> Tokens:
+    """GET /user with an imported GitHub token: the user's numeric id becomes `account_id` (so
+    importing the same login again, or after a device login, updates one account) and the login
+    or email the label. LoginFailed when GitHub refuses the token, ProviderError otherwise."""
+    token = tokens.refresh_token or tokens.access_token
+    domain = tokens.metadata.get("enterpriseDomain") or None
+    _, api_url, _ = endpoints(ctx.options, domain)
+    headers = {
+        **_github_headers(ctx),
+        "Accept": "application/vnd.github+json",
+        "Authorization": f"Bearer {token}",
+    }
+    status, body = await call_json(ctx, "GET", f"{api_url}/user", headers=headers, what="GitHub token check")
+    if status in (401, 403):
+        raise LoginFailed(
+            f"GitHub refused this token (HTTP {status}): it is not a valid GitHub token, or it was revoked; "
+            "import a current hosts.yml or auth.json, or log in with `python kleis.py accounts login copilot`"
+        )
+    if status != 200 or body.get("id") is None:
+        raise ProviderError(f"GitHub token check answered HTTP {status} without a user")
+    checked = _tokens(ctx, token, domain, body, tokens.metadata)
+    checked.label = checked.label or tokens.label
+    return checked
+
+
 def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
     """Tokens from GitHub CLI's `hosts.yml` (text) or OpenCode's `auth.json` (object or text).
 
@@ -271,7 +296,7 @@ def import_auth(ctx: Context, content: dict | str) -> list[Tokens]:
     if isinstance(content, str) and content.lstrip().startswith("{"):
         try:
             content = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise LoginFailed(
                 "The file looks like JSON but does not parse; expected OpenCode's auth.json"
             ) from None

@@ -10,8 +10,10 @@ lets a test move time instead of waiting for it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +175,24 @@ class RunningKleis:
         await self.server.after_stop()
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """CLI tests run `main()` in-process, and main() points the root logger at this test's
+    stderr; later tests must not log into a closed capture."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (taken and released), so a test config never points
+    the CLI's reload call at a real server (e.g. a developer's `make run` on 8787)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_config(
     path: Path, db_url: str, fakes: dict[str, Any], extra: dict | None = None, secret_key: str | None = None
 ) -> str:
@@ -180,7 +200,7 @@ def write_config(
     config: dict[str, Any] = {
         "server": {
             "host": "127.0.0.1",
-            "port": 8787,
+            "port": closed_port(),  # what the CLI's reload call would reach: nothing
             "first_byte_timeout": 5,
             "idle_timeout": 5,
             "response_timeout": 30,

@@ -3,7 +3,6 @@
 import json
 
 from providers import Cooldown, Tokens
-from tests.conftest import DATA
 
 
 async def rows(kleis) -> list[dict]:
@@ -12,7 +11,8 @@ async def rows(kleis) -> list[dict]:
 
 async def test_config_accounts_import_idempotently(start_kleis, tmp_path, codex_fake, db_url):
     auth = tmp_path / "codex-auth.json"
-    auth.write_text((DATA / "codex-cli-auth.json").read_text())
+    # A live login (imports are checked with the provider: a token it refuses is skipped).
+    auth.write_text(json.dumps(codex_fake.codex_auth_file(account_id="acct_file")))
     grant = codex_fake.grant(account_id="acct_tokens")
     accounts = [
         {"provider": "codex", "label": "from-file", "auth_file": str(auth), "priority": 2},
@@ -33,7 +33,7 @@ async def test_config_accounts_import_idempotently(start_kleis, tmp_path, codex_
     assert json.loads(auth.read_text())["tokens"]["refresh_token"] not in str(stored)  # encrypted
     assert stored[0]["is_primary"] == 1 and stored[1]["is_primary"] == 0
     # Kleis refreshes one account; a restart must keep the newer tokens, not re-apply the file's.
-    # (the sample file's token expires in 2030; the refreshed one later)
+    # (the file's token expires within the hour; the refreshed one later)
     tokens = Tokens("newer-access", "newer-refresh", 1_924_992_000_000, account_id="acct_file")
     await first.services.pool.upsert("codex", tokens)
     await first.stop()

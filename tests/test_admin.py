@@ -300,6 +300,7 @@ async def test_forwarded_for_is_ignored_unless_trusted(start_kleis, http):
 async def test_account_quota_is_fetched_on_demand_and_cached(start_kleis, codex_fake, copilot_fake):
     k = await start_kleis()
     account = await k.import_account("codex", codex_fake.grant(account_id="acct_q"))
+    codex_fake.requests.clear()  # the import checked the token once
     _, body = await k.admin("GET", f"/admin/accounts/{account['id']}/quota", expect=200)
     quota = body["quota"]
     assert quota["error"] is None and quota["fetchedAt"]

@@ -267,6 +267,9 @@ def test_p95_interpolates_inside_its_bin():
     assert percentile({"ttfb_gt_10000": 3}, TTFB_BINS, TTFB_BOUNDS_MS) == 10_000
     view = averaged({"request_count": 2, "success_count": 1, "cancelled_count": 1, "ttfb_le_100": 2})
     assert view["successRate"] == 100 and view["p95LatencyMs"] == 95 and "ttfbLe100" not in view
+    # the largest TTFB seen caps it: requests of 1-3 ms are not reported as a 95 ms p95
+    fast = averaged({"request_count": 2, "success_count": 2, "ttfb_le_100": 2, "max_latency_ms": 3})
+    assert fast["p95LatencyMs"] == 3
 
 
 async def test_cli_usage_by_every_dimension(tmp_path, start_kleis, codex_fake, claude_fake, cli_run):

@@ -126,9 +126,9 @@ def segments(known: list[str]):
     hostile = st.one_of(
         st.text(min_size=1, max_size=30).map(lambda s: quote(s, safe="")),
         LONE.map(lambda s: quote(s.encode("utf-8", "surrogatepass"), safe="")),
-        st.sampled_from([
-            "%ff", "%00", "%C0%AF", "..", "%2e%2e", "x" * 3000, "%ED%A0%80", "kleis_" + "0" * 32
-        ]),
+        st.sampled_from(
+            ["%ff", "%00", "%C0%AF", "..", "%2e%2e", "x" * 3000, "%ED%A0%80", "kleis_" + "0" * 32]
+        ),
     )
     return st.one_of(st.sampled_from(known), hostile)
 

@@ -173,3 +173,67 @@ async def test_list_failures_are_reported_not_raised(start_kleis, claude_fake, r
     assert claude_fake.grant()["access_token"] not in view["error"]
     models = await kleis_models(kleis)
     assert route_ids(models, "/anthropic/v1")  # the catalogue still serves
+
+
+async def test_what_a_provider_lists_is_checked_before_it_is_believed(start_kleis, codex_fake, claude_fake):
+    """An empty list keeps the last good one; ids that cannot be model ids are left out;
+    `visibility` is read in any case; Anthropic's own limits and dates are used."""
+    kleis = await start_kleis(**LIVE)
+    codex = await kleis.import_account("codex", codex_fake.grant(), label="codex")
+    assert (await refresh(kleis, codex["id"]))["source"] == "provider"
+
+    codex_fake.models_payload = {"models": []}
+    empty = await refresh(kleis, codex["id"])
+    assert empty["error"] == "the provider listed no usable models"
+    assert {m["id"] for m in empty["models"]} == CODEX_LISTED  # the last good list serves on
+
+    entry = {"display_name": "X", "visibility": "list", "supported_in_api": True, "context_window": 1000}
+    codex_fake.models_payload = {
+        "models": [
+            {**entry, "slug": "gpt-7"},
+            {**entry, "slug": "has space"},
+            {**entry, "slug": "../../etc"},
+            {**entry, "slug": "g" * 5000},
+            {**entry, "slug": "gpt-secret", "visibility": "HIDE"},
+        ]
+    }
+    checked = await refresh(kleis, codex["id"])
+    assert [m["id"] for m in checked["models"]] == ["gpt-7"] and checked["error"] is None
+    assert route_ids(await kleis_models(kleis), "/openai/v1") == {"gpt-7"}
+
+    claude_fake.models = [
+        {
+            "type": "model",
+            "id": "claude-next-9",
+            "display_name": "Claude Next 9",
+            "created_at": "2026-10-01T00:00:00Z",
+            "max_input_tokens": 500_000,
+            "max_tokens": 100_000,
+        }
+    ]
+    claude = await kleis.import_account("claude", claude_fake.grant(), label="claude")
+    await refresh(kleis, claude["id"])
+    model = (await kleis_models(kleis))["anthropic/claude-next-9"]
+    assert model["limit"] == {"context": 500_000, "output": 100_000}
+    assert model["release_date"] == "2026-10-01"
+
+
+async def test_an_account_that_needs_a_new_login_says_so(start_kleis, claude_fake):
+    kleis = await start_kleis(**LIVE)
+    account = await kleis.import_account("claude", claude_fake.grant(), label="main")
+    assert (await refresh(kleis, account["id"]))["source"] == "provider"
+    claude_fake.refresh_tokens.clear()  # the refresh token is dead
+    await kleis.admin("POST", f"/admin/accounts/{account['id']}/refresh", expect=403)
+    view = await refresh(kleis, account["id"])
+    assert view["error"] == "the account needs a new login"
+
+
+async def test_a_redirect_is_not_followed_for_a_model_list(start_kleis, claude_fake):
+    kleis = await start_kleis(**LIVE)
+    account = await kleis.import_account("claude", claude_fake.grant(), label="main")
+    claude_fake.models_reply = Reply(
+        status=302, body={}, headers={"Location": claude_fake.url + "/v1/models"}
+    )
+    view = await refresh(kleis, account["id"])
+    assert view["source"] == "catalogue" and "302" in view["error"]
+    assert len(claude_fake.calls("/v1/models")) == 1

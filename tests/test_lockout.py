@@ -101,9 +101,7 @@ async def test_a_valid_key_does_not_reset_the_count(start_kleis, codex_fake):
 
 async def test_failures_drain_over_the_window_and_blocks_end(start_kleis):
     clock = ManualClock()
-    kleis = await start_kleis(
-        clock=clock, security={"admin_max_failures": 4, "admin_lockout_seconds": 120}
-    )
+    kleis = await start_kleis(clock=clock, security={"admin_max_failures": 4, "admin_lockout_seconds": 120})
     assert [await admin_get(kleis, BAD_ADMIN) for _ in range(3)] == [401] * 3
     clock.advance(30_000)  # half the window: two of the three failures have drained
     assert [await admin_get(kleis, BAD_ADMIN) for _ in range(4)] == [401, 401, 401, 429]

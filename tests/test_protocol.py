@@ -23,6 +23,7 @@ import zlib
 import pytest
 import zstandard
 
+from runtime import ManualClock
 from tests.conftest import wait_for
 from tests.fakes import Reply
 
@@ -104,8 +105,26 @@ def raw_deflate(data: bytes) -> bytes:
         ("copilot", "deflate", raw_deflate),
         ("claude", "gzip, zstd", lambda d: zstandard.ZstdCompressor().compress(gzip.compress(d))),
         ("codex", "identity", lambda d: d),
+        ("codex", "gzip", lambda d: gzip.compress(d[:100]) + gzip.compress(d[100:])),
+        (
+            "claude",
+            "zstd",
+            lambda d: (
+                zstandard.ZstdCompressor().compress(d[:50]) + zstandard.ZstdCompressor().compress(d[50:])
+            ),
+        ),
     ],
-    ids=["zstd", "zstd-streamed", "gzip", "deflate-zlib", "deflate-raw", "gzip-then-zstd", "identity"],
+    ids=[
+        "zstd",
+        "zstd-streamed",
+        "gzip",
+        "deflate-zlib",
+        "deflate-raw",
+        "gzip-then-zstd",
+        "identity",
+        "gzip-two-members",
+        "zstd-two-frames",
+    ],
 )
 async def test_encoded_request_bodies_are_decoded(start_kleis, fakes, provider, coding, encode):
     kleis, key = await with_accounts(start_kleis, {provider: fakes[provider]})
@@ -133,6 +152,8 @@ async def test_bad_encodings_are_4xx_in_the_envelope(start_kleis, fakes):
         ("copilot", "gzip", gzip.compress(plain)[:-6], 400, "bad_request"),
         ("claude", "gzip", b"\x1f\x8b garbage", 400, None),
         ("claude", "zstd", zstandard.ZstdCompressor().compress(bomb), 413, None),
+        ("codex", "gzip", gzip.compress(plain) + b"trailing junk", 400, "bad_request"),
+        ("codex", "zstd", zstandard.ZstdCompressor().compress(plain * 50)[:-7], 400, "bad_request"),
     ]
     for provider, coding, data, status, code in cases:
         got, _, raw = await post(kleis, key, provider, data, {"content-encoding": coding})
@@ -141,6 +162,8 @@ async def test_bad_encodings_are_4xx_in_the_envelope(start_kleis, fakes):
             assert error["code"] == code, (coding, error)
         if status == 415:
             assert "zstd" in error["message"] and "gzip" in error["message"]
+        if status == 400:
+            assert coding in error["message"], error  # names the coding, not "invalid JSON"
     assert all(upstream(fakes, p) == [] for p in fakes)
 
 
@@ -418,3 +441,126 @@ async def test_an_error_inside_a_collected_answer_fails_over_like_a_refusal(star
     got, _, raw = await post(kleis, key, "codex", json.dumps(body_for("codex")).encode())
     error = envelope_error("codex", got, raw, 429)
     assert error["code"] == "usage_limit_reached" and error["message"] == "Limit reached."
+
+
+# ── Found in review: more inputs of the same kinds ───────────────────────────
+
+
+async def test_an_unknown_error_code_in_a_collected_answer_is_this_requests(start_kleis, codex_fake):
+    """Kind 1/7: a code Kleis does not know (`invalid_image_format`) is the request's problem:
+    a 400 with the upstream's code, one upstream call, no failover and no cooldown."""
+    kleis = await start_kleis()
+    for i in (1, 2):
+        await kleis.import_account("codex", codex_fake.grant(f"acct_{i}", f"u{i}@example.com"), label=f"a{i}")
+    key, _ = await kleis.create_key(label="laptop")
+    for _ in range(4):
+        codex_fake.queue(codex_fake.error_event_reply("invalid_image_format", "The image could not be read."))
+        got, _, raw = await post(kleis, key, "codex", json.dumps(body_for("codex")).encode())
+        error = envelope_error("codex", got, raw, 400)
+        assert error["code"] == "invalid_image_format" and error["message"] == "The image could not be read."
+    assert len(codex_fake.calls("/responses")) == 4  # never re-sent to the other account
+    assert [r["cooldown_until"] for r in await account_rows(kleis, "codex")] == [None, None]
+    assert (await post(kleis, key, "codex", json.dumps(body_for("codex")).encode()))[0] == 200
+
+
+async def test_a_failure_streak_needs_failures_close_together(start_kleis, claude_fake):
+    """Kind 7: three 529s an hour apart are three passing overloads, not a state; a cleared
+    cooldown starts from nothing."""
+    clock = ManualClock()
+    kleis, key = await with_accounts(start_kleis, {"claude": claude_fake}, clock=clock)
+    account = (await account_rows(kleis, "claude"))[0]
+    overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    data = json.dumps(body_for("claude")).encode()
+    for _ in range(4):
+        claude_fake.queue(Reply(status=529, body=overloaded))
+        assert (await post(kleis, key, "claude", data))[0] == 529
+        clock.advance(61_000)
+    assert (await post(kleis, key, "claude", data))[0] == 200
+
+    for _ in range(2):
+        claude_fake.queue(Reply(status=529, body=overloaded))
+        assert (await post(kleis, key, "claude", data))[0] == 529
+    await kleis.admin("DELETE", f"/admin/accounts/{account['id']}/cooldown", expect=200)
+    claude_fake.queue(Reply(status=529, body=overloaded))
+    assert (await post(kleis, key, "claude", data))[0] == 529
+    assert (await post(kleis, key, "claude", data))[0] == 200  # reached the upstream: not benched
+    assert not kleis.services.pool.accounts[account["id"]].cooling(clock.now())
+
+
+async def test_a_count_tokens_refusal_leaves_messages_alone(start_kleis, claude_fake):
+    """Kind 6/7: count_tokens has limits of its own; its 429 must not rest the account."""
+    kleis, key = await with_accounts(start_kleis, {"claude": claude_fake})
+    limited = {"type": "error", "error": {"type": "rate_limit_error", "message": "Slow down."}}
+    claude_fake.queue(Reply(status=429, body=limited, headers={"retry-after": "60"}))
+    count = {"model": MODELS["claude"], "messages": [{"role": "user", "content": "hi"}]}
+    async with kleis.http.post(
+        kleis.url + "/anthropic/v1/messages/count_tokens", json=count, headers={"x-api-key": key}
+    ) as resp:
+        assert resp.status == 429
+    got, _, raw = await post(kleis, key, "claude", json.dumps(body_for("claude")).encode())
+    assert got == 200, raw[:300]
+    (row,) = await account_rows(kleis, "claude")
+    assert row["cooldown_until"] is None
+
+
+def deep_json(levels: int) -> bytes:
+    return b'{"a": ' * levels + b"1" + b"}" * levels
+
+
+@pytest.mark.parametrize(
+    "provider,stream", [("claude", False), ("claude", True), ("codex", False), ("copilot", True)]
+)
+async def test_deeply_nested_upstream_answers_never_make_a_500(start_kleis, fakes, provider, stream):
+    """Kind 10, upstream side: an answer nested ~990 levels (a tool input the model was steered
+    into) is relayed or refused cleanly, never a 500."""
+    kleis, key = await with_accounts(start_kleis, {provider: fakes[provider]})
+    deep = deep_json(990)
+    if provider == "claude" and not stream:
+        payload = (
+            b'{"type":"message","role":"assistant","content":[{"type":"tool_use","name":"mcp_Read","input":'
+        )
+        reply = Reply(events=[payload + deep + b'}],"usage":{"input_tokens":1,"output_tokens":1}}'],
+                      content_type="application/json")  # fmt: skip
+    elif provider == "claude":
+        event = b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":'
+        reply = Reply(events=[event + b'{"type":"tool_use","name":"mcp_Read","input":' + deep + b"}}\n\n"])
+    elif provider == "codex":
+        reply = Reply(events=[b'data: {"type":"response.completed","response":' + deep + b"}\n\n"])
+    else:
+        reply = Reply(events=[b'data: {"choices":[],"usage":' + deep + b"}\n\n", b"data: [DONE]\n\n"])
+    fakes[provider].queue(reply)
+    extra = {"stream": True} if stream else {}
+    got, _, raw = await post(kleis, key, provider, json.dumps(body_for(provider, **extra)).encode())
+    assert got != 500 and got in (200, 502), (got, raw[:300])
+    assert b"Traceback" not in raw
+
+
+async def test_two_content_encoding_lines_are_one_list(start_kleis, fakes):
+    """Kinds 4 and 5: `Content-Encoding: gzip` and `Content-Encoding: zstd` on two lines equal
+    `gzip, zstd`: gzip applied first, then zstd."""
+    kleis, key = await with_accounts(start_kleis, {"claude": fakes["claude"]})
+    data = zstandard.ZstdCompressor().compress(gzip.compress(json.dumps(body_for("claude")).encode()))
+    base = [("Content-Type", "application/json"), ("X-Api-Key", key)]
+    codings = [("Content-Encoding", "gzip"), ("Content-Encoding", "zstd")]
+    status, raw = await raw_request(kleis, ROUTES["claude"], base + codings, data)
+    assert status == 200, raw[:300]
+
+
+async def test_retrieve_takes_the_ids_api_json_hands_out(start_kleis, fakes, sdk_clients):
+    """Kind 6: `models.retrieve("anthropic/claude-…")` (percent-encoded by the SDK) names the
+    same model as the bare id."""
+    import anthropic
+    import openai
+
+    kleis, key = await with_accounts(start_kleis, fakes)
+    claude = sdk_clients(
+        anthropic.AsyncAnthropic(base_url=kleis.url + "/anthropic", api_key=key, max_retries=0)
+    )
+    gpt = sdk_clients(openai.AsyncOpenAI(base_url=kleis.url + "/openai/v1", api_key=key, max_retries=0))
+    first = (await claude.models.list()).data[0].id
+    assert (await claude.models.retrieve(f"anthropic/{first}")).id == first
+    assert (await claude.models.retrieve(first)).id == first
+    assert (await gpt.models.retrieve("openai/gpt-5.5")).id == "gpt-5.5"
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        await claude.models.retrieve("anthropic/no-such-model")
+    assert "'no-such-model'" in missing.value.message and "%2F" not in missing.value.message

@@ -211,14 +211,14 @@ async def test_repeated_bad_keys_lock_the_address_out(start_kleis, codex_fake):
     assert await kleis.buckets() == []
 
 
-async def test_a_good_key_resets_the_failure_count(start_kleis, codex_fake):
+async def test_a_good_key_does_not_reset_the_failure_count(start_kleis, codex_fake):
+    # Issue 13: a valid key sent between guesses must not buy more guesses (keys.Lockout).
     kleis, key, _ = await setup(start_kleis, codex_fake, security={"key_max_failures": 3})
     for _ in range(2):
         assert_error(await send(kleis, "kleis_wrong"), 401, "authentication_error")
     assert (await send(kleis, key)).status == 200
-    for _ in range(2):
-        assert_error(await send(kleis, "kleis_wrong"), 401, "authentication_error")
-    assert (await send(kleis, key)).status == 200
+    assert_error(await send(kleis, "kleis_wrong"), 401, "authentication_error")
+    assert (await send(kleis, key)).status == 429
 
 
 # ── 2. Scopes ────────────────────────────────────────────────────────────────

@@ -102,6 +102,8 @@ class FakeClaude(FakeServer):
         self.app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         self.app.router.add_get("/v1/models", self._models)
         self.app.router.add_get("/api/oauth/usage", self._usage)
+        self.app.router.add_get("/api/oauth/profile", self._profile)
+        self.access_owners: dict[str, dict[str, str]] = {}  # access token -> {"uuid", "email"}
 
     def options(self) -> dict[str, str]:
         """Provider options pointing every upstream URL at this fake."""
@@ -109,6 +111,7 @@ class FakeClaude(FakeServer):
             "api_url": self.url,
             "token_url": self.url + "/v1/oauth/token",
             "usage_url": self.url + "/api/oauth/usage",
+            "profile_url": self.url + "/api/oauth/profile",
             "authorize_url_max": self.url + "/oauth/authorize",
             "authorize_url_console": self.url + "/oauth/authorize",
         }
@@ -140,6 +143,7 @@ class FakeClaude(FakeServer):
         n = next(self._ids)
         access = f"sk-ant-oat01-fake-{n}"
         self.access_tokens[access] = time.time() + self.access_ttl
+        self.access_owners[access] = {"uuid": uuid, "email": email}
         body: dict[str, Any] = {
             "token_type": "Bearer",
             "access_token": access,
@@ -270,6 +274,19 @@ class FakeClaude(FakeServer):
         if not self._authorized(request):
             return web.json_response(_api_error("authentication_error", "Invalid bearer token"), status=401)
         return web.json_response(self.usage_body)
+
+    async def _profile(self, request: web.Request) -> web.Response:
+        """GET /api/oauth/profile: the account and organisation behind an access token."""
+        await self.record(request)
+        if not self._authorized(request):
+            return web.json_response(_api_error("authentication_error", "Invalid bearer token"), status=401)
+        owner = self.access_owners[request.headers["authorization"][7:]]
+        return web.json_response(
+            {
+                "account": {"uuid": owner["uuid"], "email": owner["email"], "full_name": "Fake User"},
+                "organization": {"uuid": "org-0001", "name": "Example Org"},
+            }
+        )
 
     # ── Reply builders ───────────────────────────────────────────────────────
 

@@ -104,7 +104,7 @@ def test_module_meets_the_contract():
     assert callable(claude.retry_after) and callable(claude.quota) and callable(claude.list_models)
     assert claude.OPTIONS["beta_headers"] == BETAS.split(",")
     # The authorize URLs are opened by the user's browser, never fetched, so they need not end in _url.
-    assert set(providers.option_urls(claude.OPTIONS)) == {"api_url", "token_url", "usage_url"}
+    assert set(providers.option_urls(claude.OPTIONS)) == {"api_url", "token_url", "usage_url", "profile_url"}
 
 
 # ── Login ────────────────────────────────────────────────────────────────────
@@ -1094,8 +1094,7 @@ def test_json_response_restores_names_and_reads_usage(ctx):
     assert stream.feed(raw[:50]) == b"" and stream.feed(raw[50:]) == b""
     out = stream.close()
     expected = copy.deepcopy(body)
-    expected["content"][1]["name"] = "Shell"
-    expected["content"][1]["input"]["nested"]["name"] = "bash"
+    expected["content"][1]["name"] = "Shell"  # the tool's input is the model's data: left alone
     assert json.loads(out) == expected
     assert stream.usage == Usage(input_tokens=33, output_tokens=8, cache_read_tokens=4, cache_write_tokens=2)
     assert stream.terminal
@@ -1442,10 +1441,16 @@ def test_a_system_that_opens_with_the_identity_is_left_alone(ctx, system):
 @pytest.mark.parametrize(
     ("system", "expected"),
     [
-        # billing header without an identity after it: identity in front, as for any client
+        # billing header without an identity after it: the identity goes in after the billing
+        # block, which stays first where Claude Code puts it
         (
             [BILLING, {"type": "text", "text": "hi"}],
-            [{"type": "text", "text": IDENTITY}, BILLING, {"type": "text", "text": "hi"}],
+            [BILLING, {"type": "text", "text": IDENTITY}, {"type": "text", "text": "hi"}],
+        ),
+        # the identity with more text in the same block: no second identity
+        (
+            [{"type": "text", "text": IDENTITY + "\nBe brief."}],
+            [{"type": "text", "text": IDENTITY + "\nBe brief."}],
         ),
         # identity later on: not Claude Code's layout, so the usual sanitising (no second identity)
         (

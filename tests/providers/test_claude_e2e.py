@@ -592,6 +592,10 @@ async def test_oauth_code_login(db_url, start_kleis, claude_fake, http):
 async def test_import_claude_code_credentials_is_idempotent(db_url, start_kleis, claude_fake):
     kleis = await start_kleis(db_url=db_url)
     credentials = json.loads((DATA / "claude-code-credentials.json").read_text())
+    # Its access token is live at the fake Anthropic (imports are checked with the profile endpoint).
+    access = "sk-ant-oat01-fake-import-access"
+    claude_fake.access_tokens[access] = 1893456000
+    claude_fake.access_owners[access] = {"uuid": "uuid-imp", "email": "i@example.test"}
     _, first = await kleis.admin(
         "POST", "/admin/accounts/claude/import", {"authFile": credentials}, expect=201
     )
@@ -599,7 +603,8 @@ async def test_import_claude_code_credentials_is_idempotent(db_url, start_kleis,
         "POST", "/admin/accounts/claude/import", {"authFile": json.dumps(credentials)}, expect=201
     )
     assert first["account"]["id"] == second["account"]["id"]
-    assert first["account"]["label"] == "claude-max"
+    assert first["account"]["label"] == "i@example.test" and first["account"]["accountId"] == "uuid-imp"
+    assert "works once" in first["warnings"][0]  # shared with Claude Code
     assert first["account"]["expiresAt"] == 1893456000000
     rows = await account_rows(kleis)
     assert len(rows) == 1

@@ -828,9 +828,10 @@ def test_collector_answers_an_incomplete_response_with_200_and_its_status():
             "Something broke.",
         ),
         (
+            # an unknown named code refuses this request: 400, so the SDK raises instead of retrying
             FakeCodex.error_event_reply("brand_new_code", "Unheard of."),
-            502,
-            "server_error",
+            400,
+            "invalid_request_error",
             "brand_new_code",
             "Unheard of.",
         ),
@@ -1225,3 +1226,25 @@ async def test_quota_with_a_dead_token_raises(ctx, fake):
 
 def test_fake_jwt_claims_are_readable():
     assert jwt_claims(fake_jwt({"exp": 5, "email": "x"})) == {"exp": 5, "email": "x"}
+
+
+def test_collector_gives_back_what_kleis_set_for_itself():
+    """The backend echoes `instructions` and `prompt_cache_key`; a collected answer shows the
+    client its own values (None when it sent none), and `store: false` as it really was."""
+    bundled = {
+        "instructions": "You are OpenCode, the bundled prompt.",
+        "prompt_cache_key": "kleis_abc",
+        "store": False,
+    }
+    completed = {"id": "resp_1", "object": "response", "status": "completed", "output": [], **bundled}
+    reply = FakeCodex.frames_reply([("response.completed", {"response": completed})])
+    for echoed, expected in (
+        ({"instructions": None, "prompt_cache_key": None}, (None, None)),
+        ({"instructions": "Mine.", "prompt_cache_key": "session-7"}, ("Mine.", "session-7")),
+    ):
+        collector = codex.ResponsesCollector(echoed)
+        for event in reply.events:
+            collector.feed(event)
+        body = json.loads(collector.close())
+        assert (body["instructions"], body["prompt_cache_key"]) == expected
+        assert body["store"] is False and collector.status == 200

@@ -426,11 +426,18 @@ async def test_device_login_denied(start_kleis, copilot_fake):
 
 async def test_import_github_cli_hosts(db_url, start_kleis, copilot_fake):
     kleis = await start_kleis(db_url=db_url)
+    # The file's github.com tokens are live at the fake GitHub (imports are checked with GET /user);
+    # the enterprise host cannot be reached, so that one is imported unchecked, with a warning.
+    copilot_fake.users["gho_fakeOctoToken00000000000000000000"] = {"id": 11, "login": "octo", "email": None}
+    copilot_fake.users["gho_fakeMonaToken00000000000000000000"] = {"id": 12, "login": "mona", "email": None}
+    copilot_fake.users["gho_fakeLegacyToken0000000000000000000"] = {"id": 13, "login": "octo", "email": None}
     hosts = (DATA / "copilot-gh-hosts-users.yml").read_text()
     _, first = await kleis.admin("POST", "/admin/accounts/copilot/import", {"authFile": hosts}, expect=201)
     assert sorted(a["label"] for a in first["accounts"]) == ["hubot", "mona", "octo"]
     enterprise = next(a for a in first["accounts"] if a["label"] == "hubot")
     assert enterprise["metadata"]["enterpriseDomain"] == "ghe.example.com"
+    assert sorted(a["accountId"] for a in first["accounts"] if a["label"] != "hubot") == ["11", "12"]
+    assert any("not checked" in w for w in first["warnings"])  # ghe.example.com is unreachable
     _, second = await kleis.admin("POST", "/admin/accounts/copilot/import", {"authFile": hosts}, expect=201)
     assert sorted(a["id"] for a in second["accounts"]) == sorted(a["id"] for a in first["accounts"])
     rows = await account_rows(kleis)

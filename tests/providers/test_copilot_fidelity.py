@@ -20,6 +20,7 @@ async def kleis_with_account(start_kleis, fake: FakeCopilot):
     kleis = await start_kleis()
     await kleis.import_account("copilot", fake.grant(), label="octo")
     key, _ = await kleis.create_key(label="laptop")
+    fake.requests.clear()  # the import's GET /user
     return kleis, key
 
 
