@@ -36,6 +36,7 @@ from errors import (
     LoginUsed,
     NoAccount,
     NotFound,
+    RefreshFailed,
 )
 from providers import (
     Account,
@@ -467,6 +468,20 @@ class AccountPool:
         if pending is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(pending[0])
+
+    async def refresh_now(self, account_id: str) -> AccountState:
+        """Refresh an account's tokens at once (admin API and CLI). Raises BadRequest when its
+        provider is not enabled, AccountNeedsReauth (403) when the refresh token was rejected,
+        RefreshFailed (502) for any other provider failure."""
+        account = self.get(account_id)
+        if account.provider not in self.providers:
+            raise BadRequest(f"provider {account.provider} is not enabled in the config")
+        try:
+            return await self.fresh(account, force=True)
+        except ReauthRequired as exc:
+            raise AccountNeedsReauth(str(exc)) from None
+        except ProviderError as exc:
+            raise RefreshFailed(str(exc)) from None
 
     async def clear_cooldown(self, account_id: str) -> AccountState:
         self.get(account_id)

@@ -22,18 +22,16 @@ import analytics
 from accounts import AccountPool, Logins, import_body
 from discovery import AccountModels
 from errors import (
-    AccountNeedsReauth,
     AdminTokenNotConfigured,
     BadRequest,
     LoginExpired,
     LoginFailed,
     NotFound,
-    RefreshFailed,
     TooManyAttempts,
     Unauthorized,
 )
 from keys import KEY_FIELDS, Keys, Lockout, bearer, client_address, key_fields, key_view
-from providers import LoadedProvider, ProviderError, ReauthRequired
+from providers import LoadedProvider
 from runtime import Clock
 from store import Store
 from usage import UsageQueue
@@ -247,15 +245,7 @@ class AdminApi:
         return {"account": (await self.pool.clear_cooldown(account_id)).view(self.clock.now())}
 
     async def refresh_account(self, request, account_id):
-        account = self.pool.get(account_id)
-        if account.provider not in self.providers:
-            raise BadRequest(f"provider {account.provider} is not enabled in the config")
-        try:
-            account = await self.pool.fresh(account, force=True)
-        except ReauthRequired as exc:
-            raise AccountNeedsReauth(str(exc)) from None
-        except ProviderError as exc:
-            raise RefreshFailed(str(exc)) from None
+        account = await self.pool.refresh_now(account_id)
         return {"account": account.view(self.clock.now()), "refreshed": True}
 
     async def account_quota(self, request, account_id):

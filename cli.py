@@ -32,9 +32,9 @@ from rich.table import Table
 
 import analytics
 from accounts import import_auth, read_auth_file
-from errors import AccountNeedsReauth, KleisError, RefreshFailed
+from errors import KleisError
 from keys import key_fields, key_view
-from providers import ProviderError, ReauthRequired
+from providers import ProviderError
 from settings import (
     ConfigError,
     ServerSettings,
@@ -514,14 +514,7 @@ def account_done(args, kleis, console: Console, what: str, account, how: str, **
 
 
 async def account_refresh(args, kleis, console, account, how) -> int:
-    if account.provider not in kleis.providers:
-        raise CliError(f"provider {account.provider} is not enabled in the config")
-    try:
-        account = await kleis.pool.fresh(account, force=True)
-    except ReauthRequired as exc:
-        raise AccountNeedsReauth(str(exc)) from None
-    except ProviderError as exc:
-        raise RefreshFailed(str(exc)) from None
+    account = await kleis.pool.refresh_now(account.id)
     return account_done(args, kleis, console, "refreshed", account, how, refreshed=True)
 
 
