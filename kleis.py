@@ -1489,7 +1489,9 @@ def create_app(
         routes.append(("GET", f"{provider.module.BASE_PATH}/models", listed, f"models_{pname}"))
         routes.append(("GET", f"{provider.module.BASE_PATH}/models/<model_id:path>", one, f"model_{pname}"))
     for method, path, handler, route_name in routes:
-        app.add_route(handler, path, methods=[method], name=route_name)
+        # HEAD wherever GET works (RFC 9110 §9.3.2): uptime monitors and `curl -I` use it.
+        methods = [method, "HEAD"] if method == "GET" else [method]
+        app.add_route(handler, path, methods=methods, name=route_name)
     admin_api = admin.AdminApi(
         keys=kleis.keys,
         pool=kleis.pool,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +21,9 @@ MAX_INT = 2**53  # the integers every JSON client reads exactly; fits the databa
 
 
 BODY = "the request body"
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL
 
 
 def parse_json(raw: bytes | str, what: str = BODY) -> Any:
@@ -85,6 +89,8 @@ def check_json(value: Any, what: str = BODY) -> None:
 
 
 def _check_text(text: str, field: str) -> None:
+    if "\x00" in text:  # PostgreSQL text cannot hold it; no field has a use for it
+        raise BadRequest(f"{field[:60]}: text must not contain NUL (\\u0000)")
     if text.isascii():
         return
     try:
@@ -122,6 +128,8 @@ def opt_str(body: dict, name: str, max_len: int = 200) -> str | None:
     value = value.strip()
     if len(value) > max_len:
         raise BadRequest(f"{name} must be at most {max_len} characters")
+    if CONTROL.search(value):  # names are shown in tables and terminals: one plain line
+        raise BadRequest(f"{name} must not contain control characters")
     return value or None
 
 
@@ -153,6 +161,8 @@ def str_list(body: dict, name: str, max_items: int = 200) -> list[str] | None:
         raise BadRequest(f"{name} must be a list of non-empty strings")
     if len(value) > max_items:
         raise BadRequest(f"{name} may hold at most {max_items} entries")
+    if any(CONTROL.search(v) for v in value):
+        raise BadRequest(f"{name} must not contain control characters")
     return list(dict.fromkeys(v.strip() for v in value)) or None
 
 

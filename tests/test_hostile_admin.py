@@ -156,3 +156,21 @@ async def test_hostile_path_and_query_values_are_4xx(start_kleis, codex_fake):
             status, answer = await raw(kleis, method, path, b"{}")
             assert 400 <= status < 500, (method, path, status, answer[:200])
             assert set(json.loads(answer)) == {"error", "message"}
+
+
+async def test_nul_and_control_characters_in_text_fields_are_400(db_url, start_kleis):
+    """PostgreSQL text cannot hold NUL (a 500 there before), and names with control characters
+    would reach terminals raw through `keys list`."""
+    kleis = await start_kleis(db_url=db_url)
+    _, key = await kleis.create_key(label="fine")
+    bad = [
+        ("POST", "/admin/keys", {"label": "\u0000ctl"}),
+        ("POST", "/admin/keys", {"label": "\u001b[31mRED\u001b[0m"}),
+        ("POST", "/admin/keys", {"label": "ok", "modelScopes": ["a\u0000b"]}),
+        ("POST", "/admin/keys", {"label": "ok", "modelScopes": ["a\nb"]}),
+        ("PATCH", f"/admin/keys/{key['id']}", {"label": "\u0000x"}),
+    ]
+    for method, path, body in bad:
+        status, answer = await kleis.admin(method, path, body)
+        assert status == 400 and answer["error"] in ("bad_request", "invalid_json"), (body, answer)
+    assert [r["label"] for r in await kleis.rows("api_keys")] == ["fine"]

@@ -564,3 +564,11 @@ async def test_retrieve_takes_the_ids_api_json_hands_out(start_kleis, fakes, sdk
     with pytest.raises(anthropic.NotFoundError) as missing:
         await claude.models.retrieve("anthropic/no-such-model")
     assert "'no-such-model'" in missing.value.message and "%2F" not in missing.value.message
+
+
+async def test_head_works_wherever_get_does(start_kleis, http):
+    """RFC 9110 §9.3.2: uptime monitors and `curl -I` ask with HEAD."""
+    kleis = await start_kleis()
+    for path in ("/", "/healthz", "/readyz", "/api.json", "/admin/"):
+        async with http.head(kleis.url + path) as resp:
+            assert resp.status == 200 and await resp.read() == b"", path
