@@ -80,7 +80,7 @@ def window_ms(request: Request) -> int:
     """The `windowMs` query parameter: milliseconds, default one day. Raises BadRequest (400)
     unless it is a whole number from one minute to 90 days (zero, negatives, fractions,
     non-numbers and longer windows are refused, naming the value)."""
-    raw = request.args.get("windowMs")
+    raw = request.get_args(keep_blank_values=True).get("windowMs")  # `windowMs=` is an error too
     if raw is None:
         return WINDOW_DEFAULT_MS
     number = raw.isascii() and raw.isdigit() and len(raw) <= 12

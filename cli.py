@@ -61,7 +61,7 @@ class CliError(Exception):
 class UsageError(Exception):
     """The command line itself is wrong (argparse's complaint); exit 2."""
 
-    def __init__(self, message: str, usage: str):
+    def __init__(self, message: str, usage: str = ""):
         super().__init__(message)
         self.usage = usage
 
@@ -216,7 +216,7 @@ def table(*columns: str, keep: Iterable[str] = ("id",)) -> Table:
 def days_ms(days: float, flag: str) -> int:
     """A positive, finite number of days (at most 100 years) as milliseconds."""
     if not (0 < days <= 36_500):  # also false for NaN
-        raise CliError(f"{flag} must be a positive number of days (at most 36500 days)")
+        raise UsageError(f"{flag} must be a positive number of days (at most 36500 days)")
     return max(1, int(days * 86_400_000))
 
 
@@ -652,7 +652,7 @@ def window_arg(text: str) -> int:
     except (KeyError, ValueError):
         value = float("nan")
     if not (60_000 <= value <= 90 * 86_400_000):  # also false for NaN
-        raise CliError(
+        raise UsageError(
             f"--window must be a number and m, h or d (30m, 24h, 7d), 1 minute to 90 days; got {text!r}"
         )
     return int(value)
@@ -964,6 +964,10 @@ def main(root: Root, argv: list[str] | None = None) -> int:
             getattr(args, "port", None) or settings.server.port,
             path,
         )
+        return 0
+    except BrokenPipeError:  # `kleis.py keys list | head -1`: the reader is gone; nothing to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except ConfigError as exc:
         return fail(as_json, "config_error", str(exc), 2)

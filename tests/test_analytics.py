@@ -183,7 +183,7 @@ async def test_export_pages_through_many_rows(start_kleis):
     assert len(table) == 1201 and table[1][5] == 'm,"q"'  # RFC 4180 quoting survives
 
 
-@pytest.mark.parametrize("raw", ["abc", "0", "-5", "1.5", "59999", str(90 * 86_400_000 + 1), "9" * 30])
+@pytest.mark.parametrize("raw", ["", "abc", "0", "-5", "1.5", "59999", str(90 * 86_400_000 + 1), "9" * 30])
 async def test_window_is_validated(start_kleis, raw):
     kleis = await start_kleis()
     for path in (
@@ -319,4 +319,4 @@ def cli_run(capsys, monkeypatch):
 def test_cli_window_errors(tmp_path, cli_run):
     cli_run(tmp_path / "c.toml", "init")
     for bad in ("5x", "0m", "91d", "abc"):
-        assert "--window must be" in cli_run(tmp_path / "c.toml", "usage", "--window", bad, code=1)
+        assert "--window must be" in cli_run(tmp_path / "c.toml", "usage", "--window", bad, code=2)

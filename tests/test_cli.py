@@ -273,12 +273,12 @@ def test_out_of_range_numbers_are_one_line_errors(cli):
     for days in ("0", "-1", "nan", "inf", "1e300"):
         bad = cli("keys", "create", "--expires-days", days)
         assert (
-            bad.code == 1
+            bad.code == 2  # a usage error, as the README's exit codes say
             and bad.err.startswith("kleis: --expires-days must be")
             and "Traceback" not in bad.err
         )
     bad = cli("usage", "--hours", "-5")
-    assert bad.code == 1 and bad.err.startswith("kleis: --hours must be")
+    assert bad.code == 2 and bad.err.startswith("kleis: --hours must be")
     assert db_rows_count(cli) == 0  # nothing was created
 
 
