@@ -2,7 +2,7 @@
 import { get, post, patch, del, api } from './api.js';
 import {
   $, h, fill, num, pct, when, ago, providerName, announce, action, confirmDialog, copyButton, openDetail, duration,
-  windowText,
+  windowText, singleFlight,
 } from './ui.js';
 import { usageDetail } from './detail.js';
 
@@ -25,8 +25,6 @@ const COOLDOWN_WHY = {
 
 let providers = [];
 let flow = null; // {state, provider, timer}
-let loading = false;
-let again = false; // a refresh asked for while one runs (a new window) runs after it
 
 export function init() {
   $('#acc-refresh').addEventListener('click', () => refresh(true));
@@ -46,12 +44,7 @@ export function init() {
 
 export const show = () => refresh();
 
-export async function refresh(announceIt = false) {
-  if (loading) {
-    again = true;
-    return;
-  }
-  loading = true;
+export const refresh = singleFlight(async (announceIt = false) => {
   try {
     const windowMs = sessionStorage.getItem('kleis.window') || '86400000';
     const [list, usage] = await Promise.all([get('accounts'), get(`accounts/usage?windowMs=${windowMs}`)]);
@@ -63,14 +56,8 @@ export async function refresh(announceIt = false) {
     if (announceIt) announce(`${list.accounts.length} accounts loaded`);
   } catch (e) {
     $('#acc-error').textContent = `Could not load the accounts. ${e.message}`;
-  } finally {
-    loading = false;
-    if (again) {
-      again = false;
-      refresh(announceIt);
-    }
   }
-}
+});
 
 function renderChoices() {
   const names = providers.map((p) => p.provider);

@@ -1,11 +1,11 @@
 // Dashboard: totals against the previous window, charts, breakdown tables.
 import { get } from './api.js';
-import { $, h, fill, num, compact, pct, ms, when, ago, table, providerName, announce, windowText } from './ui.js';
+import {
+  $, h, fill, num, compact, pct, ms, when, ago, table, providerName, announce, windowText, singleFlight,
+} from './ui.js';
 import { stacked } from './chart.js';
 
 const WINDOW_KEY = 'kleis.window';
-let loading = false;
-let again = false; // a refresh asked for while one runs (a new window) runs after it
 
 export function init() {
   const select = $('#window');
@@ -48,12 +48,7 @@ function kpi(id, label, value, change, ...notes) {
     notes.map((n) => h('p', { class: 'small muted' }, n)));
 }
 
-export async function refresh(announceIt = false) {
-  if (loading) {
-    again = true;
-    return;
-  }
-  loading = true;
+export const refresh = singleFlight(async (announceIt = false) => {
   const error = $('#dash-error');
   try {
     const windowMs = $('#window').value;
@@ -66,14 +61,8 @@ export async function refresh(announceIt = false) {
     if (announceIt) announce(`Dashboard updated: ${num(report.totals.requestCount)} requests in the last ${windowName()}`);
   } catch (e) {
     error.textContent = `Could not load the dashboard. ${e.message}`;
-  } finally {
-    loading = false;
-    if (again) {
-      again = false;
-      refresh(announceIt);
-    }
   }
-}
+});
 
 function render(report, keys, accounts) {
   const t = report.totals;

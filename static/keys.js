@@ -2,12 +2,11 @@
 import { get, post, del } from './api.js';
 import {
   $, h, fill, num, pct, when, ago, providerName, announce, action, confirmDialog, copyButton, codeBlock, openDetail,
+  singleFlight,
 } from './ui.js';
 import { usageDetail } from './detail.js';
 
 let accounts = [];
-let loading = false;
-let again = false; // a refresh asked for while one runs (a new window) runs after it
 
 export function init() {
   $('#keys-refresh').addEventListener('click', () => refresh(true));
@@ -18,12 +17,7 @@ export function init() {
 
 export const show = () => refresh();
 
-export async function refresh(announceIt = false) {
-  if (loading) {
-    again = true;
-    return;
-  }
-  loading = true;
+export const refresh = singleFlight(async (announceIt = false) => {
   try {
     const windowMs = $('#keys-window').value;
     const [list, usage, accountList] = await Promise.all([get('keys'), get(`keys/usage?windowMs=${windowMs}`), get('accounts')]);
@@ -34,14 +28,8 @@ export async function refresh(announceIt = false) {
     if (announceIt) announce(`${list.keys.length} keys loaded`);
   } catch (e) {
     $('#keys-error').textContent = `Could not load the keys. ${e.message}`;
-  } finally {
-    loading = false;
-    if (again) {
-      again = false;
-      refresh(announceIt);
-    }
   }
-}
+});
 
 function accountName(a) { return a.label || a.accountId || a.id.slice(0, 8); }
 

@@ -166,3 +166,28 @@ export function action(button, errorEl, fn) {
     }
   };
 }
+
+// A refresh that never overlaps itself: a call while one runs is remembered and runs once
+// after it (e.g. a new window chosen while the old one loads).
+export function singleFlight(run) {
+  let loading = false;
+  let again = null;
+  const go = async (...args) => {
+    if (loading) {
+      again = args;
+      return;
+    }
+    loading = true;
+    try {
+      await run(...args);
+    } finally {
+      loading = false;
+      if (again) {
+        const next = again;
+        again = null;
+        go(...next);
+      }
+    }
+  };
+  return go;
+}
