@@ -639,20 +639,29 @@ class Proxy:
         refusal as it is relayed when no other account can serve the request. A refusal on an
         endpoint with limits of its own (the adapter's `UNMETERED`, e.g. Claude's
         count_tokens) says nothing about the account's usage: no cooldown, no streak."""
+        if endpoint not in getattr(provider.module, "UNMETERED", ()):
+            self._rest(provider, account, status, headers, body)
+        out_headers = relay_headers(headers, sse=False)
+        out_headers["x-kleis-provider"] = provider.name
+        return status, out_headers, body
+
+    def _rest(
+        self,
+        provider: LoadedProvider,
+        account: AccountState,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> None:
         reason = f"upstream answered HTTP {status}"
         cooldown = upstream_cooldown(provider, status, headers, body, self.clock.now())
-        if endpoint in getattr(provider.module, "UNMETERED", ()):
-            pass
-        elif cooldown is not None:
+        if cooldown is not None:
             self.pool.cool_down(account, cooldown, reason, kind="transient" if status == 429 else "error")
         elif status == 401:  # refused even with a token refreshed a moment ago
             reason = "the provider refused the account's token (HTTP 401) even after a refresh; log in again"
             self.pool.cool_down(account, Cooldown(ERROR_COOLDOWN), reason, kind="error")
         else:
             self.pool.failed(account, reason)
-        out_headers = relay_headers(headers, sse=False)
-        out_headers["x-kleis-provider"] = provider.name
-        return status, out_headers, body
 
     def _transformer(self, provider: LoadedProvider, preq: ProxyRequest, resp: aiohttp.ClientResponse):
         try:
