@@ -921,6 +921,7 @@ async def test_usage_counts_are_exact(db_url, start_kleis, codex_fake):
     for i in range(5):
         stream = i % 2 == 0
         reply = FakeCodex.stream_reply(usage=usage) if stream else FakeCodex.json_reply(usage=usage)
+        reply.first_byte_delay = 0.003  # a loopback answer can take under 1 ms: make time pass
         codex_fake.queue(reply)
         assert (await send(kleis, key, request_body(stream=stream))).status == 200
     codex_fake.queue(FakeCodex.error_reply(400, "bad"))
