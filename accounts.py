@@ -60,14 +60,19 @@ log = logging.getLogger("kleis")
 
 REFRESH_SKEW_MS = 60_000  # request path: refresh when the token expires within a minute
 BACKGROUND_SKEW_MS = 300_000  # background refresher: within five minutes
-LEASE_MS = 60_000
-LEASE_WAIT_S = 15.0  # how long a request waits for another instance's refresh
+# A refresh lease is short and renewed while its refresh runs, so an instance that dies
+# mid-refresh frees the account within LEASE_MS; the others wait for it rather than fail.
+LEASE_MS = 10_000
+LEASE_RENEW_S = 3.0
+LEASE_WAIT_S = 30.0  # how long a request waits for another instance's refresh (> LEASE_MS)
+LEASE_POLL_S = 0.2
 COOLDOWN_MIN, COOLDOWN_MAX, COOLDOWN_DEFAULT = 1.0, 6 * 3600.0, 60.0
 ERROR_COOLDOWN = 10.0  # 5xx / unreachable without a hint: short, it is not a rate limit
 ERROR_STREAK = 3  # consecutive 5xx / unreachable answers before an account is benched ...
 STREAK_GAP_MS = 60_000  # ... each within this long of the one before (older ones are forgotten)
 STICKY_TTL_MS = 3600_000
 STICKY_MAX = 20_000  # entries; each ~300 bytes (the session is kept as a 16-byte digest)
+STICKY_RETELL_MS = 600_000  # a binding still in use is told to the other instances again
 QUOTA_TTL_MS = 60_000
 
 
@@ -75,6 +80,11 @@ def session_digest(session: str) -> bytes:
     """The fixed-size name (16 bytes) under which a client's session id is remembered: the id
     is the client's choice and may be a megabyte long."""
     return hashlib.blake2b(session.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class RefreshElsewhere(ProviderError):
+    """Another instance held the account's refresh lease for all of `LEASE_WAIT_S`: not an
+    upstream failure, so the account is neither rested nor counted as failing."""
 
 
 class AccountState(AccountRecord):
@@ -249,7 +259,9 @@ class AccountPool:
         self.background = background
         self.accounts: dict[str, AccountState] = {}
         self.by_provider: dict[str, list[AccountState]] = {}
-        self.sticky: OrderedDict[tuple, tuple[str, int]] = OrderedDict()
+        # (key id, provider, session digest) -> (account id, last use ms, last told ms)
+        self.sticky: OrderedDict[tuple, tuple[str, int, int]] = OrderedDict()
+        self._untold: list[str] = []  # bindings not yet told to the other instances
         self.refresh_outcomes: dict[str, int] = {"success": 0, "failed": 0, "reauth": 0}
         self._locks: dict[str, asyncio.Lock] = {}
         self._cooldown_writes: dict[str, tuple[asyncio.Task, tuple]] = {}
@@ -351,8 +363,9 @@ class AccountPool:
         return enabled
 
     def choose(self, provider: str, key: KeyRecord, session: str | None) -> list[AccountState]:
-        """Accounts to try in order: the sticky one first while healthy, then by order; cooling
-        and re-auth accounts are left out. Raises a NoAccount condition when nothing is usable."""
+        """Accounts to try in order: the session's account first while healthy, then by order
+        (primary, priority, newest); cooling and re-auth accounts are left out. Raises a
+        NoAccount condition when nothing is usable."""
         now = self.clock.now()
         enabled = self.eligible(provider, key)
         usable = [a for a in enabled if a.status != "needs_reauth" and not a.cooling(now)]
@@ -388,13 +401,47 @@ class AccountPool:
         return usable
 
     def stick(self, provider: str, key: KeyRecord, session: str | None, account: AccountState) -> None:
+        """Remember which account served a session, and tell the other instances (in the
+        background, batched) when the binding is new, moved, or was last told 10 min ago, so
+        the session's next turn reaches the same account whichever instance serves it
+        (Codex's encrypted reasoning and every provider's prompt cache are per account)."""
         if not session:
             return
         entry = (key.id, provider, session_digest(session))
-        self.sticky[entry] = (account.id, self.clock.now())
+        now = self.clock.now()
+        old = self.sticky.get(entry)
+        told = old[2] if old is not None and old[0] == account.id else 0
+        if now - told > STICKY_RETELL_MS:
+            told = now
+            self._untold.append(f"{key.id} {provider} {entry[2].hex()} {account.id}")
+            if len(self._untold) == 1:
+                self.background.start("tell-sessions", self._tell_sessions(), report=False)
+        self._bind(entry, account.id, now, told)
+
+    def _bind(self, entry: tuple, account_id: str, now: int, told: int) -> None:
+        self.sticky[entry] = (account_id, now, told)
         self.sticky.move_to_end(entry)
         while len(self.sticky) > STICKY_MAX:
             self.sticky.popitem(last=False)
+
+    async def _tell_sessions(self) -> None:
+        await asyncio.sleep(0)  # let the bindings of this loop turn join the batch
+        lines, self._untold = self._untold, []
+        try:
+            await self.store.tell_sessions(lines)
+        except Exception as exc:  # the other instances fall back to the account order
+            log.info("could not share %d session bindings: %s", len(lines), _first_line(exc))
+
+    def heard_sessions(self, payload: str) -> None:
+        """Bindings another instance told (`Store.tell_sessions` lines): remembered here too."""
+        now = self.clock.now()
+        for line in payload.splitlines():
+            parts = line.split(" ")
+            if len(parts) != 4 or len(parts[2]) != 32:
+                continue
+            key_id, provider, digest, account_id = parts
+            with contextlib.suppress(ValueError):
+                self._bind((key_id, provider, bytes.fromhex(digest)), account_id, now, now)
 
     # ── cooldowns ──
     def failed(self, account: AccountState, reason: str) -> None:
@@ -459,6 +506,7 @@ class AccountPool:
             await self.store.update_account(
                 account_id, cooldown_until=until, cooldown_kind=kind, last_error=error
             )
+            await self.store.bump_version("accounts")  # every instance rests it too
         except Exception as exc:  # a lost cooldown only costs one more failed try
             log.warning("could not save cooldown of account %s: %s", account_id, exc)
 
@@ -564,10 +612,38 @@ class AccountPool:
             if got:
                 break
             if self.clock.monotonic() > deadline:
-                raise ProviderError(
-                    f"{account.provider} account {account.label}: a refresh is already in progress elsewhere"
+                raise RefreshElsewhere(
+                    f"{account.provider} account {account.label}: another Kleis instance has been "
+                    f"refreshing its token for {LEASE_WAIT_S:g} s"
                 )
-            await asyncio.sleep(0.2)  # another instance holds the lease; wait for it
+            # Another instance holds the lease: it commits the new tokens (we re-read them), or
+            # dies and its unrenewed lease lapses within LEASE_MS (we take over).
+            await asyncio.sleep(LEASE_POLL_S)
+        renewing = asyncio.create_task(self._keep_lease(latest, lease), name=f"lease-{latest.id}")
+        try:
+            return await self._refresh_holding(provider, latest, lease)
+        finally:
+            renewing.cancel()
+
+    async def _keep_lease(self, account: AccountState, lease: str) -> None:
+        """Renew the refresh lease every LEASE_RENEW_S while the refresh runs; a failed renewal
+        is retried (the lease may still lapse, and then `save_refreshed` decides)."""
+        while True:
+            await asyncio.sleep(LEASE_RENEW_S)
+            try:
+                if not await self.store.renew_refresh_lease(account.id, lease, LEASE_MS):
+                    log.warning("%s account %s: refresh lease lost", account.provider, account.label)
+                    return
+            except Exception as exc:
+                log.warning(
+                    "%s account %s: cannot renew the refresh lease (%s)",
+                    account.provider, account.label, _first_line(exc),
+                )  # fmt: skip
+
+    async def _refresh_holding(
+        self, provider: LoadedProvider, latest: AccountState, lease: str
+    ) -> AccountState:
+        """The refresh itself, under the lease: call the provider, commit, then use."""
         try:
             tokens = await provider.module.refresh(provider.ctx, latest.adapter_view())
             stale_refresh = latest.refresh_token
@@ -592,22 +668,30 @@ class AccountPool:
         except Exception as exc:
             self.refresh_outcomes["failed"] += 1
             await self._refresh_failed(latest, lease, f"refresh failed: {type(exc).__name__}", reauth=False)
-            raise ProviderError(f"{account.provider} refresh failed: {type(exc).__name__}") from None
+            raise ProviderError(f"{latest.provider} refresh failed: {type(exc).__name__}") from None
         if not tokens.access_token or not tokens.refresh_token or tokens.expires_at <= self.clock.now():
             await self._refresh_failed(latest, lease, "refresh returned unusable tokens", reauth=False)
-            raise ProviderError(f"{account.provider} refresh returned unusable tokens")
+            raise ProviderError(f"{latest.provider} refresh returned unusable tokens")
         metadata = {**latest.metadata, **tokens.metadata}
         unsaved = None
         try:
             written = await self.store.save_refreshed(
-                latest.id, lease, tokens.access_token, tokens.refresh_token, tokens.expires_at, metadata
+                latest.id,
+                lease,
+                tokens.access_token,
+                tokens.refresh_token,
+                tokens.expires_at,
+                metadata,
+                replaced=stale_refresh,
             )
         except Exception as exc:
             written, unsaved = True, self._not_saved(latest, tokens, exc)
-        if not written:
+        if not written:  # someone else rotated the token meanwhile: theirs is the stored one
             log.warning(
-                "%s account %s: refresh lease lost; new tokens were not saved", latest.provider, latest.label
-            )
+                "%s account %s: another instance rotated the token meanwhile; using the stored one",
+                latest.provider, latest.label,
+            )  # fmt: skip
+            return await self._reread(latest.id)
         latest.access_token, latest.refresh_token, latest.expires_at = (
             tokens.access_token,
             tokens.refresh_token,

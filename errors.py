@@ -177,6 +177,13 @@ class AccountsUnavailable(Retryable, NoAccount):
     status, code = 503, "accounts_unavailable"
 
 
+class RefreshInProgress(Retryable):
+    """Every account that could serve the request is being refreshed by another instance
+    (which holds its refresh lease) for longer than Kleis waits."""
+
+    status, code = 503, "refresh_in_progress"
+
+
 class AccountGone(NoAccount):
     status, code = 404, "not_found"
     default_message = "the account was deleted while refreshing"

@@ -49,6 +49,7 @@ from accounts import (
     AccountPool,
     AccountState,
     Logins,
+    RefreshElsewhere,
     import_config,
     upstream_cooldown,
 )
@@ -69,6 +70,7 @@ from errors import (
     ModelNotFound,
     NotFound,
     ProviderNotAllowed,
+    RefreshInProgress,
     RequestTooLarge,
     ShuttingDown,
     TooManyAttempts,
@@ -571,6 +573,9 @@ class Proxy:
             except ReauthRequired as exc:
                 failure = exc  # marked needs_reauth by the pool; try the next account
                 continue
+            except RefreshElsewhere as exc:  # another instance is on it: no cooldown, no streak
+                failure = exc
+                continue
             except UpstreamFailure as exc:
                 failure = exc
                 pool.failed(account, str(exc))
@@ -626,6 +631,8 @@ class Proxy:
                 f"{provider.name}: {failure}; log in again on the admin page or with "
                 f"`python kleis.py accounts login {provider.name}`"
             )
+        if isinstance(failure, RefreshElsewhere):
+            raise RefreshInProgress(f"{provider.name}: {failure}; retry in a few seconds", 5)
         if isinstance(failure, UpstreamFailure) and failure.timeout:
             raise UpstreamTimeout(f"{provider.name}: {failure}")
         raise UpstreamUnavailable(f"{provider.name}: {failure or 'no account could serve the request'}")
@@ -1050,7 +1057,9 @@ class Instance:
         self.background = Background(log)
         url = database_url(settings)
         sec = settings.security
-        self.store = Store(url, Vault(sec.secret_key, sec.previous_secret_keys), clock)
+        self.store = Store(
+            url, Vault(sec.secret_key, sec.previous_secret_keys), clock, settings.database.pool_size
+        )
         self.keys = Keys(self.store, clock)
         self.pool = AccountPool(self.store, self.providers, clock, self.background)
         self.logins = Logins(self.store, self.pool, clock, self.background)
@@ -1087,6 +1096,9 @@ class Instance:
         self.model_lists_lock = asyncio.Lock()
         self.instance_id = new_id()
         self.versions_lock = asyncio.Lock()
+        self.changes = asyncio.Event()  # set by the PostgreSQL listener: poll the versions now
+        self.listening = False
+        self.poll_failing = False
         self.opened = False
 
     async def open(self) -> None:
@@ -1120,7 +1132,14 @@ class Instance:
         b = self.background
         b.every("usage-flusher", self.usage.interval, self.usage.tick)
         b.every("token-refresher", 60, self.pool.refresh_due)
-        b.every("cache-invalidation", 1, self.poll_versions)
+        b.start("cache-invalidation", self.watch_changes(), service=True)
+        if self.settings.database.listen and not self.store.is_sqlite:
+            b.start(
+                "change-listener",
+                self.store.listen(self.changes.set, self.pool.heard_sessions, self._listener_up),
+                wait_on_stop=False,
+                service=True,
+            )
         b.every("heartbeat", INSTANCE_HEARTBEAT_S, self.announce)
         b.start("purge-first", self.purge())  # an instance restarted hourly still purges
         b.every("purge", 3600, self.purge)
@@ -1170,9 +1189,38 @@ class Instance:
                     "%s account %s: the provider listed no usable models", account.provider, account.label
                 )
 
+    def _listener_up(self, up: bool) -> None:
+        if up != self.listening:
+            log.info("database change listener %s", "connected" if up else "down; polling for changes")
+        self.listening = up
+
+    async def watch_changes(self) -> None:
+        """Reload what other instances changed: at once when the PostgreSQL listener hears of
+        it, else every `[database] poll_interval` (and every second while listening, in case
+        a notification was missed). Measured between two processes (tests/test_instances.py):
+        a change is seen in ~10 ms listening, in up to poll_interval plus a reload polling."""
+        stopping = self.background.stopping
+        while not stopping.is_set():
+            interval = 1.0 if self.listening else self.settings.database.poll_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changes.wait(), interval)
+            if stopping.is_set():
+                return
+            self.changes.clear()
+            try:
+                await self.poll_versions()
+            except Exception as exc:  # the database is away: the caches stay as they are
+                if not self.poll_failing:
+                    log.warning("cannot read changes from the database (%s); serving from cache", exc)
+                self.poll_failing = True
+                continue
+            if self.poll_failing:
+                log.info("reading changes from the database again")
+            self.poll_failing = False
+
     async def poll_versions(self) -> None:
-        """Reload caches another instance (or the CLI) changed: every second, and at once on
-        `POST /admin/reload` (the CLI asks after a change)."""
+        """Reload caches another instance (or the CLI) changed (`watch_changes`), and at once
+        on `POST /admin/reload` (the CLI asks after a change)."""
         # One pass at a time: an older pass finishing after a newer one would install a stale list.
         async with self.versions_lock:
             versions = await self.store.read_versions()
@@ -1206,6 +1254,8 @@ class Instance:
     async def stop(self) -> None:
         """End the loops politely (before Sanic cancels tasks), then drain usage."""
         if self.opened:
+            self.background.stopping.set()
+            self.changes.set()  # wake the change watcher so it sees `stopping`
             await self.background.stop()
             await self.usage.flush()
             with contextlib.suppress(Exception):  # a stale row is ignored after 90 s anyway

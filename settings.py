@@ -78,6 +78,9 @@ class SecuritySettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = "sqlite:///kleis.db"
+    pool_size: int = 10  # PostgreSQL connections per instance (SQLite opens one per query)
+    listen: bool = True  # PostgreSQL: LISTEN/NOTIFY carries other instances' changes at once
+    poll_interval: float = 0.25  # seconds between change polls when not listening (SQLite, or down)
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,10 @@ def validate_settings(s: Settings) -> None:
         raise ConfigError("[security] secret_key: too short; use at least 16 random characters")
     if not s.database.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise ConfigError("[database] url: must start with sqlite:/// or postgresql://")
+    if not 1 <= s.database.pool_size <= 200:
+        raise ConfigError("[database] pool_size: must be 1-200")
+    if not 0.05 <= s.database.poll_interval <= 60:
+        raise ConfigError("[database] poll_interval: must be 0.05-60 seconds")
     if s.usage.flush_interval <= 0:
         raise ConfigError("[usage] flush_interval: must be greater than 0")
     if s.usage.retention_days < 0:

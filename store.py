@@ -13,13 +13,14 @@ All times are epoch milliseconds. Runtime queries are async (peewee-async).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
 import logging
 import operator
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,6 +59,9 @@ DURATION_BINS = (*(f"duration_le_{b}" for b in DURATION_BOUNDS_MS), f"duration_g
 USAGE_COUNTERS += TTFB_BINS + DURATION_BINS  # schema order: after last_request_at
 COUNTERS_OF = operator.itemgetter(*USAGE_COUNTERS)  # a row's counters, in USAGE_COUNTERS order
 HOUR_MS = 3_600_000  # request_usage_hourly's bucket size
+NOTIFY_CHANNEL = "kleis_changes"  # PostgreSQL LISTEN/NOTIFY channel of cache_versions bumps
+SESSIONS_CHANNEL = "kleis_sessions"  # ... and of session -> account bindings
+NOTIFY_MAX = 7900  # bytes of one NOTIFY payload (PostgreSQL's limit is 8000)
 
 
 # ══ Records ═════════════════════════════════════════════════════════════════
@@ -328,15 +332,23 @@ def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
     if url.startswith("sqlite:///"):
         # aiosqlite opens one connection per acquire; `timeout` is SQLite's busy timeout.
         return peewee_async.SqliteDatabase(url[len("sqlite:///") :], pool_params={"timeout": 15})
-    parts = urlsplit(url)
+    params = pg_params(url)
     return peewee_async.Psycopg3Database(
-        unquote(parts.path.lstrip("/")) or "postgres",
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 5432,
-        user=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        pool_params={"min_size": 1, "max_size": pool_size},
+        params.pop("dbname"), **params, pool_params={"min_size": 1, "max_size": pool_size}
     )
+
+
+def pg_params(url: str) -> dict[str, Any]:
+    """`postgresql://user:password@host:port/db` as psycopg connection keywords (dbname,
+    host, port, user, password), with the defaults Kleis documents (127.0.0.1:5432, postgres)."""
+    parts = urlsplit(url)
+    return {
+        "dbname": unquote(parts.path.lstrip("/")) or "postgres",
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 5432,
+        "user": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+    }
 
 
 def private_sqlite_file(url: str) -> None:
@@ -493,13 +505,85 @@ class Store:
 
     # ── cache versions (cross-instance invalidation) ──
     async def bump_version(self, name: str) -> None:
-        """Tell every instance (this one included) that cached `name` rows changed."""
+        """Tell every instance (this one included) that cached `name` rows changed: the row
+        every instance polls, and on PostgreSQL a `NOTIFY kleis_changes` in the same statement
+        (delivered when it commits) that listening instances act on at once (`listen`)."""
         V = self.m.CacheVersion
-        await (
-            V.insert(name=name, version=1)
-            .on_conflict(conflict_target=[V.name], update={V.version: V.version + 1})
-            .aio_execute()
+        if self.is_sqlite:
+            await (
+                V.insert(name=name, version=1)
+                .on_conflict(conflict_target=[V.name], update={V.version: V.version + 1})
+                .aio_execute()
+            )
+            return
+        await self.db.aio_execute_sql(
+            "WITH v AS (INSERT INTO cache_versions (name, version) VALUES (%s, 1) ON CONFLICT (name) "
+            "DO UPDATE SET version = cache_versions.version + 1 RETURNING name) "
+            f"SELECT pg_notify('{NOTIFY_CHANNEL}', name) FROM v",
+            (name,),
         )
+
+    async def tell_sessions(self, lines: list[str]) -> None:
+        """PostgreSQL only (nothing on SQLite, a single instance): send session bindings
+        (`"<key id> <provider> <digest hex> <account id>"` lines) to every listening instance,
+        as few NOTIFY payloads as fit."""
+        if self.is_sqlite or not lines:
+            return
+        payloads, current = [], ""
+        for line in lines:
+            if current and len(current) + len(line) + 1 > NOTIFY_MAX:
+                payloads.append(current)
+                current = ""
+            current = f"{current}\n{line}" if current else line
+        payloads.append(current)
+        for payload in payloads:
+            await self.db.aio_execute_sql(f"SELECT pg_notify('{SESSIONS_CHANNEL}', %s)", (payload,))
+
+    async def listen(
+        self,
+        changed: Callable[[], None],
+        sessions: Callable[[str], None],
+        connected: Callable[[bool], None],
+    ) -> None:
+        """PostgreSQL only (returns at once on SQLite): hold one connection of its own that
+        LISTENs on `kleis_changes` and calls `changed()` for every notification (and once
+        after each (re)connect, since notifications sent while disconnected are gone), and
+        on `kleis_sessions`, calling `sessions(payload)` (see `tell_sessions`). Reconnects
+        with backoff (0.5 s doubling to 5 s) until cancelled; `connected(bool)` reports the
+        state, so the caller can poll faster while it is down. Notifications are delivered
+        only after the sender's transaction commits (PostgreSQL docs, NOTIFY)."""
+        if self.is_sqlite:
+            return
+        import psycopg
+
+        delay = 0.5
+        while True:
+            try:
+                params = {k: v for k, v in pg_params(self.url).items() if v is not None}
+                async with await psycopg.AsyncConnection.connect(
+                    **params, autocommit=True, connect_timeout=5
+                ) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {SESSIONS_CHANNEL}")
+                    connected(True)
+                    changed()
+                    delay = 0.5
+                    async for note in conn.notifies():
+                        if note.channel == SESSIONS_CHANNEL:
+                            sessions(note.payload)
+                        else:
+                            changed()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info(
+                    "database change listener disconnected (%s); retrying in %.1f s",
+                    database_problem(self.url, exc, "listen to").args[0],
+                    delay,
+                )
+            connected(False)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def read_versions(self) -> dict[str, int]:
         return {r.name: r.version for r in await self.m.CacheVersion.select().aio_execute()}
@@ -747,6 +831,16 @@ class Store:
         )
         return bool(taken)
 
+    async def renew_refresh_lease(self, account_id: str, lease: str, lease_ms: int) -> bool:
+        """Extend a lease this caller still holds to `lease_ms` from now; False when lost."""
+        A = self.m.Account
+        renewed = (
+            await A.update(refresh_lock_expires_at=self.clock.now() + lease_ms)
+            .where((A.id == account_id) & (A.refresh_lock_token == lease))
+            .aio_execute()
+        )
+        return bool(renewed)
+
     async def release_refresh_lease(self, account_id: str, lease: str) -> None:
         A = self.m.Account
         await (
@@ -763,28 +857,41 @@ class Store:
         refresh_token: str,
         expires_at: int,
         metadata: dict,
+        replaced: str,
     ) -> bool:
-        """Commit refreshed tokens and release the lease in one statement, only while `lease`
-        is still ours; False when the lease was lost (the tokens were not saved)."""
+        """Commit refreshed tokens and release the lease in one statement while `lease` is
+        still ours. A lost lease (it expired while the database was unreachable, and another
+        instance took it) still saves them when the stored refresh token is still
+        `replaced`, the one this refresh used: nobody else rotated it, and the provider has
+        already invalidated it, so these tokens are the only good ones. False when someone
+        else rotated it meanwhile (theirs are kept)."""
         A = self.m.Account
         now = self.clock.now()
+        values = dict(
+            **self._sealed(access_token, refresh_token),
+            expires_at=expires_at,
+            metadata_json=_dumps(metadata),
+            status="ok",
+            last_refresh_at=now,
+            last_refresh_status="success",
+            last_error=None,
+            updated_at=now,
+        )
+        released = dict(refresh_lock_token=None, refresh_lock_expires_at=None)
         written = (
-            await A.update(
-                **self._sealed(access_token, refresh_token),
-                expires_at=expires_at,
-                metadata_json=_dumps(metadata),
-                status="ok",
-                last_refresh_at=now,
-                last_refresh_status="success",
-                last_error=None,
-                refresh_lock_token=None,
-                refresh_lock_expires_at=None,
-                updated_at=now,
-            )
+            await A.update(**values, **released)
             .where((A.id == account_id) & (A.refresh_lock_token == lease))
             .aio_execute()
         )
-        return bool(written)
+        if written:
+            return True
+        async with self.db.aio_atomic():
+            row = await A.select(A.refresh_token_enc).where(A.id == account_id).aio_first()
+            if row is None or self.vault.open(row.refresh_token_enc) != replaced:
+                return False
+            unchanged = (A.id == account_id) & (A.refresh_token_enc == row.refresh_token_enc)
+            await A.update(**values).where(unchanged).aio_execute()
+        return True
 
     async def save_refresh_failure(
         self, account_id: str, lease: str, message: str, needs_reauth: bool
