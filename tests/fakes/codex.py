@@ -60,6 +60,10 @@ class FakeCodex(FakeServer):
         super().__init__()
         self.access_ttl = 3600  # seconds an issued access token lives (0 = born expired)
         self.token_delay = 0.0  # seconds /oauth/token waits before answering
+        # When set, /oauth/token waits until it is set; a caller gone by then was never served
+        # (the grant is not processed), like a provider that never saw the whole request.
+        self.token_gate: asyncio.Event | None = None
+        self.token_waiting: list[web.Request] = []  # token requests held at the gate
         self.refresh_calls = 0  # refresh_token grants received, good or bad
         self.rotate_refresh = True  # False: refreshes return no new refresh token; the old one stays
         self.identity = {"account_id": "acct_1", "email": "a@example.com"}  # who logs in next
@@ -566,6 +570,14 @@ class FakeCodex(FakeServer):
         rec = await self.record(request)
         if self.token_delay:
             await asyncio.sleep(self.token_delay)
+        if self.token_gate is not None:
+            self.token_waiting.append(request)
+            try:
+                await self.token_gate.wait()
+            finally:
+                self.token_waiting.remove(request)
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=499)
         form = rec.form
         if form.get("client_id") != CLIENT_ID:
             return web.json_response({"error": "invalid_client"}, status=401)
