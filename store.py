@@ -61,6 +61,7 @@ COUNTERS_OF = operator.itemgetter(*USAGE_COUNTERS)  # a row's counters, in USAGE
 HOUR_MS = 3_600_000  # request_usage_hourly's bucket size
 NOTIFY_CHANNEL = "kleis_changes"  # PostgreSQL LISTEN/NOTIFY channel of cache_versions bumps
 SESSIONS_CHANNEL = "kleis_sessions"  # ... and of session -> account bindings
+SCHEMA_LOCK = 0x6B6C6569  # PostgreSQL advisory lock id held while the schema is applied ("klei")
 NOTIFY_MAX = 7900  # bytes of one NOTIFY payload (PostgreSQL's limit is 8000)
 
 
@@ -455,10 +456,14 @@ class Store:
     async def _open(self) -> None:
         await self.db.aio_connect()
         db = self.db
-        fresh = "provider_accounts" not in await db.aio_get_tables()
         if self.is_sqlite:
             await db.aio_execute_sql("PRAGMA journal_mode=WAL")
         async with db.aio_connection():
+            if not self.is_sqlite:
+                # Instances starting together on one database apply the schema one at a time
+                # (concurrent CREATEs collide in PostgreSQL's catalogue); released with the session.
+                await db.aio_execute_sql(f"SELECT pg_advisory_lock({SCHEMA_LOCK})")
+            fresh = "provider_accounts" not in await db.aio_get_tables()
             for statement in schema_statements(SCHEMA_FILE.read_text()):
                 await db.aio_execute_sql(statement)
             done = {r.version for r in await self.m.SchemaMigration.select().aio_execute()}
@@ -472,6 +477,8 @@ class Store:
                     version=path.stem, applied_at=self.clock.now()
                 ).aio_execute()
             await self._install_usage_triggers()
+            if not self.is_sqlite:
+                await db.aio_execute_sql(f"SELECT pg_advisory_unlock({SCHEMA_LOCK})")
 
     async def close(self) -> None:
         await self.db.aio_close()

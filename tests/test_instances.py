@@ -104,8 +104,9 @@ async def pair(tmp_path, http, pg_url, codex_fake):
     async def start(**extra) -> tuple[Node, Node]:
         made = [Node(tmp_path, n, pg_url, {"codex": codex_fake}, secret_key, extra) for n in ("a", "b")]
         nodes.extend(made)
-        a = await made[0].start(http)  # the first one applies the schema
-        return a, await made[1].start(http)
+        # Started together on the fresh database: the schema is applied once, under a lock.
+        a, b = await asyncio.gather(made[0].start(http), made[1].start(http))
+        return a, b
 
     yield start
     for node in nodes:
