@@ -262,6 +262,7 @@ class AccountPool:
         # (key id, provider, session digest) -> (account id, last use ms, last told ms)
         self.sticky: OrderedDict[tuple, tuple[str, int, int]] = OrderedDict()
         self._untold: list[str] = []  # bindings not yet told to the other instances
+        self.shares_sessions = not store.is_sqlite  # only PostgreSQL has other instances to tell
         self.refresh_outcomes: dict[str, int] = {"success": 0, "failed": 0, "reauth": 0}
         self._locks: dict[str, asyncio.Lock] = {}
         self._cooldown_writes: dict[str, tuple[asyncio.Task, tuple]] = {}
@@ -411,7 +412,7 @@ class AccountPool:
         now = self.clock.now()
         old = self.sticky.get(entry)
         told = old[2] if old is not None and old[0] == account.id else 0
-        if now - told > STICKY_RETELL_MS:
+        if now - told > STICKY_RETELL_MS and self.shares_sessions:
             told = now
             self._untold.append(f"{key.id} {provider} {entry[2].hex()} {account.id}")
             if len(self._untold) == 1:

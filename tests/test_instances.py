@@ -24,6 +24,7 @@ import aiohttp
 import psycopg
 import pytest
 
+from runtime import ManualClock
 from tests.conftest import wait_for, write_config
 from tests.fakes.codex import DEFAULT_USAGE, FakeCodex
 from tests.test_cli import KLEIS, free_port
@@ -380,3 +381,40 @@ async def test_an_instance_killed_holding_the_refresh_lease_is_taken_over(pair, 
     view = await b.account(http, account["id"])
     assert view["status"] == "ok" and view["lastRefreshStatus"] == "success"
     print(f"\nlease holder killed: the other instance served after {took:.1f} s, no error in between")
+
+
+async def test_a_lease_held_elsewhere_is_waited_for_then_503_without_a_cooldown(start_kleis, codex_fake):
+    """In one process with a manual clock: another (live) instance holds the refresh lease
+    for longer than Kleis waits. The client gets 503 refresh_in_progress with Retry-After;
+    the account is not rested and nothing reaches the upstream. Once the lease is free the
+    next request refreshes and is served."""
+    clock = ManualClock()
+    kleis = await start_kleis(clock=clock)
+    grant = {**codex_fake.grant(), "expires_at": clock.now() + 30_000}  # within the 60 s margin
+    account = await kleis.import_account("codex", grant)
+    key, _ = await kleis.create_key(label="waits")
+    store = kleis.services.store
+    assert await store.take_refresh_lease(account["id"], "another-instance", 3_600_000)
+
+    async def send():
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "gpt-5.5", "input": "hi"}
+        async with kleis.http.post(kleis.url + RESPONSES, json=body, headers=headers) as resp:
+            return resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+    waiting = asyncio.create_task(send())
+    await wait_for(lambda: kleis.services.background.named(f"refresh-{account['id']}"))
+    assert not waiting.done()  # it waits for the other instance
+    clock.advance(31_000)  # past the 30 s wait
+    status, body, retry_after = await waiting
+    assert status == 503 and body["error"]["code"] == "refresh_in_progress", body
+    assert retry_after == "5"
+    _, listed = await kleis.admin("GET", "/admin/accounts")
+    view = next(a for a in listed["accounts"] if a["id"] == account["id"])
+    assert view["status"] == "ok" and view["cooldownUntil"] is None
+    assert codex_fake.refresh_calls == 0 and not codex_fake.calls("/responses")
+
+    await store.release_refresh_lease(account["id"], "another-instance")
+    status, body, _ = await send()
+    assert status == 200, body
+    assert codex_fake.refresh_calls == 1
