@@ -87,9 +87,11 @@ class Server:
             await wait_for(up, timeout=20, interval=0.05)
         return self
 
-    def stop(self) -> str:
+    async def stop(self) -> str:
+        """SIGTERM and wait, letting this loop run meanwhile (the fakes the server talks to
+        live in it)."""
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=20)
+        await asyncio.to_thread(self.proc.wait, 20)
         return self.proc.communicate()[1]
 
 
@@ -120,7 +122,8 @@ async def test_rotate_secret_never_locks_a_running_server_out(tmp_path, codex_fa
     config = write_config(tmp_path, {"codex": codex_fake}, old)
     auth = tmp_path / "auth.json"
     auth.write_text(json.dumps(codex_fake.codex_auth_file(account_id="acct_rot")))
-    assert run(config, "accounts", "import", "codex", str(auth)).returncode == 0
+    # In a thread: the import asks the fake (on this loop) who the account is.
+    assert (await asyncio.to_thread(run, config, "accounts", "import", "codex", str(auth))).returncode == 0
     server = await Server(config).start()
     try:
         async with http.post(server.url + "/admin/keys", json={"label": "l"}, headers=ADMIN) as resp:
@@ -129,7 +132,7 @@ async def test_rotate_secret_never_locks_a_running_server_out(tmp_path, codex_fa
         before = sealed(tmp_path)
 
         # What the README used to say: the CLI re-encrypts with a key the server does not have.
-        refused = run(config, "rotate-secret", env={"KLEIS_NEW_SECRET_KEY": new})
+        refused = await asyncio.to_thread(run, config, "rotate-secret", env={"KLEIS_NEW_SECRET_KEY": new})
         assert refused.returncode == 1, refused.stderr
         assert "a running Kleis seals tokens with another key" in refused.stderr
         assert "previous_secret_keys" in refused.stderr and "Traceback" not in refused.stderr
@@ -141,10 +144,10 @@ async def test_rotate_secret_never_locks_a_running_server_out(tmp_path, codex_fa
         config.write_text(
             config.read_text().replace("[security]\n", f'[security]\nprevious_secret_keys = ["{old}"]\n')
         )
-        server.stop()
+        await server.stop()
         server = await Server(config).start()
         assert await proxied(http, server, key) == 200
-        done = run(config, "rotate-secret")
+        done = await asyncio.to_thread(run, config, "rotate-secret")
         assert done.returncode == 0, done.stderr
         assert "Every token is now sealed with [security] secret_key (1 accounts)" in done.stdout
         # The running server reads the resealed row (a forced refresh re-reads it from the database).
@@ -157,11 +160,11 @@ async def test_rotate_secret_never_locks_a_running_server_out(tmp_path, codex_fa
         assert all(only_new.open(value) for value in sealed(tmp_path))  # the old key is not needed
         # Step 4: drop the fallback and restart.
         config.write_text(config.read_text().replace(f'previous_secret_keys = ["{old}"]\n', ""))
-        server.stop()
+        await server.stop()
         server = await Server(config).start()
         assert await proxied(http, server, key) == 200
     finally:
-        server.stop()
+        await server.stop()
 
 
 async def test_rotate_secret_without_a_running_server_prints_the_new_key(tmp_path, cli, codex_fake):
