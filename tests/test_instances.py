@@ -418,3 +418,36 @@ async def test_a_lease_held_elsewhere_is_waited_for_then_503_without_a_cooldown(
     status, body, _ = await send()
     assert status == 200, body
     assert codex_fake.refresh_calls == 1
+
+
+async def test_tokens_refreshed_after_the_lease_lapsed_are_still_saved(start_kleis, codex_fake):
+    """The lease lapses while the provider is slow (say the database was away when it should
+    have been renewed) and another instance takes it: the rotated tokens this refresh got are
+    still committed, since the stored refresh token is still the one it used (the provider has
+    already invalidated it). Losing them would leave the account needing a new login."""
+    clock = ManualClock()
+    kleis = await start_kleis(clock=clock)
+    grant = {**codex_fake.grant(), "expires_at": clock.now() + 30_000}
+    account = await kleis.import_account("codex", grant)
+    key, _ = await kleis.create_key(label="lapse")
+    store = kleis.services.store
+    codex_fake.token_gate = gate = asyncio.Event()
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        sent = kleis.http.post(
+            kleis.url + RESPONSES, json={"model": "gpt-5.5", "input": "hi"}, headers=headers
+        )
+        waiting = asyncio.create_task(sent)
+        await wait_for(lambda: codex_fake.token_waiting, timeout=10)
+        clock.advance(11_000)  # past the 10 s lease, before any renewal
+        assert await store.take_refresh_lease(account["id"], "another-instance", 10_000)
+        gate.set()
+        resp = await waiting
+        assert resp.status == 200, await resp.text()
+        resp.release()
+    finally:
+        gate.set()
+    stored = await store.get_account(account["id"])
+    issued = [t for t, entry in codex_fake.refresh_tokens.items() if not entry["used"]]
+    assert stored.refresh_token in issued and stored.refresh_token != grant["refresh_token"]
+    assert codex_fake.refresh_calls == 1
