@@ -180,6 +180,7 @@ KEEPALIVE = b": kleis-keepalive\n\n"
 FAILOVER_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 MAX_ERROR_BODY = 1024 * 1024
 MAX_MODEL_CHARS = 256
+MODEL_UNFIT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # Errors that mean this process, not the upstream, ran out of something (see Proxy._send).
 LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 LOCAL_RESOURCE_RETRY_S = 2
@@ -365,6 +366,10 @@ def parse_proxy_body(raw: bytes) -> dict:
         raise MissingModel("the request must include a non-empty model field")
     if len(model) > MAX_MODEL_CHARS:  # it is a usage key and a log field: bounded
         raise BadRequest(f"the model field is longer than {MAX_MODEL_CHARS} characters")
+    if MODEL_UNFIT.search(model):
+        # A lone surrogate cannot be stored as UTF-8 (the usage flush would fail for good and
+        # hold every other bucket back); control characters would forge log lines.
+        raise BadRequest("the model field has control characters or lone surrogate escapes")
     return body
 
 

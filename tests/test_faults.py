@@ -260,3 +260,22 @@ async def test_fuzz_proxy_routes_never_answer_5xx(start_kleis, fakes, provider):
     # hypothesis drives a blocking function: run it in a thread, the server on this loop.
     await asyncio.to_thread(run)
     assert len(seen) >= 50 and any(s == 200 for s, _ in seen) and any(s == 400 for s, _ in seen)
+    # Whatever was accepted can be stored: the usage flush goes through (nothing held back).
+    rows = await kleis.buckets()
+    assert sum(r["success_count"] for r in rows) == sum(1 for s, _ in seen if s == 200)
+    assert kleis.services.usage.depth == 0
+
+
+@pytest.mark.parametrize("model", ["\\ud800", "gpt-5.5\\u001b[31m", "a\\u0085b"])
+async def test_a_model_with_lone_surrogates_or_control_characters_is_400(start_kleis, codex_fake, model):
+    """Such a model name could not be stored as UTF-8 (the usage flush would fail for good,
+    holding every other bucket back) or would forge log lines."""
+    kleis, key = await with_accounts(start_kleis, {"codex": codex_fake})
+    raw = ('{"model": "' + model + '", "input": "hi"}').encode()
+    status, _, answer = await post(kleis, key, "codex", raw)
+    assert "control characters or lone surrogate" in envelope_error("codex", status, answer, 400)["message"]
+    assert not codex_fake.calls("/responses")
+    status, _, _ = await post(kleis, key, "codex", json.dumps(body_for("codex")).encode())
+    assert status == 200
+    (row,) = await kleis.buckets()
+    assert row["model"] == MODELS["codex"] and row["request_count"] == 1
