@@ -3,6 +3,8 @@ PY    ?= python3
 VENV  := .venv
 BIN   := $(VENV)/bin
 ARGS  ?=
+# pytest-xdist worker processes (this machine has 2 cores); WORKERS=0 runs in one process.
+WORKERS ?= 2
 
 .PHONY: help run test lint fmt check bench clean
 .DEFAULT_GOAL := help
@@ -20,8 +22,8 @@ $(VENV)/.ok: requirements.txt requirements-dev.txt
 run: $(VENV)/.ok                        ## serve on 127.0.0.1:8787 (creates config.toml on first start)
 	$(BIN)/python kleis.py serve --config config.toml
 
-test: $(VENV)/.ok                       ## run the whole suite; pass ARGS="-k usage -x"
-	$(BIN)/pytest $(ARGS)
+test: $(VENV)/.ok                       ## run the whole suite on WORKERS processes; pass ARGS="-k usage -x"
+	$(BIN)/pytest -n $(WORKERS) $(ARGS)
 
 check: $(VENV)/.ok                      ## validate config.toml and the providers, then exit
 	$(BIN)/python kleis.py check --config config.toml
