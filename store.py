@@ -337,8 +337,6 @@ def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
     if url.startswith("sqlite:///"):
         # aiosqlite opens one connection per acquire; `timeout` is SQLite's busy timeout.
         return peewee_async.SqliteDatabase(url[len("sqlite:///") :], pool_params={"timeout": 15})
-    from psycopg_pool import AsyncConnectionPool
-
     parts = urlsplit(url)
     return peewee_async.Psycopg3Database(
         unquote(parts.path.lstrip("/")) or "postgres",
@@ -350,12 +348,6 @@ def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
             "min_size": 1,
             "max_size": pool_size,
             "reconnect_timeout": RECONNECT_GIVE_UP_S,
-            # An idle connection is checked (one empty query) before it is handed out: after
-            # PostgreSQL restarted, every pooled connection is dead, and without the check each
-            # one failed its next query although the server was back (/readyz 503, an admin
-            # call 500, a usage flush retried). Runtime queries are few (the request path has
-            # none), so the extra round trip costs nothing that matters.
-            "check": AsyncConnectionPool.check_connection,
         },
     )
 
