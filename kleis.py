@@ -1213,10 +1213,12 @@ class Instance:
                 return
             self.changes.clear()
             try:
-                await self.poll_versions()
+                async with asyncio.timeout(5):  # not the pool's 30 s wait while the database is away
+                    await self.poll_versions()
             except Exception as exc:  # the database is away: the caches stay as they are
                 if not self.poll_failing:
-                    log.warning("cannot read changes from the database (%s); serving from cache", exc)
+                    reason = str(exc)[:200] or type(exc).__name__
+                    log.warning("cannot read changes from the database (%s); serving from cache", reason)
                 self.poll_failing = True
                 continue
             if self.poll_failing:
@@ -1438,7 +1440,7 @@ def create_app(
         # A write, not only a read: a read-only database answers SELECT but loses usage and
         # refreshed tokens. The exception's class only: its text may name paths or hosts.
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(2):  # a balancer's probe gives up after a few seconds
                 await kleis.store.check_writable()
         except Exception as exc:
             log.error("readiness: the database does not accept writes (%s)", str(exc)[:200])

@@ -342,12 +342,19 @@ def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
     if url.startswith("sqlite:///"):
         # aiosqlite opens one connection per acquire; `timeout` is SQLite's busy timeout.
         return peewee_async.SqliteDatabase(url[len("sqlite:///") :], pool_params={"timeout": 15})
+    import psycopg_pool
+
     params = pg_params(url)
-    return peewee_async.Psycopg3Database(
-        params.pop("dbname"),
-        **params,
-        pool_params={"min_size": 1, "max_size": pool_size, "reconnect_timeout": RECONNECT_GIVE_UP_S},
-    )
+    pool = {
+        "min_size": 1,
+        "max_size": pool_size,
+        "reconnect_timeout": RECONNECT_GIVE_UP_S,
+        # An idle connection is checked (one round trip) before it is handed out: after a
+        # quick PostgreSQL restart every pooled connection is dead, and each would otherwise
+        # fail one admin call, flush or /readyz probe before being replaced.
+        "check": psycopg_pool.AsyncConnectionPool.check_connection,
+    }
+    return peewee_async.Psycopg3Database(params.pop("dbname"), **params, pool_params=pool)
 
 
 def pg_params(url: str) -> dict[str, Any]:

@@ -43,13 +43,15 @@ class Node:
         sections = {**extra, "server": {"port": self.port, **extra.get("server", {})}}
         self.token = write_config(self.config, db_url, fakes, sections, secret_key)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"{name}.log"  # a file, not a pipe: a full pipe would stall the server
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, http: aiohttp.ClientSession) -> Node:
-        self.proc = await asyncio.create_subprocess_exec(
-            *KLEIS, "--config", str(self.config), "serve",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        with self.log.open("wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *KLEIS, "--config", str(self.config), "serve",
+                stdout=asyncio.subprocess.DEVNULL, stderr=log,
+            )  # fmt: skip
 
         async def up():
             if self.proc.returncode is not None:
@@ -93,7 +95,7 @@ class Node:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        return (await self.proc.stderr.read()).decode()
+        return self.log.read_text()
 
 
 @pytest.fixture
