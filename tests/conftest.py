@@ -286,3 +286,22 @@ async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01):
         if loop.time() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(interval)
+
+
+async def until_serving(http, url: str, exited, path: str = "/readyz", timeout: float = 20) -> None:
+    """Poll `url + path` until it answers 200 (a server process starting up). `exited()`
+    returns None while the process runs, else what it printed: then fail with that."""
+
+    async def up():
+        output = exited()
+        if asyncio.iscoroutine(output):
+            output = await output
+        if output is not None:
+            raise AssertionError(f"the server exited: {output[-2000:]}")
+        try:
+            async with http.get(url + path) as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(up, timeout=timeout, interval=0.05)

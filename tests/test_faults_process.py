@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import wait_for, write_config
+from tests.conftest import until_serving, wait_for, write_config
 from tests.test_cli import KLEIS, ROOT, free_port
 
 LAUNCHER = textwrap.dedent(
@@ -75,16 +75,12 @@ class Server:
             *self.command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
 
-        async def up():
-            if self.proc.returncode is not None:
-                raise AssertionError(f"kleis exited {self.proc.returncode}: {await self.proc.stderr.read()}")
-            try:
-                async with http.get(self.url + "/healthz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
+        async def exited():
+            if self.proc.returncode is None:
+                return None
+            return f"exit {self.proc.returncode}: {(await self.proc.stderr.read()).decode()}"
 
-        await wait_for(up, timeout=20, interval=0.05)
+        await until_serving(http, self.url, exited, path="/healthz")
         return self
 
     @property

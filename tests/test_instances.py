@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from runtime import ManualClock
-from tests.conftest import wait_for, write_config
+from tests.conftest import until_serving, wait_for, write_config
 from tests.fakes.codex import DEFAULT_USAGE, FakeCodex
 from tests.test_cli import KLEIS, free_port
 
@@ -53,18 +53,9 @@ class Node:
                 stdout=asyncio.subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
 
-        async def up():
-            if self.proc.returncode is not None:
-                raise AssertionError(
-                    f"{self.name} exited: {(await self.proc.stderr.read()).decode()[-2000:]}"
-                )
-            try:
-                async with http.get(self.url + "/readyz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_for(up, timeout=20, interval=0.05)
+        await until_serving(
+            http, self.url, lambda: None if self.proc.returncode is None else self.log.read_text()
+        )
         return self
 
     async def admin(self, http, method: str, path: str, body: dict | None = None, expect: int = 200):

@@ -25,7 +25,7 @@ import tomli_w
 
 from settings import Vault
 from tests import test_cli
-from tests.conftest import wait_for
+from tests.conftest import until_serving
 from tests.test_cli import KLEIS, ROOT, free_port, ok
 
 cli = test_cli.cli  # the fixture: `cli(*args, env=None)` runs kleis.main in this process
@@ -74,17 +74,9 @@ class Server:
             text=True,
         )
         async with aiohttp.ClientSession() as http:
-
-            async def up():
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"server exited: {self.proc.communicate()[1][-2000:]}")
-                try:
-                    async with http.get(self.url + "/readyz") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(up, timeout=20, interval=0.05)
+            await until_serving(
+                http, self.url, lambda: None if self.proc.poll() is None else self.proc.communicate()[1]
+            )
         return self
 
     async def stop(self) -> str:
