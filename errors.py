@@ -184,6 +184,13 @@ class RefreshInProgress(Retryable):
     status, code = 503, "refresh_in_progress"
 
 
+class StoreUnavailable(Retryable):
+    """The database refused or could not do what the request needed (unreachable, read-only,
+    restarting); nothing was changed. Logged in one line, without a traceback."""
+
+    status, code = 503, "database_unavailable"
+
+
 class AccountGone(NoAccount):
     status, code = 404, "not_found"
     default_message = "the account was deleted while refreshing"

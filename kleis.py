@@ -73,6 +73,7 @@ from errors import (
     RefreshInProgress,
     RequestTooLarge,
     ShuttingDown,
+    StoreUnavailable,
     TooManyAttempts,
     TransformFailed,
     UnsupportedContentEncoding,
@@ -89,7 +90,7 @@ from providers import Context, Cooldown, LoadedProvider, ProviderError, ProxyReq
 from providers._sse import last_boundary_end
 from runtime import Background, Clock
 from settings import ConfigError, ServerSettings, Settings, Vault, check_value, new_id
-from store import KeyRecord, Store, database_problem
+from store import KeyRecord, Store, database_failure, database_problem
 from usage import Metrics, Outcome, UsageQueue, classify
 
 VERSION = "0.1.0"
@@ -1059,7 +1060,7 @@ class Instance:
         self.settings = settings
         self.clock = clock = clock or Clock()
         self.providers = load_providers(settings)
-        self.background = Background(log)
+        self.background = Background(log, expected=database_failure)
         url = database_url(settings)
         sec = settings.security
         self.store = Store(
@@ -1360,6 +1361,10 @@ def as_kleis_error(exc: Exception, request: Request, max_body_mb: int) -> KleisE
         return error
     if isinstance(exc, ConfigError):
         return ConfigProblem(str(exc))
+    if database_failure(exc):  # read-only after a failover, restarting, unreachable
+        cause = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.error("database error on %s %s: %s: %s", request.method, request.path, type(exc).__name__, cause)
+        return StoreUnavailable("the database did not accept this operation; retry in a few seconds", 5)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return KleisError()
 

@@ -54,8 +54,11 @@ class Background:
     every `seconds` until `stop()`. `stop()` ends the loops (they finish their current
     round), waits up to `timeout` seconds for the rest and cancels what is left."""
 
-    def __init__(self, log: logging.Logger):
+    def __init__(self, log: logging.Logger, expected: Callable[[BaseException], bool] = lambda exc: False):
+        """`expected(exc)`: failures logged in one line, without a traceback (the database
+        being away is an operating condition, not a bug)."""
         self.log = log
+        self.expected = expected
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
         self._loops: set[asyncio.Task] = set()
@@ -103,8 +106,8 @@ class Background:
                 return
             try:
                 await job()
-            except Exception:
-                self.log.exception("background job %s failed", name)
+            except Exception as exc:
+                self._report(f"background job {name}", exc)
 
     def _finished(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
@@ -113,7 +116,14 @@ class Background:
         quiet = task in self._quiet
         self._quiet.discard(task)
         if not task.cancelled() and task.exception() is not None and not quiet:
-            self.log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+            self._report(f"background task {task.get_name()}", task.exception())
+
+    def _report(self, what: str, exc: BaseException) -> None:
+        if self.expected(exc):
+            cause = (str(exc).strip().splitlines() or [""])[0][:200]
+            self.log.error("%s failed: %s: %s", what, type(exc).__name__, cause)
+        else:
+            self.log.error("%s failed", what, exc_info=exc)
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait (bounded) for the one-off tasks running now, e.g. pending writes."""

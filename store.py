@@ -91,6 +91,15 @@ def database_problem(url: str, exc: BaseException, doing: str = "open") -> Datab
     return DatabaseUnavailable(f"[database] url: cannot {doing} {where}: {cause}")
 
 
+DRIVER_MODULES = ("psycopg", "psycopg_pool", "sqlite3", "aiosqlite", "peewee", "peewee_async")
+
+
+def database_failure(exc: BaseException) -> bool:
+    """True when `exc` comes from the database or its driver (any of their exception
+    classes), so a caller can answer 503 instead of a 500; no driver is imported for it."""
+    return any(cls.__module__.split(".")[0] in DRIVER_MODULES for cls in type(exc).__mro__[:-2])
+
+
 class UsageWriteFailed(Exception):
     """`Store.add_usage` failed. `maybe_committed` is False when the transaction certainly did
     not commit (it failed before COMMIT), True when COMMIT itself failed or its answer was lost,

@@ -444,3 +444,20 @@ async def test_tokens_refreshed_after_the_lease_lapsed_are_still_saved(start_kle
     issued = [t for t, entry in codex_fake.refresh_tokens.items() if not entry["used"]]
     assert stored.refresh_token in issued and stored.refresh_token != grant["refresh_token"]
     assert codex_fake.refresh_calls == 1
+
+
+async def test_admin_writes_on_a_read_only_database_are_503_without_a_traceback(start_kleis, pg_url, caplog):
+    """A standby promoted the wrong way round, or a database set read-only: an admin write is
+    a 503 in the admin envelope with one log line, not a 500 and a traceback."""
+    kleis = await start_kleis(db_url=pg_url)
+    name = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_url.rsplit("/", 1)[0] + "/test", autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+    _, body = await kleis.admin("POST", "/admin/keys", {"label": "ro"}, expect=503)
+    assert body["error"] == "database_unavailable", body
+    assert "Traceback" not in caplog.text and "read-only transaction" in caplog.text
