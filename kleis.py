@@ -90,7 +90,7 @@ from providers import Context, Cooldown, LoadedProvider, ProviderError, ProxyReq
 from providers._sse import last_boundary_end
 from runtime import Background, Clock
 from settings import ConfigError, ServerSettings, Settings, Vault, check_value, new_id
-from store import KeyRecord, Store, database_failure, database_problem
+from store import INSTANCE_LIVE_MS, KeyRecord, Store, database_failure, database_problem
 from usage import Metrics, Outcome, UsageQueue, classify
 
 VERSION = "0.1.0"
@@ -1128,6 +1128,7 @@ class Instance:
                 now=self.clock.now,
                 log=logging.getLogger(f"kleis.{provider.name}"),
             )
+        await check_secret_key(self.store, self.clock.now(), self.instance_id)
         self.versions = await self.store.read_versions()
         await self.keys.load()
         await self.pool.load()
@@ -1705,6 +1706,31 @@ def database_url(settings: Settings) -> str:
     return url
 
 
+async def check_secret_key(store: Store, now: int, me: str | None = None) -> None:
+    """Refuse to run (ConfigError, exit 2) with a `[security] secret_key` that cannot open
+    the tokens in the database, or that differs from a running instance's sealing key (`me`:
+    this instance's id, not compared with itself): such an instance would answer every client
+    `no_account` while looking healthy, and accounts it imported would be invisible to the
+    others."""
+    hint = (
+        "every instance and CLI sharing a database needs the same [security] secret_key "
+        "(during a rotation, the old one in previous_secret_keys; see `rotate-secret`)"
+    )
+    unreadable = await store.unreadable_accounts()
+    if unreadable:
+        raise ConfigError(
+            f"[security] secret_key: {unreadable} account(s) in the database are sealed with "
+            f"another secret key; {hint}"
+        )
+    mine = store.vault.key_ids
+    for other in await store.live_instances(now - INSTANCE_LIVE_MS):
+        if other["id"] != me and other["key_ids"][0] not in mine:
+            raise ConfigError(
+                f"[security] secret_key: the Kleis running on {other['host']} (pid {other['pid']}) "
+                f"seals tokens with key {other['key_ids'][0]}, this config has {', '.join(mine)}; {hint}"
+            )
+
+
 async def check_database(settings: Settings) -> None:
     """Before serving: the database opens (schema applied) and takes a write. Raises
     DatabaseUnavailable, one line (a missing folder, a read-only file, a refused login), so
@@ -1715,6 +1741,9 @@ async def check_database(settings: Settings) -> None:
     await store.open()
     try:
         await store.check_writable()
+        await check_secret_key(store, store.clock.now())
+    except ConfigError:
+        raise
     except Exception as exc:
         raise database_problem(url, exc, "write to") from None
     finally:

@@ -481,6 +481,14 @@ class Store:
             raise database_problem(self.url, exc) from None
 
     async def _open(self) -> None:
+        if not self.is_sqlite:
+            # One direct connection first: the pool would retry quietly for 30 s and then
+            # report only its timeout, hiding the cause (no such database, role, password).
+            import psycopg
+
+            params = {k: v for k, v in pg_params(self.url).items() if v is not None}
+            async with await psycopg.AsyncConnection.connect(**params, connect_timeout=5):
+                pass
         await self.db.aio_connect()
         db = self.db
         if self.is_sqlite:
@@ -745,6 +753,17 @@ class Store:
             except ConfigError as exc:
                 log.error("account %s (%s): %s", row.id, row.provider, exc)
         return out
+
+    async def unreadable_accounts(self) -> int:
+        """How many accounts' tokens this store's vault cannot open (sealed with a secret key
+        it does not have)."""
+        A, unreadable = self.m.Account, 0
+        for row in await A.select(A.access_token_enc).aio_execute():
+            try:
+                self.vault.open(row.access_token_enc)
+            except ConfigError:
+                unreadable += 1
+        return unreadable
 
     async def get_account(self, account_id: str) -> AccountRecord | None:
         A = self.m.Account

@@ -260,8 +260,8 @@ def test_rotate_secret_reencrypts_tokens(tmp_path, cli):
     assert rotated.out.strip().splitlines()[-1] == "n" * 32
     assert "Put this in [security] secret_key" in rotated.out  # not eaten as rich markup
     # The old key no longer opens the tokens; the new one does (via the environment).
-    old = ok(cli("accounts", "list", "--json"))
-    assert json.loads(old.out) == [] and "secret_key changed" in old.err
+    old = cli("accounts", "list", "--json")  # refused at once: it would see no account at all
+    assert old.code == 2 and "sealed with another secret key" in old.err
     listed = ok(cli("accounts", "list", "--json", env={"KLEIS_SECRET_KEY": "n" * 32}))
     assert json.loads(listed.out)[0]["accountId"] == "acct_file"
     [(sealed,)] = db_rows(tmp_path, "SELECT refresh_token_enc FROM provider_accounts")

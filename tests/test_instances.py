@@ -461,3 +461,48 @@ async def test_admin_writes_on_a_read_only_database_are_503_without_a_traceback(
     _, body = await kleis.admin("POST", "/admin/keys", {"label": "ro"}, expect=503)
     assert body["error"] == "database_unavailable", body
     assert "Traceback" not in caplog.text and "read-only transaction" in caplog.text
+
+
+async def test_an_instance_with_another_secret_key_refuses_to_start(pair, tmp_path, http, pg_url, codex_fake):
+    """Every host's `init` makes its own random key: an instance that joins with another one
+    would look healthy and answer every client no_account. It stops at start, exit 2, and says
+    which key the running instance uses."""
+    a, _ = await pair()
+    other = Node(tmp_path, "d", pg_url, {"codex": codex_fake}, secrets.token_urlsafe(24), {})
+    with other.log.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *KLEIS, "--config", str(other.config), "serve", stdout=asyncio.subprocess.DEVNULL, stderr=log
+        )
+        assert await asyncio.wait_for(proc.wait(), 30) == 2
+    said = other.log.read_text()
+    assert "seals tokens with key" in said and "needs the same [security] secret_key" in said
+    assert "Traceback" not in said
+
+    await a.admin(http, "POST", "/accounts/codex/import", import_body(codex_fake), expect=201)
+    with other.log.open("wb") as log:  # an account sealed with another key: the same refusal
+        run = await asyncio.create_subprocess_exec(
+            *KLEIS,
+            "--config",
+            str(other.config),
+            "accounts",
+            "list",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log,
+        )
+        assert await asyncio.wait_for(run.wait(), 30) == 2
+    assert "1 account(s) in the database are sealed with another secret key" in other.log.read_text()
+
+
+async def test_a_database_that_cannot_be_opened_says_why_in_one_line(tmp_path, pg_url, codex_fake):
+    """No such database (or role, or password): the cause, in one line, exit 2, not the
+    connection pool's 30 s timeout that hides it."""
+    missing = pg_url.rsplit("/", 1)[0] + "/kleis_no_such_database"
+    node = Node(tmp_path, "m", missing, {"codex": codex_fake}, secrets.token_urlsafe(24), {})
+    proc = await asyncio.create_subprocess_exec(
+        *KLEIS, "--config", str(node.config), "serve",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2
+    assert lines == [lines[-1]] and 'database "kleis_no_such_database" does not exist' in lines[-1], lines

@@ -175,7 +175,7 @@ async def test_rotate_secret_without_a_running_server_prints_the_new_key(tmp_pat
 
 
 async def test_import_warns_that_the_login_is_shared(start_kleis, codex_fake, copilot_fake, tmp_path, cli):
-    k = await start_kleis()
+    k = await start_kleis(db_url=f"sqlite:///{tmp_path}/server.db")  # the CLI below has its own
     body = {"authFile": codex_fake.codex_auth_file(account_id="acct_w")}
     _, answer = await k.admin("POST", "/admin/accounts/codex/import", body, expect=201)
     assert len(answer["warnings"]) == 1 and "refresh token works once" in answer["warnings"][0]
@@ -257,7 +257,7 @@ async def test_explicit_token_imports_are_identified_and_deduplicated(start_klei
 
 
 async def test_a_made_up_token_is_refused(start_kleis, tmp_path, cli, codex_fake):
-    k = await start_kleis()
+    k = await start_kleis(db_url=f"sqlite:///{tmp_path}/server.db")  # the CLI below has its own
     later = int(time.time() * 1000) + 3_600_000
     for provider, word in (("codex", "ChatGPT"), ("claude", "Anthropic"), ("copilot", "GitHub")):
         body = {"accessToken": "made-up", "refreshToken": "made-up-too", "expiresAt": later}
