@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import re
 import secrets
 from collections import OrderedDict
@@ -22,6 +23,8 @@ from runtime import Clock
 from settings import hash_key, new_api_key, new_id
 from store import KeyRecord, Store
 from validate import future_ms, opt_int, opt_str, str_list
+
+log = logging.getLogger("kleis")
 
 KEY_FIELDS = ("label", "providerScopes", "modelScopes", "accountScopes", "expiresAt")
 BEARER = re.compile(r"^\s*bearer\s+(\S.*?)\s*$", re.I)
@@ -277,7 +280,9 @@ class Lockout:
         now: Callable[[], int],
         window_seconds: int = 60,
         max_entries: int = 50_000,
+        what: str = "attempts",
     ):
+        self.what = what  # "wrong API keys", "wrong admin tokens": for the log line of a block
         self.max_failures, self.lockout_ms = max_failures, lockout_seconds * 1000
         self.window_ms, self.max_entries = window_seconds * 1000, max_entries
         self.now = now
@@ -315,6 +320,10 @@ class Lockout:
         entry[0] += 1
         if entry[0] >= self.max_failures:
             entry[0], entry[1], entry[2] = 0, now, now + self.lockout_ms
+            log.warning(
+                "%s from %s: %d within %d s; refused for %d s",
+                self.what, key, self.max_failures, self.window_ms // 1000, self.lockout_ms // 1000,
+            )  # fmt: skip
         for _ in range(2):  # forget a couple of fully drained entries at the old end
             oldest = next(iter(entries.values()))
             if oldest is entry or oldest[2] > now or oldest[0] > self._drained(oldest, now):

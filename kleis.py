@@ -1072,14 +1072,16 @@ class Instance:
         self.usage = UsageQueue(self.store, clock, settings.usage.flush_interval)
         self.metrics = Metrics()
         sec = settings.security
-        self.admin_lockout = Lockout(sec.admin_max_failures, sec.admin_lockout_seconds, clock.now)
+        self.admin_lockout = Lockout(
+            sec.admin_max_failures, sec.admin_lockout_seconds, clock.now, what="wrong admin tokens"
+        )
         self.proxy = Proxy(
             settings.server,
             self.keys,
             self.pool,
             self.usage,
             self.metrics,
-            Lockout(sec.key_max_failures, sec.key_lockout_seconds, clock.now),
+            Lockout(sec.key_max_failures, sec.key_lockout_seconds, clock.now, what="wrong API keys"),
             clock,
         )
         cache_dir = (

@@ -43,11 +43,15 @@ async def test_admin_token_required_and_constant_answers(start_kleis, http):
         assert resp.status == 200
 
 
-async def test_admin_lockout_after_repeated_failures(start_kleis, http):
+async def test_admin_lockout_after_repeated_failures(start_kleis, http, caplog):
     k = await start_kleis(security={"admin_max_failures": 3, "admin_lockout_seconds": 120})
     for _ in range(3):
         async with http.get(k.url + "/admin/keys", headers={"Authorization": "Bearer nope"}) as resp:
             assert resp.status == 401
+    # The operator is told once, with the address (never the tokens tried).
+    blocked = [r.getMessage() for r in caplog.records if "refused for" in r.getMessage()]
+    assert blocked == ["wrong admin tokens from 127.0.0.1: 3 within 60 s; refused for 120 s"]
+    assert "nope" not in caplog.text
     # Locked: even the right token is refused until the lockout ends.
     async with http.get(k.url + "/admin/keys", headers=k.admin_headers) as resp:
         assert resp.status == 429
