@@ -84,7 +84,7 @@ from errors import (
 )
 from keys import Keys, Lockout, client_address, presented_key
 from providers import Context, Cooldown, LoadedProvider, ProviderError, ProxyRequest, ReauthRequired
-from providers._sse import last_boundary_end
+from providers._sse import json_loads, last_boundary_end
 from runtime import Background, Clock
 from settings import ConfigError, ServerSettings, Settings, Vault, check_value, new_id
 from store import KeyRecord, Store, database_problem
@@ -351,7 +351,7 @@ def parse_proxy_body(raw: bytes) -> dict:
     if not raw:
         raise BadRequest("the request body is empty; send a JSON object with a model field")
     try:
-        body = json.loads(raw)
+        body = json_loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidJson(
             f"the request body is not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})"

@@ -39,7 +39,16 @@ from . import (
 )
 from ._cache import BoundedCache, digest, text_size
 from ._oauth import expires_at_from, parse_pasted_code, pkce_pair, token_request
-from ._sse import EventSplitter, compact_json, event_json, is_sse, marked_events, sse_frame, to_int
+from ._sse import (
+    EventSplitter,
+    compact_json,
+    event_json,
+    is_sse,
+    json_loads,
+    marked_events,
+    sse_frame,
+    to_int,
+)
 
 CONTRACT = 1
 NAME = "claude"
@@ -793,7 +802,7 @@ class ClaudeStream:
 
     def _json(self, raw: bytes) -> bytes:
         try:
-            payload = json.loads(raw)
+            payload = json_loads(raw)
             if not isinstance(payload, dict):
                 return raw
             read_usage(self.usage, payload.get("usage"))
