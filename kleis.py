@@ -380,6 +380,8 @@ class AccessLog:
         self.log.setLevel(logging.INFO)
 
     def write(self, request: Request, outcome: Outcome, key: KeyRecord, account: AccountState | None) -> None:
+        if not self.log.isEnabledFor(logging.INFO):  # raised above info by hand: build nothing
+            return
         usage = outcome.usage
         tokens = (
             (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
@@ -394,6 +396,8 @@ class AccessLog:
 
     def refused(self, request: Request, status: int, duration_ms: int) -> None:
         """A request refused before an account was chosen (bad key, scope, body)."""
+        if not self.log.isEnabledFor(logging.INFO):
+            return
         self._emit(request.method, request.path, status, None, None, None, None, duration_ms, None, "refused")
 
     def _emit(self, method, path, status, key, account, model, ttfb, duration, tokens, outcome) -> None:
