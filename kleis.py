@@ -780,6 +780,10 @@ class Proxy:
             silent_since = loop.time()
             problem = None
             pending, before = 0, b""  # bytes of the event not finished yet, the 2 bytes before
+            # An SSE transformer frames events anyway and says how many bytes of an unfinished
+            # one it holds (`buffered`); only one written before that attribute existed has
+            # the core find event boundaries itself (a second scan of every chunk).
+            held = transformer.is_sse and hasattr(transformer, "buffered")
             while True:
                 now = loop.time()
                 if now >= deadline:
@@ -815,24 +819,29 @@ class Proxy:
                 if not chunk:
                     break
                 silent_since = loop.time()
-                if transformer.is_sse:
-                    pending = unfinished_event(chunk, pending, before)
-                else:  # a JSON answer counts as one event
+                if not transformer.is_sse:  # a JSON answer counts as one event
                     pending += len(chunk)
+                elif not held:
+                    pending = unfinished_event(chunk, pending, before)
+                    if pending:  # only an unfinished event can have its blank line straddle chunks
+                        before = chunk[-2:]
                 if pending > self.max_event:  # checked before the adapter buffers any of it
                     problem = f"the upstream sent an event larger than {settings.max_event_mb} MB"
                     oversized = True
                     break
-                if pending:  # only an unfinished event can have its blank line straddle chunks
-                    before = chunk[-2:]
                 try:
                     data = transformer.feed(chunk)
                 except Exception:  # an adapter bug or an answer it cannot read: end cleanly
                     log.exception("%s could not process the upstream response", provider.name)
                     problem = "the upstream response could not be processed"
                     break
-                if data:
+                if data:  # whole events only: those before a huge one still go out
                     await out.send(data)
+                # The transformer holds at most one chunk past the cap before this ends it.
+                if held and transformer.buffered > self.max_event:
+                    problem = f"the upstream sent an event larger than {settings.max_event_mb} MB"
+                    oversized = True
+                    break
             try:
                 tail = transformer.close() if not oversized else b""  # never half a huge event
             except Exception:

@@ -127,6 +127,11 @@ class OpenAIStream:
         self._splitter = EventSplitter()
         self._json = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished event held (SSE; a JSON body is counted by the core)."""
+        return self._splitter.buffered
+
     def feed(self, chunk: bytes) -> bytes:
         if not self.is_sse:
             if len(self._json) < MAX_JSON_BODY:

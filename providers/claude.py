@@ -800,6 +800,11 @@ class ClaudeStream:
         self._splitter = EventSplitter()
         self._body = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished event held (SSE; other bodies are counted by the core)."""
+        return self._splitter.buffered
+
     def feed(self, chunk: bytes) -> bytes:
         if self.mode == "sse":
             # Only whole events go out. Most chunks are text deltas: one regex search and two
