@@ -457,6 +457,10 @@ class Proxy:
         self.drained = False  # the drain time is over: open and new streams end at once
         self._reading: set[aiohttp.StreamReader] = set()  # upstream bodies being relayed
         self.access = AccessLog(settings.access_log) if settings.access_log != "off" else None
+        # The same for every upstream request: built once, not per request.
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_connect=settings.connect_timeout
+        )
 
     def drain(self, seconds: float) -> None:
         """Shutdown: from now on every answer closes its connection; after `seconds` each
@@ -689,9 +693,7 @@ class Proxy:
             raise BadRequest("the request body is nested too deeply") from None
         except OSError as exc:  # an adapter reading a file (Codex's instructions) at EMFILE
             raise local_resources(exc) if exc.errno in LOCAL_RESOURCE_ERRNOS else exc from None
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.settings.connect_timeout, sock_connect=self.settings.connect_timeout
-        )
+        timeout = self._client_timeout
         try:
             async with asyncio.timeout(self.settings.first_byte_timeout):
                 return await self.http.request(

@@ -334,11 +334,10 @@ class Metrics:
     def _add(self, table: dict[str, list[float]], provider: str, seconds: float) -> None:
         row = table.get(provider)
         if row is None:
-            row = table[provider] = [0.0] * (len(self.BUCKETS) + 2)  # buckets, +Inf, sum
-        for i, bound in enumerate(self.BUCKETS):
-            if seconds <= bound:
-                row[i] += 1
-        row[-2] += 1
+            # Per bucket, the observations that fell in it (not yet cumulative: render adds
+            # them up), then +Inf (the count) and the sum: one bisect per observation.
+            row = table[provider] = [0.0] * (len(self.BUCKETS) + 2)
+        row[bisect.bisect_left(self.BUCKETS, seconds)] += 1
         row[-1] += seconds
 
     def render(
@@ -357,10 +356,12 @@ class Metrics:
         for name, table in (("kleis_ttfb_seconds", self.ttfb), ("kleis_duration_seconds", self.duration)):
             lines.append(f"# TYPE {name} histogram")
             for provider, row in sorted(table.items()):
+                cumulative = 0
                 for bound, count in zip((*self.BUCKETS, "+Inf"), row[:-1], strict=True):
-                    lines.append(f'{name}_bucket{{provider="{provider}",le="{bound}"}} {int(count)}')
+                    cumulative += int(count)
+                    lines.append(f'{name}_bucket{{provider="{provider}",le="{bound}"}} {cumulative}')
                 lines.append(f'{name}_sum{{provider="{provider}"}} {row[-1]:.6f}')
-                lines.append(f'{name}_count{{provider="{provider}"}} {int(row[-2])}')
+                lines.append(f'{name}_count{{provider="{provider}"}} {cumulative}')
         lines.append("# TYPE kleis_open_streams gauge")
         lines.append(f"kleis_open_streams {open_streams}")
         lines.append("# TYPE kleis_refresh_total counter")
