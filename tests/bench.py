@@ -23,6 +23,8 @@ two aiohttp processes generate the load (slower: fine for Kleis vs bare, not for
 Real-size cells (codex-real, claude-real) send the requests OpenCode, Claude Code and Codex CLI
 really sent (30-55 KB bodies, their own headers; --samples DIR, default ../shared/data) in turn
 to bare and Kleis at c=1 and 128, and add CPU ms per KB of request body.
+--workers N runs Kleis as N processes on one socket (a launcher forks it after binding),
+to measure several workers against one; CPU per request is then summed over them.
 --pyspy PATH also records bare and Kleis under each c=128 cell with py-spy (raw stacks and a
 summary in bench-results/). --kleis-dir runs another checkout (e.g. to compare a patch).
 The table is printed and written to bench-results/latest.txt. Not collected by pytest.
@@ -631,9 +633,37 @@ class Procs:
 
 
 def cpu_ticks(pid: int) -> int:
+    """CPU ticks of `pid` and of its live children (Kleis's extra workers, see --workers)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError, ValueError):
+                ticks += cpu_ticks(int(child))
+    return ticks
+
+
+def run_workers(count: int, kleis_dir: str, argv: list[str]) -> None:
+    """`bench.py _workers N KLEIS_DIR ARGS...`: `kleis.py ARGS...` as N processes serving one
+    listening socket (bound once, then forked before the app runs): each is a whole Kleis
+    instance with its own caches and usage queue, like N instances sharing one database."""
+    sys.path.insert(0, kleis_dir)
+    os.chdir(kleis_dir)
+    import kleis
+
+    bind = kleis.listening_socket
+
+    def shared(host: str, port: int):
+        sock = bind(host, port)
+        for _ in range(count - 1):
+            if os.fork() == 0:
+                _die_with_parent()  # a fork does not inherit the parent-death signal
+                break
+        return sock
+
+    kleis.listening_socket = shared
+    sys.exit(kleis.main(argv))
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -1367,6 +1397,12 @@ def main() -> int:
         "codex-json, codex-real, claude-real, codex-slow10ms",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run Kleis as this many processes on one socket (CPU counted over all of them)",
+    )
+    parser.add_argument(
         "--samples",
         default=str(ROOT.parent / "shared" / "data"),
         help="the folder holding opencode-samples/ and client-samples/ (real-size cells; "
@@ -1421,9 +1457,12 @@ def main() -> int:
         admin = write_kleis_config(config, kleis_port, tmp / "kleis.db", upstream)
         kleis_start = time.monotonic()
         kleis_dir = Path(args.kleis_dir).resolve()
+        command = [PY, str(kleis_dir / "kleis.py")]
+        if args.workers > 1:
+            command = [PY, __file__, "_workers", str(args.workers), str(kleis_dir)]
         kleis = procs.start(
             "kleis",
-            [PY, str(kleis_dir / "kleis.py"), "serve", "--config", str(config)],
+            [*command, "serve", "--config", str(config)],
             tmp / "kleis.log",
             cwd=kleis_dir,
         )
@@ -1448,6 +1487,7 @@ def main() -> int:
             f"cell={duration:g}s (+{warmup:g}s warm-up)  cores={os.cpu_count()}  load: "
             f"{'wrk -t1' if args.loadgen != 'python' and shutil.which('wrk') else '2 aiohttp processes'}  "
             f"fd limit={fd_limit}  loadavg {open('/proc/loadavg').read().split()[0]}"
+            + (f"  kleis workers={args.workers}" if args.workers > 1 else "")
         )
         say(
             f"Python {sys.version.split()[0]}; upstream: raw asyncio/uvloop fake; bare: Sanic+aiohttp pass-through; "  # noqa: E501 (report text)
@@ -1631,6 +1671,8 @@ if __name__ == "__main__":
         run_upstream(int(sys.argv[2]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
         run_loadgen(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_workers":
+        run_workers(int(sys.argv[2]), sys.argv[3], sys.argv[4:])
     elif len(sys.argv) > 1 and sys.argv[1] == "_bare":
         run_bare(int(sys.argv[2]), sys.argv[3])
     else:
