@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import faulthandler
 import gc
@@ -1703,6 +1704,15 @@ def serve(settings: Settings, host: str, port: int, config: Path) -> None:
     # objects again and again while requests allocate (a 50 KB body parses into thousands).
     gc.collect()
     gc.freeze()
+
+    @app.after_server_start
+    async def settled(app, _loop=None):
+        # Start-up parsed and dropped a lot (the models catalogue, migrations, the database
+        # check): glibc keeps such freed memory mapped until asked to give it back.
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
     app.run(
         sock=sock, backlog=1024, single_process=True, access_log=False, motd=False, protocol=KleisProtocol
     )
