@@ -1699,12 +1699,6 @@ def serve(settings: Settings, host: str, port: int, config: Path) -> None:
     )  # fmt: skip
     if soft != resource.RLIM_INFINITY and soft < 4096:
         log.warning("the open files limit is %d; raise it (LimitNOFILE, ulimit -n) for many streams", soft)
-    # Everything built so far (modules, the app, the route table) lives as long as the
-    # process: frozen out of the collector, a full collection no longer walks its ~70,000
-    # objects again and again while requests allocate (a 50 KB body parses into thousands).
-    gc.collect()
-    gc.freeze()
-
     @app.after_server_start
     async def settled(app, _loop=None):
         # Start-up parsed and dropped a lot (the models catalogue, migrations, the database
