@@ -23,8 +23,8 @@ two aiohttp processes generate the load (slower: fine for Kleis vs bare, not for
 Real-size cells (codex-real, claude-real) send the requests OpenCode, Claude Code and Codex CLI
 really sent (30-55 KB bodies, their own headers; --samples DIR, default ../shared/data) in turn
 to bare and Kleis at c=1 and 128, and add CPU ms per KB of request body.
---workers N runs Kleis as N processes on one socket (a launcher forks it after binding),
-to measure several workers against one; CPU per request is then summed over them.
+--workers N runs Kleis as N processes on one port (a launcher forks it before the app is
+built; SO_REUSEPORT), to measure several workers against one; CPU is summed over them.
 --pyspy PATH also records bare and Kleis under each c=128 cell with py-spy (raw stacks and a
 summary in bench-results/). --kleis-dir runs another checkout (e.g. to compare a patch).
 The table is printed and written to bench-results/latest.txt. Not collected by pytest.
@@ -645,24 +645,32 @@ def cpu_ticks(pid: int) -> int:
 
 
 def run_workers(count: int, kleis_dir: str, argv: list[str]) -> None:
-    """`bench.py _workers N KLEIS_DIR ARGS...`: `kleis.py ARGS...` as N processes serving one
-    listening socket (bound once, then forked before the app runs): each is a whole Kleis
-    instance with its own caches and usage queue, like N instances sharing one database."""
+    """`bench.py _workers N KLEIS_DIR ARGS...`: `kleis.py ARGS...` as N processes, each a whole
+    Kleis instance (its own caches, usage queue and writer id, like N instances sharing one
+    database): the process forks just before the app and its instance are built, and each
+    worker binds the port with SO_REUSEPORT, so the kernel spreads connections over them."""
     sys.path.insert(0, kleis_dir)
     os.chdir(kleis_dir)
     import kleis
 
-    bind = kleis.listening_socket
+    build = kleis.create_app
 
-    def shared(host: str, port: int):
-        sock = bind(host, port)
+    def per_worker(*args, **kw):
         for _ in range(count - 1):
             if os.fork() == 0:
                 _die_with_parent()  # a fork does not inherit the parent-death signal
                 break
+        return build(*args, **kw)
+
+    def reuse_port(host: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
         return sock
 
-    kleis.listening_socket = shared
+    kleis.create_app, kleis.listening_socket = per_worker, reuse_port
     sys.exit(kleis.main(argv))
 
 
