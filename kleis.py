@@ -1699,6 +1699,7 @@ def serve(settings: Settings, host: str, port: int, config: Path) -> None:
     )  # fmt: skip
     if soft != resource.RLIM_INFINITY and soft < 4096:
         log.warning("the open files limit is %d; raise it (LimitNOFILE, ulimit -n) for many streams", soft)
+
     @app.after_server_start
     async def settled(app, _loop=None):
         # Start-up parsed and dropped a lot (the models catalogue, migrations, the database
