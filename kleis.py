@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import faulthandler
+import gc
 import importlib
 import importlib.util
 import json
@@ -87,7 +89,7 @@ from errors import (
 )
 from keys import Keys, Lockout, client_address, presented_key
 from providers import Context, Cooldown, LoadedProvider, ProviderError, ProxyRequest, ReauthRequired
-from providers._sse import last_boundary_end
+from providers._sse import json_loads, last_boundary_end
 from runtime import Background, Clock
 from settings import ConfigError, ServerSettings, Settings, Vault, check_value, new_id
 from store import INSTANCE_LIVE_MS, KeyRecord, Store, database_failure, database_problem
@@ -355,7 +357,7 @@ def parse_proxy_body(raw: bytes) -> dict:
     if not raw:
         raise BadRequest("the request body is empty; send a JSON object with a model field")
     try:
-        body = json.loads(raw)
+        body = json_loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidJson(
             f"the request body is not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})"
@@ -388,6 +390,8 @@ class AccessLog:
         self.log.setLevel(logging.INFO)
 
     def write(self, request: Request, outcome: Outcome, key: KeyRecord, account: AccountState | None) -> None:
+        if not self.log.isEnabledFor(logging.INFO):  # raised above info by hand: build nothing
+            return
         usage = outcome.usage
         tokens = (
             (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens)
@@ -402,6 +406,8 @@ class AccessLog:
 
     def refused(self, request: Request, status: int, duration_ms: int) -> None:
         """A request refused before an account was chosen (bad key, scope, body)."""
+        if not self.log.isEnabledFor(logging.INFO):
+            return
         self._emit(request.method, request.path, status, None, None, None, None, duration_ms, None, "refused")
 
     def _emit(self, method, path, status, key, account, model, ttfb, duration, tokens, outcome) -> None:
@@ -461,6 +467,10 @@ class Proxy:
         self.drained = False  # the drain time is over: open and new streams end at once
         self._reading: set[aiohttp.StreamReader] = set()  # upstream bodies being relayed
         self.access = AccessLog(settings.access_log) if settings.access_log != "off" else None
+        # The same for every upstream request: built once, not per request.
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_connect=settings.connect_timeout
+        )
 
     def drain(self, seconds: float) -> None:
         """Shutdown: from now on every answer closes its connection; after `seconds` each
@@ -514,7 +524,7 @@ class Proxy:
             raise
         finally:
             outcome.duration_ms = int((loop.time() - started) * 1000)
-            if not outcome.ttfb_ms:
+            if outcome.ttfb_ms is None:  # no byte was sent (0 is a first byte within 1 ms)
                 outcome.ttfb_ms = outcome.duration_ms
             self.usage.record(outcome)
             self.metrics.observe(outcome)
@@ -698,9 +708,7 @@ class Proxy:
             raise BadRequest("the request body is nested too deeply") from None
         except OSError as exc:  # an adapter reading a file (Codex's instructions) at EMFILE
             raise local_resources(exc) if exc.errno in LOCAL_RESOURCE_ERRNOS else exc from None
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.settings.connect_timeout, sock_connect=self.settings.connect_timeout
-        )
+        timeout = self._client_timeout
         try:
             async with asyncio.timeout(self.settings.first_byte_timeout):
                 return await self.http.request(
@@ -789,6 +797,10 @@ class Proxy:
             silent_since = loop.time()
             problem = None
             pending, before = 0, b""  # bytes of the event not finished yet, the 2 bytes before
+            # An SSE transformer frames events anyway and says how many bytes of an unfinished
+            # one it holds (`buffered`); only one written before that attribute existed has
+            # the core find event boundaries itself (a second scan of every chunk).
+            held = transformer.is_sse and hasattr(transformer, "buffered")
             while True:
                 now = loop.time()
                 if now >= deadline:
@@ -824,24 +836,29 @@ class Proxy:
                 if not chunk:
                     break
                 silent_since = loop.time()
-                if transformer.is_sse:
-                    pending = unfinished_event(chunk, pending, before)
-                else:  # a JSON answer counts as one event
+                if not transformer.is_sse:  # a JSON answer counts as one event
                     pending += len(chunk)
+                elif not held:
+                    pending = unfinished_event(chunk, pending, before)
+                    if pending:  # only an unfinished event can have its blank line straddle chunks
+                        before = chunk[-2:]
                 if pending > self.max_event:  # checked before the adapter buffers any of it
                     problem = f"the upstream sent an event larger than {settings.max_event_mb} MB"
                     oversized = True
                     break
-                if pending:  # only an unfinished event can have its blank line straddle chunks
-                    before = chunk[-2:]
                 try:
                     data = transformer.feed(chunk)
                 except Exception:  # an adapter bug or an answer it cannot read: end cleanly
                     log.exception("%s could not process the upstream response", provider.name)
                     problem = "the upstream response could not be processed"
                     break
-                if data:
+                if data:  # whole events only: those before a huge one still go out
                     await out.send(data)
+                # The transformer holds at most one chunk past the cap before this ends it.
+                if held and transformer.buffered > self.max_event:
+                    problem = f"the upstream sent an event larger than {settings.max_event_mb} MB"
+                    oversized = True
+                    break
             try:
                 tail = transformer.close() if not oversized else b""  # never half a huge event
             except Exception:
@@ -1115,6 +1132,12 @@ class Instance:
             return
         self.opened = True
         await self.store.open()
+        try:
+            await check_secret_key(self.store, self.clock.now(), self.instance_id)
+        except BaseException:
+            await self.store.close()
+            self.opened = False
+            raise
         self.http = aiohttp.ClientSession(
             auto_decompress=True,
             trust_env=False,
@@ -1130,7 +1153,6 @@ class Instance:
                 now=self.clock.now,
                 log=logging.getLogger(f"kleis.{provider.name}"),
             )
-        await check_secret_key(self.store, self.clock.now(), self.instance_id)
         self.versions = await self.store.read_versions()
         await self.keys.load()
         await self.pool.load()
@@ -1775,6 +1797,15 @@ def serve(settings: Settings, host: str, port: int, config: Path) -> None:
     )  # fmt: skip
     if soft != resource.RLIM_INFINITY and soft < 4096:
         log.warning("the open files limit is %d; raise it (LimitNOFILE, ulimit -n) for many streams", soft)
+
+    @app.after_server_start
+    async def settled(app, _loop=None):
+        # Start-up parsed and dropped a lot (the models catalogue, migrations, the database
+        # check): glibc keeps such freed memory mapped until asked to give it back.
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
     app.run(
         sock=sock, backlog=1024, single_process=True, access_log=False, motd=False, protocol=KleisProtocol
     )

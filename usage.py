@@ -46,7 +46,7 @@ class Outcome:
     account_id: str = "__missing__"
     status: int = 0
     source: str = "proxy"  # "proxy": Kleis answered; "upstream": the provider's status was relayed
-    ttfb_ms: int = 0
+    ttfb_ms: int | None = None  # None until the first byte (the proxy fills it in at the end)
     duration_ms: int = 0
     usage: Usage | None = None
     incomplete: bool = False
@@ -168,10 +168,11 @@ class UsageQueue:
         bucket.request_count += 1
         for name in OUTCOME_COUNTERS[classify(outcome)]:
             setattr(bucket, name, getattr(bucket, name) + 1)
-        bucket.total_latency_ms += outcome.ttfb_ms
+        ttfb = outcome.duration_ms if outcome.ttfb_ms is None else outcome.ttfb_ms
+        bucket.total_latency_ms += ttfb
         bucket.total_duration_ms += outcome.duration_ms
-        bucket.max_latency_ms = max(bucket.max_latency_ms, outcome.ttfb_ms)
-        ttfb_bin = TTFB_BINS[bisect.bisect_left(TTFB_BOUNDS_MS, outcome.ttfb_ms)]
+        bucket.max_latency_ms = max(bucket.max_latency_ms, ttfb)
+        ttfb_bin = TTFB_BINS[bisect.bisect_left(TTFB_BOUNDS_MS, ttfb)]
         setattr(bucket, ttfb_bin, getattr(bucket, ttfb_bin) + 1)
         duration_bin = DURATION_BINS[bisect.bisect_left(DURATION_BOUNDS_MS, outcome.duration_ms)]
         setattr(bucket, duration_bin, getattr(bucket, duration_bin) + 1)
@@ -328,17 +329,17 @@ class Metrics:
         )
         key = (outcome.provider, outcome.endpoint, klass)
         self.requests[key] = self.requests.get(key, 0) + 1
-        self._add(self.ttfb, outcome.provider, outcome.ttfb_ms / 1000)
+        ttfb = outcome.duration_ms if outcome.ttfb_ms is None else outcome.ttfb_ms
+        self._add(self.ttfb, outcome.provider, ttfb / 1000)
         self._add(self.duration, outcome.provider, outcome.duration_ms / 1000)
 
     def _add(self, table: dict[str, list[float]], provider: str, seconds: float) -> None:
         row = table.get(provider)
         if row is None:
-            row = table[provider] = [0.0] * (len(self.BUCKETS) + 2)  # buckets, +Inf, sum
-        for i, bound in enumerate(self.BUCKETS):
-            if seconds <= bound:
-                row[i] += 1
-        row[-2] += 1
+            # Per bucket, the observations that fell in it (not yet cumulative: render adds
+            # them up), then +Inf (the count) and the sum: one bisect per observation.
+            row = table[provider] = [0.0] * (len(self.BUCKETS) + 2)
+        row[bisect.bisect_left(self.BUCKETS, seconds)] += 1
         row[-1] += seconds
 
     def render(
@@ -357,10 +358,12 @@ class Metrics:
         for name, table in (("kleis_ttfb_seconds", self.ttfb), ("kleis_duration_seconds", self.duration)):
             lines.append(f"# TYPE {name} histogram")
             for provider, row in sorted(table.items()):
+                cumulative = 0
                 for bound, count in zip((*self.BUCKETS, "+Inf"), row[:-1], strict=True):
-                    lines.append(f'{name}_bucket{{provider="{provider}",le="{bound}"}} {int(count)}')
+                    cumulative += int(count)
+                    lines.append(f'{name}_bucket{{provider="{provider}",le="{bound}"}} {cumulative}')
                 lines.append(f'{name}_sum{{provider="{provider}"}} {row[-1]:.6f}')
-                lines.append(f'{name}_count{{provider="{provider}"}} {int(row[-2])}')
+                lines.append(f'{name}_count{{provider="{provider}"}} {cumulative}')
         lines.append("# TYPE kleis_open_streams gauge")
         lines.append(f"kleis_open_streams {open_streams}")
         lines.append("# TYPE kleis_refresh_total counter")

@@ -276,6 +276,12 @@ class Transformer(Protocol):
     `content_type` (str) when the body it emits is not what the upstream's Content-Type says,
     e.g. an SSE stream collected into one JSON body for a client that did not ask to stream.
 
+    An SSE transformer (`is_sse`) also has `buffered`: the bytes of an unfinished event it
+    holds after the last `feed` (0 at an event boundary). The core reads it after each chunk
+    to enforce `[server] max_event_mb` without scanning the stream a second time; past the cap
+    it ends the stream without calling `close()`. A transformer without it (written before
+    it existed) still works: the core then finds the event boundaries itself.
+
     A transformer with `collect = True` is fed the whole upstream body before the client gets
     anything; after `close()` the core answers with `status` (int, None = the upstream's) and
     `content_type`, so an error found inside a 200 stream can become a 4xx/5xx. A cut or
@@ -285,6 +291,7 @@ class Transformer(Protocol):
     terminal: bool
     at_boundary: bool
     is_sse: bool
+    buffered: int  # SSE: bytes of an unfinished event held
 
     def feed(self, chunk: bytes) -> bytes: ...
 

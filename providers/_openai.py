@@ -12,7 +12,17 @@ import re
 from collections.abc import Mapping
 
 from . import Usage
-from ._sse import EventSplitter, event_json, is_sse, marked_events, sse_frame, tail_events_start, to_int
+from ._sse import (
+    EventSplitter,
+    compact_json,
+    event_json,
+    is_sse,
+    json_loads,
+    marked_events,
+    sse_frame,
+    tail_events_start,
+    to_int,
+)
 
 # Responses API: events that end a response (and carry its usage).
 RESPONSES_TERMINAL = re.compile(rb'"type":\s*"(response\.(?:completed|done|failed|incomplete)|error)"')
@@ -117,6 +127,11 @@ class OpenAIStream:
         self._splitter = EventSplitter()
         self._json = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished event held (SSE; a JSON body is counted by the core)."""
+        return self._splitter.buffered
+
     def feed(self, chunk: bytes) -> bytes:
         if not self.is_sse:
             if len(self._json) < MAX_JSON_BODY:
@@ -197,7 +212,7 @@ class OpenAIStream:
     def _read_json(self, body: bytes) -> None:
         self.terminal = True
         try:
-            payload = json.loads(body)
+            payload = json_loads(body)
         except (ValueError, RecursionError):
             return
         if not isinstance(payload, Mapping):
@@ -220,7 +235,7 @@ def replace_data(event: bytes, payload: Mapping) -> bytes:
     terminator = event[len(body) :]
     newline = b"\r\n" if b"\r\n" in body or terminator.startswith(b"\r") else b"\n"
     lines: list[bytes] = []
-    data = b"data: " + json.dumps(payload, separators=(",", ":")).encode()
+    data = b"data: " + compact_json(payload)
     for line in body.split(b"\n"):
         line = line.removesuffix(b"\r")
         if line.startswith(b"data:"):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
+
+import orjson
 
 # An event ends at a blank line, and each of its two newlines may be LF or CRLF. Every such
 # boundary contains b"\n\n" or b"\n\r\n"; two bytes.find calls beat a regex that has to look
@@ -168,22 +171,40 @@ def event_json(event: bytes) -> dict | None:
     if not data or data == b"[DONE]":
         return None
     try:
-        value = json.loads(data)
+        value = json_loads(data)
     except (ValueError, RecursionError):  # junk, or nesting deeper than the parser goes
         return None
     return value if isinstance(value, dict) else None
 
 
+def json_loads(raw: bytes | str) -> Any:
+    """JSON from UTF-8 bytes (or str). orjson reads it, ~4x faster than the standard library
+    on an agent's 30-150 KB request. What orjson refuses but the standard library reads (lone
+    surrogate escapes, integers past 64 bits, NaN/Infinity literals, UTF-16/32 bodies) is then
+    read by the latter, so no client sees a different answer: that second parse only runs
+    for such bodies, never on the common path. Raises ValueError (UnicodeDecodeError
+    included) or RecursionError, as `json.loads` does."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def compact_json(value) -> bytes:
-    """Compact JSON bytes. ASCII-escaped on purpose: the same JSON to any parser, twice as fast
-    to encode in CPython as ensure_ascii=False, and immune to lone surrogates from clients."""
-    return json.dumps(value, separators=(",", ":")).encode()
+    """Compact JSON bytes (UTF-8, keys in insertion order) from orjson. A value it cannot
+    write (a lone surrogate from a client, an integer past 64 bits, nesting past 254 levels)
+    is written by the standard library instead, ASCII-escaped, so it still goes up as valid
+    JSON. NaN and Infinity (only the fallback parse lets them in) are written as null."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def sse_frame(payload: dict, event: str | None = None) -> bytes:
     """One SSE event carrying `payload` as compact JSON."""
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+    head = b"event: %s\n" % event.encode() if event else b""
+    return b"%sdata: %s\n\n" % (head, compact_json(payload))
 
 
 def is_sse(content_type: str | None, requested_stream: bool) -> bool:

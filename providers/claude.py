@@ -39,7 +39,16 @@ from . import (
 )
 from ._cache import BoundedCache, digest, text_size
 from ._oauth import expires_at_from, parse_pasted_code, pkce_pair, token_request
-from ._sse import EventSplitter, compact_json, event_json, is_sse, marked_events, sse_frame, to_int
+from ._sse import (
+    EventSplitter,
+    compact_json,
+    event_json,
+    is_sse,
+    json_loads,
+    marked_events,
+    sse_frame,
+    to_int,
+)
 
 CONTRACT = 1
 NAME = "claude"
@@ -401,7 +410,9 @@ def shape_body(body: dict, identity: str, prefix: str) -> dict:
     shaped = dict(body)
     if "system" in body:
         shaped["system"] = shape_system(body["system"], identity)
-    shaped.update(rename_tools(body, tool_names(body, prefix).upstream))
+    names, sites = _names_and_sites(body)
+    # Only the messages that hold a tool name are rebuilt: a long history is walked once.
+    shaped.update(rename_tools(body, _tool_map(names, body, prefix).upstream, sites))
     return shaped
 
 
@@ -573,13 +584,66 @@ def server_tool_names(body: Mapping) -> set[str]:
 
 def tool_names(body: Mapping, prefix: str) -> ToolNames:
     """The map for this request body, from every tool name in it (see `rename_tools`)."""
+    return _tool_map(_names_and_sites(body)[0], body, prefix)
+
+
+def _names_and_sites(body: Mapping) -> tuple[list[str], list[int]]:
+    """Every tool name in `body` where `rename_tools` looks, and the indices of the messages
+    holding one. Reads only: nothing is copied, so a long history costs one walk."""
     seen: list[str] = []
+    note = seen.append
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for tool in tools:
+            if not _is_server_tool(tool) and isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                note(tool["name"])
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "tool" and isinstance(choice.get("name"), str):
+        note(choice["name"])
+    sites: list[int] = []
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for index, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                before = len(seen)
+                for block in content:
+                    if isinstance(block, dict):
+                        _block_names(block, note)
+                if len(seen) > before:
+                    sites.append(index)
+    management = body.get("context_management")
+    edits = management.get("edits") if isinstance(management, dict) else None
+    if isinstance(edits, list):
+        for edit in edits:
+            names = edit.get("exclude_tools") if isinstance(edit, dict) else None
+            if isinstance(names, list):
+                seen += (name for name in names if isinstance(name, str))
+    return seen, sites
 
-    def note(name: str) -> str:
-        seen.append(name)
-        return name
 
-    rename_tools(body, note)
+def _block_names(block: dict, note: Callable[[str], None]) -> None:
+    """The names `_block` would rename in this content block."""
+    kind = block.get("type")
+    if kind == "tool_use":
+        if isinstance(block.get("name"), str):
+            note(block["name"])
+    elif kind == "tool_reference":
+        if isinstance(block.get("tool_name"), str):
+            note(block["tool_name"])
+    elif kind == "tool_result" and isinstance(block.get("content"), list):
+        for b in block["content"]:
+            if _is(b, "tool_reference") and isinstance(b.get("tool_name"), str):
+                note(b["tool_name"])
+    elif kind == "tool_search_tool_result" and isinstance(block.get("content"), dict):
+        refs = block["content"].get("tool_references")
+        if isinstance(refs, list):
+            for ref in refs:
+                if _is(ref, "tool_reference") and isinstance(ref.get("tool_name"), str):
+                    note(ref["tool_name"])
+
+
+def _tool_map(seen: list[str], body: Mapping, prefix: str) -> ToolNames:
     names, fixed = sorted(set(seen)), sorted(server_tool_names(body))
     # An agent sends the same tools every turn: the map is built once per tool set (it is
     # never mutated after construction, so sharing it between requests is safe).
@@ -594,13 +658,16 @@ def tool_names(body: Mapping, prefix: str) -> ToolNames:
 TOOL_MAPS = BoundedCache(max_entries=256, max_bytes=8 << 20)
 
 
-def rename_tools(body: Mapping, rename: Callable[[str], str] | Mapping[str, str]) -> dict[str, Any]:
+def rename_tools(
+    body: Mapping, rename: Callable[[str], str] | Mapping[str, str], sites: list[int] | None = None
+) -> dict[str, Any]:
     """The top-level fields of `body` that change when `rename` is applied to every tool name
     in it (copies of just the changed containers). Where tool names appear in a Messages body:
     `tools[].name` (custom tools only), `tool_choice.name` ({type: tool}), `tool_use` blocks,
     `tool_reference` blocks (`tool_name`, inside `tool_result` content: tool search as Claude
     Code does it), `tool_search_tool_result.content.tool_references[]`, and
-    `context_management.edits[].exclude_tools`."""
+    `context_management.edits[].exclude_tools`. `sites`, when given, are the indices of the
+    only messages holding tool names (`_names_and_sites`); the others are not looked at."""
     if isinstance(rename, dict):
         mapping = rename
         rename = lambda name: mapping.get(name, name)  # noqa: E731
@@ -616,9 +683,16 @@ def rename_tools(body: Mapping, rename: Callable[[str], str] | Mapping[str, str]
         if new_choice is not choice:
             changes["tool_choice"] = new_choice
     messages = body.get("messages")
-    if isinstance(messages, list):
+    if isinstance(messages, list) and sites is None:
         new = [_message(message, rename) for message in messages]
         if _changed(new, messages):
+            changes["messages"] = new
+    elif isinstance(messages, list) and sites:
+        new, changed = list(messages), False
+        for index in sites:
+            new[index] = _message(messages[index], rename)
+            changed = changed or new[index] is not messages[index]
+        if changed:
             changes["messages"] = new
     management = body.get("context_management")
     edits = management.get("edits") if isinstance(management, dict) else None
@@ -726,6 +800,11 @@ class ClaudeStream:
         self._splitter = EventSplitter()
         self._body = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unfinished event held (SSE; other bodies are counted by the core)."""
+        return self._splitter.buffered
+
     def feed(self, chunk: bytes) -> bytes:
         if self.mode == "sse":
             # Only whole events go out. Most chunks are text deltas: one regex search and two
@@ -793,7 +872,7 @@ class ClaudeStream:
 
     def _json(self, raw: bytes) -> bytes:
         try:
-            payload = json.loads(raw)
+            payload = json_loads(raw)
             if not isinstance(payload, dict):
                 return raw
             read_usage(self.usage, payload.get("usage"))

@@ -401,7 +401,7 @@ def prepare(ctx: Context, account: Account, request: ProxyRequest) -> Upstream:
     if session:
         # Scoped to key and account so two keys reusing one client session id never share a
         # cache entry, and the client's own id never reaches the provider.
-        seed = f"{request.api_key_id}:{account.id}:{session}".encode()
+        seed = f"{request.api_key_id}:{account.id}:{session}".encode("utf-8", "surrogatepass")
         upstream_session = "kleis_" + hashlib.sha256(seed).hexdigest()[:48]
         for name in ("session-id", "x-session-affinity", "x-session-id"):
             headers[name] = upstream_session

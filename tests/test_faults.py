@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from providers import _sse
+from providers._openai import OpenAIStream
 from providers._sse import EventSplitter
+from providers.claude import ClaudeStream
 from tests.fakes import Reply
 from tests.fakes.codex import FakeCodex
 from tests.test_protocol import (
@@ -101,6 +103,29 @@ async def test_a_20_mb_event_keeps_the_loop_responsive(start_kleis, codex_fake):
             prober.cancel()
     assert b"larger than 16 MB" in raw and b'"code":"stream_interrupted"' in raw
     assert len(health) >= 5 and set(health) == {200}  # answered all along the stream
+
+
+@pytest.mark.parametrize(
+    "transformer",
+    [
+        lambda: OpenAIStream("responses", sse=True),  # Codex
+        lambda: OpenAIStream("chat_completions", sse=True, strip_usage=True),  # Copilot
+        lambda: ClaudeStream("sse", lambda: None, "mcp_"),
+    ],
+    ids=["codex", "copilot", "claude"],
+)
+def test_sse_transformers_report_the_unfinished_event_they_hold(transformer):
+    """The contract the core's max_event_mb check relies on (it no longer scans chunks
+    itself): `buffered` is the size of the event begun but not finished, whatever its line
+    endings and however its blank line is split, and 0 at a boundary."""
+    t = transformer()
+    assert t.buffered == 0
+    head = b'event: ping\ndata: {"type":"ping"}\n\n'
+    part = b'event: ping\r\ndata: {"type":'
+    assert t.feed(head + part) == head and t.buffered == len(part)
+    assert t.feed(b'"ping"}\r\n') == b"" and t.buffered == len(part) + len(b'"ping"}\r\n')
+    assert t.feed(b"\r\n") == part + b'"ping"}\r\n\r\n' and t.buffered == 0
+    assert t.feed(b"x" * 100_000) == b"" and t.buffered == 100_000
 
 
 def test_event_splitter_is_linear_and_exact(monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sqlite3
 import sys
@@ -284,3 +285,30 @@ async def test_idle_connections_cannot_lock_out_real_requests(tmp_path, codex_fa
                 writer.close()
             _, log = await kleis.stop()
     assert "Traceback" not in log and "accept" not in log
+
+
+async def test_access_log_writes_every_line_by_the_time_the_process_stops(tmp_path, http, codex_fake):
+    """The log handler holds the lines of one event-loop tick and writes them together: under
+    concurrent requests many lines share a write, yet every request has its line on stderr
+    once SIGTERM has stopped the process (exit 0), none lost in a buffer, none doubled."""
+    kleis = await Server(tmp_path, {"codex": codex_fake}, {"drain_seconds": 1}).start(http)
+    try:
+        key, _ = await kleis.setup(http, "codex", codex_fake.grant())
+        headers = {"Authorization": f"Bearer {key}"}
+
+        async def one(i: int) -> int:
+            body = {**codex_body(stream=i % 2 == 0), "model": f"gpt-5.5-{i:03d}"}
+            async with http.post(kleis.url + "/openai/v1/responses", json=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(60)))
+        kleis.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(kleis.proc.wait(), timeout=10) == 0
+    finally:
+        _, log = await kleis.stop()
+    lines = [line for line in log.splitlines() if " kleis.access: POST /openai/v1/responses " in line]
+    models = sorted(re.search(r" model=(\S+) ", line)[1] for line in lines)
+    assert models == sorted(f"gpt-5.5-{i:03d}" for i in range(60)), log[-2000:]
+    assert statuses == [200] * 60 and all(" 200 " in line and "outcome=success" in line for line in lines)
+    assert key not in log

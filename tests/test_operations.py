@@ -6,6 +6,7 @@ is two processes (a server and the CLI); otherwise the app over HTTP with the up
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import aiohttp
 import pytest
 import tomli_w
 
-from settings import Vault
+from settings import TickBufferedHandler, Vault
 from tests import test_cli
 from tests.conftest import until_serving
 from tests.test_cli import KLEIS, ROOT, free_port, ok
@@ -467,3 +468,38 @@ def test_dockerfile_and_compose_file():
     if hadolint:
         lint = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
         assert lint.returncode == 0, lint.stdout
+
+
+async def test_log_lines_of_one_loop_tick_go_out_in_one_write():
+    """The handler `setup_logging` installs: records logged in the event loop's thread are
+    held until the tick ends, then written (and flushed) together, in order; flush() (what
+    logging.shutdown runs at exit) writes whatever is held; a thread without a loop writes
+    at once."""
+
+    class Stream(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = Stream()
+    handler = TickBufferedHandler(stream)
+    logger = logging.getLogger("kleis.test.tick")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(100):
+            logger.info("line %d", i)
+        assert stream.writes == 0  # held: still in the tick that logged them
+        await asyncio.sleep(0)  # yields once: the write scheduled by the first line runs
+        assert stream.writes == 1
+        assert stream.getvalue().splitlines() == [f"line {i}" for i in range(100)]
+        logger.info("held at stop")
+        handler.flush()
+        assert stream.getvalue().endswith("line 99\nheld at stop\n") and stream.writes == 2
+        await asyncio.to_thread(logger.info, "from a thread")
+        assert stream.getvalue().endswith("held at stop\nfrom a thread\n")
+    finally:
+        logger.removeHandler(handler)

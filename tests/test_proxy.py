@@ -747,6 +747,19 @@ async def read_timed(kleis, key: str, payload: dict) -> tuple[Any, list[tuple[fl
         return resp, chunks
 
 
+async def test_time_to_first_byte_is_recorded_even_when_under_a_millisecond(start_kleis, codex_fake):
+    """The first event comes at once, the rest 0.1 s apart: the recorded TTFB is the first
+    byte's (often 0 ms on loopback, which once read as "no byte" and became the duration)."""
+    kleis, key, _ = await setup(start_kleis, codex_fake)
+    for _ in range(3):
+        codex_fake.queue(FakeCodex.stream_reply(events=3, event_delay=0.1))
+        resp, _ = await read_timed(kleis, key, request_body(stream=True))
+        assert resp.status == 200
+    (row,) = await kleis.buckets()
+    assert row["request_count"] == 3 and row["total_duration_ms"] >= 3 * 300
+    assert row["max_latency_ms"] < 100, row
+
+
 async def test_stream_bytes_arrive_incrementally_with_sse_headers(start_kleis, codex_fake):
     kleis, key, _ = await setup(start_kleis, codex_fake)
     reply = FakeCodex.stream_reply(

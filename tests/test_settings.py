@@ -166,3 +166,24 @@ def test_secrets_are_masked_in_logs():
     for secret in ("rt-abc.def", "at-123", "a" * 32, "sk-ant-oat01", "gho_ABCDEFGHIJKLMN"):
         assert secret not in masked
     assert "***" in masked
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "BEARER abcdef",
+        "ID_TOKEN=xyz",
+        "access_to\u212aen: secret-value",  # the Kelvin sign matches k under re.IGNORECASE
+        "kla_" + "0" * 12,
+        "kmd_" + "f" * 10,
+        "ghs_ABCDEFGHIJ",
+        "nothing secret here: POST /openai/v1/responses 200 key=laptop",
+    ],
+)
+def test_masking_skips_only_lines_no_pattern_can_match(line):
+    """The literal pre-check lets a line through untouched only when no pattern matches it."""
+    by_patterns = line
+    for pattern in config.SECRET_PATTERNS:
+        by_patterns = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", by_patterns)
+    assert config.mask_secrets(line) == by_patterns
+    assert ("***" in by_patterns) == ("secret here" not in line)

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import orjson
 import pytest
 
 import providers
@@ -85,7 +86,7 @@ def run(stream: claude.ClaudeStream, chunks: list[bytes]) -> bytes:
 
 
 def compact(value) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return orjson.dumps(value)  # what the adapter writes: compact JSON, UTF-8
 
 
 # ── Contract ─────────────────────────────────────────────────────────────────
@@ -349,7 +350,7 @@ def test_prepare_opencode_sample(ctx, fake, turn):
         "x-app": "cli",
     }
     body = json.loads(up.body)
-    assert up.body == json.dumps(body, separators=(",", ":")).encode()
+    assert up.body == orjson.dumps(body)
 
     system = body["system"]
     assert system[0] == {"type": "text", "text": IDENTITY}

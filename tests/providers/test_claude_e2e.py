@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import anthropic
+import orjson
 import pytest
 
 from tests.conftest import wait_for
@@ -411,7 +412,7 @@ async def test_opencode_turns_replayed(start_kleis, claude_fake, http):
     thinking, tool_use = turn2["messages"][1]["content"]
     # thinking and its signature byte-identical in what Anthropic received
     assert assistant[0] == thinking
-    compact = json.dumps(thinking, separators=(",", ":")).encode()
+    compact = orjson.dumps(thinking)
     assert compact in history.body
     assert assistant[1] == {**tool_use, "name": "mcp_Glob"}
     assert history.json["messages"][2] == turn2["messages"][2]  # the tool_result untouched

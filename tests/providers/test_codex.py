@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import orjson
 import pytest
 
 import providers
@@ -422,7 +423,7 @@ async def test_prepare_opencode_turn1(ctx, fake, http):
     sent = json.loads(upstream.body)
     assert sent == expected
     assert sent["instructions"].startswith("You are OpenCode")
-    assert upstream.body == json.dumps(sent, separators=(",", ":")).encode()
+    assert upstream.body == orjson.dumps(sent)  # compact, UTF-8
 
     status, _, _ = await send(http, upstream)
     assert status == 200

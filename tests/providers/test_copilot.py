@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 import providers
@@ -444,7 +445,7 @@ def test_prepare_opencode_chat_samples(ctx, fake, turn, initiator):
         "x-initiator": initiator,
     }
     assert json.loads(up.body) == sample(turn)["body"]
-    assert up.body == json.dumps(sample(turn)["body"], separators=(",", ":")).encode()
+    assert up.body == orjson.dumps(sample(turn)["body"])
     assert json.loads(up.body)["stream_options"] == {"include_usage": True}
     assert request.body == before
     assert copilot.session_key(request) == SESSION
