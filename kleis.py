@@ -89,7 +89,7 @@ from errors import (
 )
 from keys import Keys, Lockout, client_address, presented_key
 from providers import Context, Cooldown, LoadedProvider, ProviderError, ProxyRequest, ReauthRequired
-from providers._sse import json_loads, last_boundary_end
+from providers._sse import JsonUnwritable, json_loads, last_boundary_end
 from runtime import Background, Clock
 from settings import ConfigError, ServerSettings, Settings, Vault, check_value, new_id
 from store import INSTANCE_LIVE_MS, KeyRecord, Store, database_failure, database_problem
@@ -358,7 +358,9 @@ def parse_proxy_body(raw: bytes) -> dict:
         raise BadRequest("the request body is empty; send a JSON object with a model field")
     try:
         body = json_loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except ValueError as exc:
+        if "depth" in str(exc):  # orjson reads 1024 levels; an agent's body has about ten
+            raise BadRequest("the request body is nested too deeply (more than 1024 levels)") from None
         raise InvalidJson(
             f"the request body is not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})"
         ) from None
@@ -704,8 +706,8 @@ class Proxy:
         """Send the prepared request; returns once the upstream's status line and headers came."""
         try:
             upstream = provider.module.prepare(provider.ctx, account.adapter_view(), preq)
-        except RecursionError:  # the body parsed, but an adapter's walk of it went too deep
-            raise BadRequest("the request body is nested too deeply") from None
+        except (RecursionError, JsonUnwritable):  # it parsed, but is too deep to walk or write
+            raise BadRequest("the request body is nested too deeply (more than 254 levels)") from None
         except OSError as exc:  # an adapter reading a file (Codex's instructions) at EMFILE
             raise local_resources(exc) if exc.errno in LOCAL_RESOURCE_ERRNOS else exc from None
         timeout = self._client_timeout

@@ -298,7 +298,8 @@ async def test_a_model_with_lone_surrogates_or_control_characters_is_400(start_k
     kleis, key = await with_accounts(start_kleis, {"codex": codex_fake})
     raw = ('{"model": "' + model + '", "input": "hi"}').encode()
     status, _, answer = await post(kleis, key, "codex", raw)
-    assert "control characters or lone surrogate" in envelope_error("codex", status, answer, 400)["message"]
+    message = envelope_error("codex", status, answer, 400)["message"]
+    assert "control characters or lone surrogate" in message or "surrogate in string" in message
     assert not codex_fake.calls("/responses")
     status, _, _ = await post(kleis, key, "codex", json.dumps(body_for("codex")).encode())
     assert status == 200

@@ -259,12 +259,17 @@ async def test_hostile_bodies_and_headers_are_4xx(start_kleis, fakes, provider):
         error = envelope_error(provider, got, raw, 400)
         assert "nested" in error["message"] or "Recursion" in error["message"], error
     assert upstream(fakes, provider) == []
-    # 900 levels parse and are forwarded as they are (no walk of the body may fail on them)
-    medium = plain[:-1] + b', "metadata": ' + b'{"a": ' * 900 + b'"x"' + b"}" * 900 + b"}"
+    # 240 levels parse and are forwarded as they are (no walk of the body may fail on them);
+    # 900 parse but cannot be written again by orjson (254 levels): a 400, nothing sent
+    medium = plain[:-1] + b', "metadata": ' + b'{"a": ' * 240 + b'"x"' + b"}" * 240 + b"}"
     got, _, raw = await post(kleis, key, provider, medium)
     assert got == 200, raw[:300]
     assert len(upstream(fakes, provider)) == 1
     fakes[provider].requests.clear()
+    deeper = plain[:-1] + b', "metadata": ' + b'{"a": ' * 900 + b'"x"' + b"}" * 900 + b"}"
+    got, _, raw = await post(kleis, key, provider, deeper)
+    assert "nested too deeply" in envelope_error(provider, got, raw, 400)["message"]
+    assert upstream(fakes, provider) == []
 
     base = [("Content-Type", "application/json"), ("Authorization", f"Bearer {key}")]
     for bad in [
