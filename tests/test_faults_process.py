@@ -70,16 +70,20 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [*(launcher or KLEIS), "--config", str(self.config), "serve"]
         self.proc: asyncio.subprocess.Process | None = None
+        self.stderr_path = tmp_path / "kleis-stderr.log"
 
     async def start(self, http: aiohttp.ClientSession) -> Server:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
+        # stderr to a file: a pipe read only at the end fills up under many access lines, and
+        # a server blocked writing its log is not the server under test.
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.command, stdout=asyncio.subprocess.PIPE, stderr=stderr
+            )
 
         async def exited():
             if self.proc.returncode is None:
                 return None
-            return f"exit {self.proc.returncode}: {(await self.proc.stderr.read()).decode()}"
+            return f"exit {self.proc.returncode}: {self.stderr_path.read_text()}"
 
         await until_serving(http, self.url, exited, path="/healthz")
         return self
@@ -109,7 +113,7 @@ class Server:
         if self.proc.returncode is None:
             self.proc.kill()
         await self.proc.wait()
-        return self.proc.returncode, (await self.proc.stderr.read()).decode()
+        return self.proc.returncode, self.stderr_path.read_text()
 
     def buckets(self) -> list[dict]:
         with sqlite3.connect(self.db) as db:
