@@ -50,25 +50,7 @@ class PgServer(Server):
         super().__init__(tmp_path, fakes, {})
         extra = {"server": {"port": self.port}, "usage": {"flush_interval": 0.5}}
         self.token = write_config(self.config, db_url, fakes, extra)
-        self.log = bytearray()
-        self._reader: asyncio.Task | None = None
-
-    async def start(self, http: aiohttp.ClientSession) -> PgServer:
-        await super().start(http)
-        # Read stderr as it comes: a full pipe would block the server's event loop on a log line.
-        self._reader = asyncio.create_task(self._read_log())
-        return self
-
-    async def _read_log(self) -> None:
-        while chunk := await self.proc.stderr.read(65536):
-            self.log += chunk
-
-    async def stop(self) -> tuple[int, str]:
-        if self.proc.returncode is None:
-            self.proc.kill()
-        code = await self.proc.wait()
-        await self._reader
-        return code, self.log.decode(errors="replace")
+        # The base class sends stderr to a file, so a chatty server never blocks on its log.
 
 
 class Traffic:
