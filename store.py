@@ -484,10 +484,7 @@ class Store:
         if not self.is_sqlite:
             # One direct connection first: the pool would retry quietly for 30 s and then
             # report only its timeout, hiding the cause (no such database, role, password).
-            import psycopg
-
-            params = {k: v for k, v in pg_params(self.url).items() if v is not None}
-            async with await psycopg.AsyncConnection.connect(**params, connect_timeout=5):
+            async with await self._direct_connection():
                 pass
         await self.db.aio_connect()
         db = self.db
@@ -514,6 +511,13 @@ class Store:
             await self._install_usage_triggers()
             if not self.is_sqlite:
                 await db.aio_execute_sql(f"SELECT pg_advisory_unlock({SCHEMA_LOCK})")
+
+    async def _direct_connection(self, **options: Any):
+        """PostgreSQL only: one psycopg connection of its own, outside the pool (5 s to connect)."""
+        import psycopg
+
+        params = {k: v for k, v in pg_params(self.url).items() if v is not None}
+        return await psycopg.AsyncConnection.connect(**params, connect_timeout=5, **options)
 
     async def close(self) -> None:
         await self.db.aio_close()
@@ -596,18 +600,19 @@ class Store:
         only after the sender's transaction commits (PostgreSQL docs, NOTIFY)."""
         if self.is_sqlite:
             return
-        import psycopg
 
         delay = 0.5
         while True:
             try:
-                params = {k: v for k, v in pg_params(self.url).items() if v is not None}
                 # TCP keepalives: a server that vanished without closing the connection (a
                 # host or network failure) is noticed within ~25 s instead of never.
-                async with await psycopg.AsyncConnection.connect(
-                    **params, autocommit=True, connect_timeout=5,
-                    keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
-                ) as conn:  # fmt: skip
+                async with await self._direct_connection(
+                    autocommit=True,
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                ) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     await conn.execute(f"LISTEN {SESSIONS_CHANNEL}")
                     connected(True)
