@@ -39,6 +39,7 @@ fmt: $(VENV)/.ok                        ## ruff format, then ruff check --fix
 bench: $(VENV)/.ok                      ## benchmark Kleis against a bare pass-through (needs wrk)
 	@command -v wrk >/dev/null || (apt-get install -y wrk >/dev/null 2>&1 || echo "wrk not installed; using the Python load generator")
 	$(BIN)/python tests/bench.py $(ARGS)
+	$(BIN)/python tests/bench_parts.py
 
 clean:                                  ## remove the venv and caches (keeps config.toml and kleis.db)
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench-results

@@ -23,12 +23,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 import analytics
 from accounts import import_auth, read_auth_file
@@ -47,6 +44,10 @@ from settings import (
     write_new_config,
 )
 from store import INSTANCE_LIVE_MS
+
+if TYPE_CHECKING:  # rich is imported when something is printed with it: ~1 MB that `serve` skips
+    from rich.console import Console
+    from rich.table import Table
 
 
 class CliError(Exception):
@@ -170,7 +171,15 @@ def config_path(arg: str | None) -> Path:
     return Path(arg or os.environ.get("KLEIS_CONFIG") or "config.toml").expanduser()
 
 
-def ensure_config(path: Path, console: Console, as_json: bool) -> str | None:
+def new_console(stderr: bool = False) -> Console:
+    """A rich console that never breaks a line of text with real newlines (pipes, logs and SSH
+    windows kept them, and a wrapped URL or command no longer pastes); tables still fit."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def ensure_config(path: Path, as_json: bool) -> str | None:
     """Create the config file (0600, random secrets) if it is missing and print the admin
     token once; returns the token when the file was created, else None."""
     if path.exists():
@@ -178,6 +187,7 @@ def ensure_config(path: Path, console: Console, as_json: bool) -> str | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     token = write_new_config(path)
     if not as_json:
+        console = new_console()
         console.print(
             f"[bold]Created {path}[/bold] (mode 0600) with a random secret key and SQLite database."
         )
@@ -206,6 +216,9 @@ def fmt_time(ms: int | None) -> str:
 def table(*columns: str, keep: Iterable[str] = ("id",)) -> Table:
     """A compact table for 80 columns; the `keep` columns are never wrapped (ids are typed
     back into commands)."""
+    from rich import box
+    from rich.table import Table
+
     keep = set(keep)
     t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
     for name in columns:
@@ -609,7 +622,7 @@ async def login(kleis, provider, args, console: Console):
     --json everything but the final JSON goes to stderr."""
     options = {k: v for k, v in (("mode", args.mode), ("enterprise_domain", args.enterprise_domain)) if v}
     started = await kleis.logins.start(provider, options)
-    talk = Console(stderr=True, soft_wrap=True) if args.json else console
+    talk = new_console(stderr=True) if args.json else console
     out = sys.stderr if args.json else sys.stdout
     talk.print("Open this URL in a browser (on any machine):")
     print(started["authorizationUrl"], file=out, flush=True)  # unwrapped: it is pasted whole
@@ -670,6 +683,8 @@ async def usage_command(args, kleis, console: Console, settings: Settings) -> in
         keep = ("windowMs", "since", "now", "totals", "previousTotals", "countTokens")
         print_json({**{k: report[k] for k in keep}, "by": args.by, "rows": rows})
         return 0
+    from rich.table import Table
+
     labels = {r.id: r.label or r.key_prefix for r in kleis.keys.by_id.values()}
     labels.update((a.id, a.label or a.id) for a in getattr(kleis.pool, "accounts", {}).values())
     table = Table(
@@ -923,23 +938,21 @@ def main(root: Root, argv: list[str] | None = None) -> int:
     as_json = bool(args.json)
     command = args.command or "serve"
     path = args.config_path = config_path(args.config)
-    # soft_wrap: rich never breaks a line of text with real newlines (pipes, logs and SSH
-    # windows kept them, and a wrapped URL or command no longer pastes); tables still fit.
-    console = Console(stderr=False, soft_wrap=True)
     try:
         if command in ("serve", "init"):
-            token = ensure_config(path, console, as_json)
+            token = ensure_config(path, as_json)
             if as_json and (command == "init" or token is not None):  # serve: the token, shown once
                 print_json({"config": str(path), "created": token is not None, "adminToken": token})
             if command == "init":
                 if token is None and not as_json:
-                    console.print(f"{path} exists; nothing to do.", markup=False, highlight=False)
+                    print(f"{path} exists; nothing to do.", flush=True)
                 return 0
         if command == "systemd-unit":
             print(systemd_unit(root.script, sys.executable, path.resolve()), end="")
             return 0
         settings = load_settings(path)
         setup_logging(settings.server.log_level)
+        console = new_console() if command != "serve" else None
         if command == "check":
             root.check(settings)
             enabled = [n for n, p in settings.providers.items() if p.enabled]

@@ -20,6 +20,7 @@ import json
 import logging
 import operator
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,54 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import peewee
-import peewee_async
-
 from runtime import Clock
 from settings import ConfigError, Vault
+
+
+@contextlib.contextmanager
+def _without(*names: str):
+    """Imports inside see `names` as not installed, unless something already imported them."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name) is None:
+                del sys.modules[name]
+
+
+# peewee, playhouse.postgres_ext and peewee-async import psycopg at import time whenever it is
+# installed: ~10 MB resident in an instance on SQLite that never uses it (issue 14, idle RSS).
+# They are imported with it hidden; `connect()` hands it to them when a PostgreSQL URL is
+# first opened (`_psycopg_for_peewee`). The names set there are the ones these pinned versions
+# bind at import (peewee 4.3, peewee-async 2.1); tests/test_store.py runs both orders.
+with _without("psycopg", "psycopg_pool"):
+    import peewee
+    import peewee_async
+    import peewee_async.pool
+    import peewee_async.utils
+    from playhouse import postgres_ext
+
+
+def _psycopg_for_peewee() -> None:
+    """Import psycopg 3 and give peewee, playhouse and peewee-async the names they would have
+    bound had it been imported with them (some may be bound already: psycopg imported before
+    them, psycopg_pool not). Idempotent; ImportError when it is not installed."""
+    import psycopg
+    import psycopg_pool
+    from psycopg.pq import TransactionStatus
+    from psycopg.types import TypeInfo
+    from psycopg.types.hstore import register_hstore
+    from psycopg.types.json import Json, Jsonb
+
+    peewee.TransactionStatus, peewee.Json_pg3, peewee.Jsonb_pg3 = TransactionStatus, Json, Jsonb
+    postgres_ext.TypeInfo, postgres_ext.register_hstore_pg3 = TypeInfo, register_hstore
+    for module in (peewee_async.utils, peewee_async.pool):
+        module.psycopg, module.psycopg_pool = psycopg, psycopg_pool
+    peewee.psycopg = psycopg
+
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_FILE = HERE / "schema.sql"
@@ -351,6 +395,7 @@ def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
     if url.startswith("sqlite:///"):
         # aiosqlite opens one connection per acquire; `timeout` is SQLite's busy timeout.
         return peewee_async.SqliteDatabase(url[len("sqlite:///") :], pool_params={"timeout": 15})
+    _psycopg_for_peewee()
     import psycopg_pool
 
     params = pg_params(url)
@@ -463,6 +508,7 @@ class Store:
         self.m = build_models(self.db)
         self.is_sqlite = isinstance(self.db, peewee.SqliteDatabase)
         self._upsert_sql: dict[tuple, str] = {}
+        self._version_reader: Any = None  # SQLite: the kept connection read_versions uses
 
     # ── lifecycle ──
     async def open(self) -> None:
@@ -520,6 +566,7 @@ class Store:
         return await psycopg.AsyncConnection.connect(**params, connect_timeout=5, **options)
 
     async def close(self) -> None:
+        await self._drop_version_reader()
         await self.db.aio_close()
 
     async def ping(self) -> None:
@@ -636,7 +683,30 @@ class Store:
             delay = min(delay * 2, 5.0)
 
     async def read_versions(self) -> dict[str, int]:
-        return {r.name: r.version for r in await self.m.CacheVersion.select().aio_execute()}
+        """{cache name: version}. Polled every `[database] poll_interval` for ever."""
+        if not self.is_sqlite:
+            return {r.name: r.version for r in await self.m.CacheVersion.select().aio_execute()}
+        # peewee-async opens a SQLite connection, and a thread for it, per query: 4 polls a
+        # second did that for ever (1% of a core on an idle server, and ~8 µs of every request
+        # under load, issue 14). The poll keeps one connection of its own instead; autocommit,
+        # so each read sees every commit before it (WAL).
+        if self._version_reader is None:
+            import aiosqlite
+
+            path = self.url[len("sqlite:///") :]
+            self._version_reader = await aiosqlite.connect(path, isolation_level=None, timeout=15)
+        try:
+            async with self._version_reader.execute("SELECT name, version FROM cache_versions") as cursor:
+                return {name: version for name, version in await cursor.fetchall()}
+        except BaseException:
+            await self._drop_version_reader()  # the next poll opens a fresh one
+            raise
+
+    async def _drop_version_reader(self) -> None:
+        reader, self._version_reader = self._version_reader, None
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.close()
 
     # ── running servers (rotate-secret's guard) ──
     async def announce_instance(self, instance_id: str, host: str, pid: int, key_ids: Iterable[str]) -> None:

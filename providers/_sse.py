@@ -6,6 +6,7 @@ Upstreams split events anywhere (mid-line, mid-terminator) and use `\\n`, `\\r\\
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,21 @@ def last_boundary_end(buf: bytes | bytearray, start: int = 0) -> int:
         return lf + 2 if lf >= 0 else -1
     crlf = buf.rfind(b"\n\r\n", max(lf, start))
     return max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
+
+
+def matching_events(buf: bytes, pattern: re.Pattern[bytes]) -> list[bytes]:
+    """Each event of `buf` (whole events; the last may lack its blank line) in which `pattern`
+    matches, in order, each once: one regex pass over the bytes instead of splitting every
+    event (a collected Codex answer is ~50 events of which one or two decide it)."""
+    events, after = [], 0
+    for match in pattern.finditer(buf):
+        if match.start() < after:  # a second match inside an event already taken
+            continue
+        start = event_start(buf, match.start())
+        end = next_boundary_end(buf, match.end())
+        after = len(buf) if end < 0 else end
+        events.append(buf[start:after])
+    return events
 
 
 def split_events(buf: bytes) -> list[bytes]:

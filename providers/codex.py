@@ -44,7 +44,7 @@ from ._oauth import (
     token_request,
 )
 from ._openai import openai_transformer, responses_usage
-from ._sse import compact_json, event_json, split_events
+from ._sse import compact_json, event_json, matching_events
 
 CONTRACT = 1
 NAME = "codex"
@@ -629,10 +629,8 @@ class ResponsesCollector:
 
     def close(self) -> bytes:
         body, self._body = bytes(self._body), bytearray()
-        events = split_events(body)  # the last may lack its blank line (EOF): still an event
-        for event in events:
-            if DECISIVE.search(event):
-                self._event(event)
+        for event in matching_events(body, DECISIVE):  # EOF may end the last one: still an event
+            self._event(event)
         if self._error is not None:
             self.status, envelope = self._error
             return compact_json(envelope)
@@ -643,8 +641,8 @@ class ResponsesCollector:
         if echoed:
             response = {**response, **echoed}
         if not response.get("output"):
-            for event in events:
-                payload = event_json(event) if ITEM_EVENT.search(event) else None
+            for event in matching_events(body, ITEM_EVENT):
+                payload = event_json(event)
                 kind = payload.get("type") if payload else None
                 if isinstance(kind, str):
                     self._track(kind, payload)

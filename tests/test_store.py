@@ -166,3 +166,77 @@ async def test_flush_failure_keeps_the_rows(tmp_path):
     (row,) = await instance.store.rows("request_usage_buckets")
     assert (row["request_count"], row["success_count"], row["server_error_count"]) == (2, 1, 1)
     await instance.close()
+
+
+# One process, each order: SQLite first (psycopg stays unimported, then is handed to peewee
+# when PostgreSQL opens) and psycopg imported before Kleis (peewee binds it itself).
+DRIVER_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+if sys.argv[3] == "psycopg-first":
+    import psycopg
+import kleis
+from settings import load_settings
+
+async def run(url, name):
+    path = Path(sys.argv[1]) / name
+    path.write_text(f'[security]\\nsecret_key = "{"x" * 32}"\\n[database]\\nurl = "{url}"\\n'
+                    '[models]\\nsource_url = ""\\n')
+    instance = kleis.Instance(load_settings(path, env={}))
+    await instance.open()
+    key, _ = await instance.keys.create(label=name)
+    assert [k.label for k in await instance.store.list_keys()] == [name]
+    await instance.close()
+
+asyncio.run(run(f"sqlite:///{sys.argv[1]}/k.db", "sqlite.toml"))
+print("after sqlite:", "psycopg" in sys.modules, "psycopg_pool" in sys.modules)
+asyncio.run(run(sys.argv[2], "pg.toml"))
+print("after postgresql:", "psycopg" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("order", ["sqlite-first", "psycopg-first"])
+def test_sqlite_instances_do_not_load_the_postgresql_driver(tmp_path, pg_url, order):
+    """Idle memory (issue 14): psycopg is ~10 MB resident that an instance on SQLite never uses;
+    peewee imports it whenever it is installed, so store.py hides it until PostgreSQL opens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER_SCRIPT, str(tmp_path), pg_url, order],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    first = order == "psycopg-first"
+    assert done.stdout.splitlines() == [f"after sqlite: {first} False", "after postgresql: True"]
+
+
+async def test_sqlite_version_polls_keep_one_connection_and_see_other_writers(tmp_path):
+    """The poll every instance runs 4 times a second reads through one kept SQLite connection
+    (not a new connection and thread per poll), sees another process's commits at once, and
+    opens a fresh connection after a failed read."""
+    url = f"sqlite:///{tmp_path}/k.db"
+    reader = await started(tmp_path, url, "reader.toml")
+    writer = await started(tmp_path, url, "writer.toml")
+    store = reader.store
+    before = await store.read_versions()
+    kept = store._version_reader
+    assert kept is not None
+    await writer.store.bump_version("keys")
+    after = await store.read_versions()
+    assert after["keys"] == before.get("keys", 0) + 1
+    assert store._version_reader is kept  # the same connection for every poll
+    await kept.close()  # the connection breaks under the poll (a replaced file, say)
+    with pytest.raises(ValueError):
+        await store.read_versions()
+    assert store._version_reader is None
+    await writer.store.bump_version("keys")
+    assert (await store.read_versions())["keys"] == after["keys"] + 1  # reopened
+    await writer.close()
+    await reader.close()
+    assert store._version_reader is None
