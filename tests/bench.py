@@ -1026,20 +1026,27 @@ class PyLoad:
 # ══ Async phases (aiohttp client in this process) ═══════════════════════════
 
 
+def bench_accounts() -> dict[str, dict]:
+    """provider -> the admin import body of the bench's account (tokens valid for a week)."""
+    expires = int(time.time() * 1000) + 7 * 86_400_000
+    return {
+        provider: {
+            "accessToken": f"{provider}-access-{secrets.token_hex(8)}",
+            "refreshToken": f"{provider}-refresh-{secrets.token_hex(8)}",
+            "expiresAt": expires,
+            "accountId": account,
+            "label": f"bench-{provider}",
+        }
+        for provider, account in (("codex", "acct_bench"), ("claude", None))
+    }
+
+
 async def kleis_setup(base: str, admin: str) -> str:
     import aiohttp
 
     hdr = {"Authorization": f"Bearer {admin}"}
-    expires = int(time.time() * 1000) + 7 * 86_400_000
     async with aiohttp.ClientSession() as http:
-        for provider, account in (("codex", "acct_bench"), ("claude", None)):
-            payload = {
-                "accessToken": f"{provider}-access-{secrets.token_hex(8)}",
-                "refreshToken": f"{provider}-refresh-{secrets.token_hex(8)}",
-                "expiresAt": expires,
-                "accountId": account,
-                "label": f"bench-{provider}",
-            }
+        for provider, payload in bench_accounts().items():
             async with http.post(f"{base}/admin/accounts/{provider}/import", json=payload, headers=hdr) as r:
                 if r.status != 201:
                     raise RuntimeError(f"account import {provider}: {r.status} {await r.text()}")

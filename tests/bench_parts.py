@@ -99,15 +99,7 @@ async def open_instance(tmp: Path) -> tuple[kleis.Instance, str]:
     )
     instance = kleis.Instance(load_settings(config, env={}))
     await instance.open()
-    expires = int(time.time() * 1000) + 7 * 86_400_000
-    for provider, account in (("codex", "acct_bench"), ("claude", None)):
-        payload = {
-            "accessToken": f"{provider}-access-{secrets.token_hex(8)}",
-            "refreshToken": f"{provider}-refresh-{secrets.token_hex(8)}",
-            "expiresAt": expires,
-            "accountId": account,
-            "label": f"bench-{provider}",
-        }
+    for provider, payload in bench.bench_accounts().items():
         await import_body(instance.pool, instance.providers[provider], payload, instance.clock.now())
     await instance.pool.load()
     key, _ = await instance.keys.create(label="bench")
