@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import faulthandler
+import functools
 import gc
 import importlib
 import importlib.util
@@ -1253,12 +1254,12 @@ class Instance:
                 log.info("reading changes from the database again")
             self.poll_failing = False
 
-    async def poll_versions(self) -> None:
+    async def poll_versions(self, fresh: bool = False) -> None:
         """Reload caches another instance (or the CLI) changed (`watch_changes`), and at once
         on `POST /admin/reload` (the CLI asks after a change)."""
         # One pass at a time: an older pass finishing after a newer one would install a stale list.
         async with self.versions_lock:
-            versions = await self.store.read_versions()
+            versions = await self.store.read_versions(fresh)
             if versions.get("keys") != self.versions.get("keys"):
                 await self.keys.load()
             if versions.get("accounts") != self.versions.get("accounts"):
@@ -1606,7 +1607,7 @@ def create_app(
         models=kleis.models,
         refresh_models=kleis.refresh_model_lists,
         device_wait=settings.admin.device_wait_seconds,
-        reload=kleis.poll_versions,
+        reload=functools.partial(kleis.poll_versions, fresh=True),
     )
     app.blueprint(admin.blueprint(admin_api, auth))
     return app

@@ -509,6 +509,7 @@ class Store:
         self.is_sqlite = isinstance(self.db, peewee.SqliteDatabase)
         self._upsert_sql: dict[tuple, str] = {}
         self._version_reader: Any = None  # SQLite: the kept connection read_versions uses
+        self._version_reader_opened = 0.0  # its event-loop time of opening
 
     # ── lifecycle ──
     async def open(self) -> None:
@@ -682,7 +683,7 @@ class Store:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def read_versions(self) -> dict[str, int]:
+    async def read_versions(self, fresh: bool = False) -> dict[str, int]:
         """{cache name: version}. Polled every `[database] poll_interval` for ever."""
         if not self.is_sqlite:
             return {r.name: r.version for r in await self.m.CacheVersion.select().aio_execute()}
@@ -690,11 +691,18 @@ class Store:
         # second did that for ever (1% of a core on an idle server, and ~8 µs of every request
         # under load, issue 14). The poll keeps one connection of its own instead; autocommit,
         # so each read sees every commit before it (WAL).
+        # Reopened every few seconds, and on request (`fresh`: POST /admin/reload): a database
+        # file replaced under a running server (a restore) is then read within that time, not
+        # never (an open connection keeps reading the old file).
+        now = asyncio.get_running_loop().time()
+        if self._version_reader is not None and (fresh or now - self._version_reader_opened > 5.0):
+            await self._drop_version_reader()
         if self._version_reader is None:
             import aiosqlite
 
             path = self.url[len("sqlite:///") :]
             self._version_reader = await aiosqlite.connect(path, isolation_level=None, timeout=15)
+            self._version_reader_opened = now
         try:
             async with self._version_reader.execute("SELECT name, version FROM cache_versions") as cursor:
                 return {name: version for name, version in await cursor.fetchall()}

@@ -60,18 +60,29 @@ def last_boundary_end(buf: bytes | bytearray, start: int = 0) -> int:
     return max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
 
 
+BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
 def matching_events(buf: bytes, pattern: re.Pattern[bytes]) -> list[bytes]:
     """Each event of `buf` (whole events; the last may lack its blank line) in which `pattern`
     matches, in order, each once: one regex pass over the bytes instead of splitting every
-    event (a collected Codex answer is ~50 events of which one or two decide it)."""
-    events, after = [], 0
+    event (a collected Codex answer is ~50 events of which one or two decide it). Linear: each
+    boundary search covers only the bytes between the last event taken and the next one."""
+    events, after, size = [], 0, len(buf)
+    cr = b"\r" in buf  # no CRLF boundary anywhere: skip those searches
     for match in pattern.finditer(buf):
-        if match.start() < after:  # a second match inside an event already taken
+        pos = match.start()
+        if pos < after:  # a second match inside an event already taken
             continue
-        start = event_start(buf, match.start())
-        end = next_boundary_end(buf, match.end())
-        after = len(buf) if end < 0 else end
-        events.append(buf[start:after])
+        lf = buf.rfind(b"\n\n", after, pos)
+        start = lf + 2 if lf >= 0 else after
+        if cr:
+            crlf = buf.rfind(b"\n\r\n", max(start - 1, after), pos)
+            start = max(start, crlf + 3) if crlf >= 0 else start
+        boundary = BLANK_LINE.search(buf, match.end())  # stops at the first one, LF or CRLF
+        end = boundary.end() if boundary else size
+        events.append(buf[start:end])
+        after = end
     return events
 
 

@@ -233,7 +233,7 @@ async def test_sqlite_version_polls_keep_one_connection_and_see_other_writers(tm
     after = await store.read_versions()
     assert after["keys"] == before.get("keys", 0) + 1
     assert store._version_reader is kept  # the same connection for every poll
-    await kept.close()  # the connection breaks under the poll (a replaced file, say)
+    await kept.close()  # the connection breaks under the poll
     with pytest.raises(ValueError):
         await store.read_versions()
     assert store._version_reader is None

@@ -10,8 +10,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import hypothesis
 import orjson
 import pytest
+from hypothesis import strategies as st
 
 import providers
 from providers import (
@@ -1249,3 +1251,27 @@ def test_collector_gives_back_what_kleis_set_for_itself():
         body = json.loads(collector.close())
         assert (body["instructions"], body["prompt_cache_key"]) == expected
         assert body["store"] is False and collector.status == 200
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"response.completed", b"response.output_text.delta", b"other"]),
+            st.sampled_from([b"\n", b"\r\n"]),
+            st.sampled_from([b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n"]),
+        ),
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_matching_events_equals_splitting_then_searching(parts, cut):
+    """The collector's one-pass event search (issue 14) gives exactly the events that splitting
+    the body and testing each would, for LF, CRLF and mixed boundaries and an unended last one."""
+    from providers._sse import matching_events, split_events
+
+    body = b"".join(b"event: e" + nl + b'data: {"type":"' + kind + b'"}' + end for kind, nl, end in parts) + (
+        b'data: {"type":"response.completed"}' if cut else b""
+    )
+    want = [event for event in split_events(body) if codex.DECISIVE.search(event)]
+    assert matching_events(body, codex.DECISIVE) == want
