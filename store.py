@@ -388,6 +388,9 @@ def build_models(db: peewee_async.AioDatabase) -> SimpleNamespace:
 # (tests/test_pg_restart.py).
 RECONNECT_GIVE_UP_S = 2.0
 
+# SQLite: how long `read_versions` keeps its own connection before opening a new one.
+READER_MAX_AGE_S = 5.0
+
 
 def connect(url: str, pool_size: int = 10) -> peewee_async.AioDatabase:
     """A peewee-async database for `sqlite:///<absolute path or :memory:>` or
@@ -695,7 +698,8 @@ class Store:
         # file replaced under a running server (a restore) is then read within that time, not
         # never (an open connection keeps reading the old file).
         now = asyncio.get_running_loop().time()
-        if self._version_reader is not None and (fresh or now - self._version_reader_opened > 5.0):
+        aged = now - self._version_reader_opened > READER_MAX_AGE_S
+        if self._version_reader is not None and (fresh or aged):
             await self._drop_version_reader()
         if self._version_reader is None:
             import aiosqlite

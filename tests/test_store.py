@@ -242,3 +242,23 @@ async def test_sqlite_version_polls_keep_one_connection_and_see_other_writers(tm
     await writer.close()
     await reader.close()
     assert store._version_reader is None
+
+
+async def test_sqlite_version_poll_reads_a_database_file_restored_under_it(tmp_path):
+    """A restore (another file moved over the database while the server runs): the kept poll
+    connection would read the old file for ever; `fresh` (POST /admin/reload) makes the poll
+    read the file now at that path (so does the connection's age, READER_MAX_AGE_S)."""
+    import os
+
+    reader = await started(tmp_path, f"sqlite:///{tmp_path}/a.db", "a.toml")
+    before = await reader.store.read_versions()
+    other = await started(tmp_path, f"sqlite:///{tmp_path}/b.db", "b.toml")
+    for _ in range(3):
+        await other.store.bump_version("keys")
+    restored = (await other.store.read_versions())["keys"]
+    assert restored != before.get("keys")
+    await other.close()  # checkpointed: b.db holds everything
+    os.replace(tmp_path / "b.db", tmp_path / "a.db")
+    assert await reader.store.read_versions() == before  # still the old file
+    assert (await reader.store.read_versions(fresh=True))["keys"] == restored
+    await reader.close()
