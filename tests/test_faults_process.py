@@ -254,8 +254,11 @@ async def test_client_connections_are_capped_below_the_open_files_limit(tmp_path
             statuses = [s for s, _ in answers]
             assert all(b"response.completed" in raw for s, raw in answers if s == 200)
             # Past the cap: a 503, or (aiohttp still writing its body when the 503 came) its
-            # own write error; never a stream cut or an upstream blamed.
-            assert set(statuses) <= {200, 503, "ClientOSError"}, [a for a in answers if a[0] != 200][:5]
+            # own write error, or (its request not in within the refusal's 2 s, seen on a busy
+            # machine) the close of a connection that never asked anything; never a stream cut
+            # or an upstream blamed.
+            past_cap = {503, "ClientOSError", "ServerDisconnectedError"}
+            assert set(statuses) <= {200} | past_cap, [a for a in answers if a[0] != 200][:5]
             assert statuses.count(200) >= cap - 2
             async with http.get(kleis.url + "/admin/accounts", headers=kleis.admin_headers) as resp:
                 (listed,) = (await resp.json())["accounts"]
